@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+# The venv is created on first use; torch is pinned to the CPU wheel first so that no
+# resolver ever pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv serve test data bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv
+	ANYTIME_HOST=$(HOST) ANYTIME_PORT=$(PORT) $(PY) -m service
+
+test: venv
+	$(PY) -m pytest -q
+
+# Offline photos for training, tables and benchmarks (Debian packages; needs root).
+data:
+	apt-get install -y mate-backgrounds plasma-workspace-wallpapers
+
+bench: venv
+	$(PY) -m bench.sr_tradeoff --checkpoint models/arm/weights/arm-fsrcnn/model.safetensors
+
+clean:
+	rm -rf $(VENV) .pytest_cache

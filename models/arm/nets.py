@@ -1,0 +1,306 @@
+"""ARM backbones (FSRCNN, CARN-M, SRResNet) as width-parameterised dense networks.
+
+ARM's supernet slices every width-carrying tensor to its first k channels.  That is the
+same as instantiating the backbone with ``nf = k`` and loading the prefix slice of every
+full-width tensor into it (for CARN this includes the "first k of the *concatenated*
+input" rule and the re-partition of grouped convolutions, because a dense ``nf = k``
+network concatenates and groups exactly that way).  So there is one class per backbone,
+parameterised by ``nf``; the full-width instance *is* the supernet, and a subnet is the
+same class at a smaller ``nf`` with sliced weights.  Module attribute names follow the
+official checkpoints so their state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE = 4
+
+
+class FSRCNN(nn.Module):
+    """ClassSR/ARM FSRCNN: RGB in and out, shared-slope PReLUs, no activation between
+    the four mapping convs, 9x9 stride-4 deconvolution (output exactly 4h x 4w)."""
+
+    def __init__(self, nf: int = 56, s: int = 12, m: int = 4) -> None:
+        super().__init__()
+        self.head_conv = nn.Sequential(nn.Conv2d(3, nf, 5, padding=2), nn.PReLU())
+        body: list[nn.Module] = [nn.Sequential(nn.Conv2d(nf, s, 1), nn.PReLU())]
+        body += [nn.Conv2d(s, s, 3, padding=1) for _ in range(m)]
+        body += [nn.PReLU(), nn.Sequential(nn.Conv2d(s, nf, 1), nn.PReLU())]
+        self.body_conv = nn.Sequential(*body)
+        self.tail_conv = nn.ConvTranspose2d(nf, 3, 9, stride=SCALE, padding=3, output_padding=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Start every width at bilinear x4 upsampling: RGB passes through channels 0-2 of
+        each layer (identity taps; PReLU is the identity on non-negative pixels) and the
+        deconvolution holds the bilinear kernel, while the other channels get the FSRCNN
+        paper's He-normal init and a near-zero deconvolution.  Channels 0-2 lie in every
+        width's prefix, so all subnets begin at bilinear quality instead of a black image;
+        from PyTorch's default init FSRCNN needs hundreds of thousands of steps to reach
+        bicubic quality, which a CPU cannot afford.  The architecture is unchanged."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, (2.0 / (m.out_channels * m.weight[0, 0].numel())) ** 0.5)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.tail_conv.weight, 0.0, 1e-3)
+        nn.init.zeros_(self.tail_conv.bias)
+        convs = [self.head_conv[0], self.body_conv[0][0], *self.body_conv[1:5], self.body_conv[6][0]]
+        with torch.no_grad():
+            for conv in convs:
+                k = conv.kernel_size[0] // 2
+                conv.weight[:3] = 0
+                for c in range(3):
+                    conv.weight[c, c, k, k] = 1.0
+            taps = 1 - (torch.arange(9, dtype=torch.float32) - 4.5).abs() / 4
+            kernel = torch.outer(taps.clamp(min=0), taps.clamp(min=0))
+            self.tail_conv.weight[:3] = 0
+            for c in range(3):
+                self.tail_conv.weight[c, c] = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail_conv(self.body_conv(self.head_conv(x)))
+
+
+class _MeanShift(nn.Conv2d):
+    """Frozen 1x1 conv adding or subtracting the DIV2K RGB mean (rgb_range 1, std 1)."""
+
+    RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+    def __init__(self, sign: int) -> None:
+        super().__init__(3, 3, 1)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.bias.copy_(sign * torch.tensor(self.RGB_MEAN))
+        self.requires_grad_(False)
+
+
+class _EResidualBlock(nn.Module):
+    def __init__(self, nf: int, group: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(nf, nf, 3, padding=1, groups=group), nn.ReLU(inplace=True),
+            nn.Conv2d(nf, nf, 3, padding=1, groups=group), nn.ReLU(inplace=True),
+            nn.Conv2d(nf, nf, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + x)
+
+
+def _fuse(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+
+
+class _CascadeUnit(nn.Module):
+    """Cascading concatenation shared by CARN's blocks and its model level:
+    o_i = c_i(cat[x, y_1 .. y_i]) with y_i = step_i(o_{i-1})."""
+
+    def _cascade(self, x: torch.Tensor, steps: list[nn.Module]) -> torch.Tensor:
+        cat, out = x, x
+        for step, fuse in zip(steps, (self.c1, self.c2, self.c3)):
+            cat = torch.cat([cat, step(out)], dim=1)
+            out = fuse(cat)
+        return out
+
+
+class _CarnBlock(_CascadeUnit):
+    """One EResidualBlock applied three times with shared weights, cascaded."""
+
+    def __init__(self, nf: int, group: int) -> None:
+        super().__init__()
+        self.b1 = _EResidualBlock(nf, group)
+        self.c1, self.c2, self.c3 = _fuse(2 * nf, nf), _fuse(3 * nf, nf), _fuse(4 * nf, nf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cascade(x, [self.b1, self.b1, self.b1])
+
+
+class _Upsampler(nn.Module):
+    def __init__(self, nf: int, group: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(2):
+            layers += [nn.Conv2d(nf, 4 * nf, 3, padding=1, groups=group), nn.ReLU(inplace=True),
+                       nn.PixelShuffle(2)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _UpsampleWrapper(nn.Module):
+    """Keeps the official ``upsample.up.body.*`` key path."""
+
+    def __init__(self, nf: int, group: int) -> None:
+        super().__init__()
+        self.up = _Upsampler(nf, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x)
+
+
+class CarnM(_CascadeUnit):
+    """CARN-M (mobile): grouped efficient residual blocks, cascading at two levels."""
+
+    def __init__(self, nf: int = 64, group: int = 4) -> None:
+        super().__init__()
+        self.sub_mean, self.add_mean = _MeanShift(-1), _MeanShift(+1)
+        self.entry = nn.Conv2d(3, nf, 3, padding=1)
+        self.b1, self.b2, self.b3 = (_CarnBlock(nf, group) for _ in range(3))
+        self.c1, self.c2, self.c3 = _fuse(2 * nf, nf), _fuse(3 * nf, nf), _fuse(4 * nf, nf)
+        self.upsample = _UpsampleWrapper(nf, group)
+        self.exit = nn.Conv2d(nf, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(self.sub_mean(x))
+        out = self._cascade(x, [self.b1, self.b2, self.b3])
+        return self.add_mean(self.exit(self.upsample(out)))
+
+
+class _ResidualBlockNoBN(nn.Module):
+    def __init__(self, nf: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, nf, 3, padding=1)
+        self.conv2 = nn.Conv2d(nf, nf, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class SRResNet(nn.Module):
+    """MSRResNet (BasicSR): 16 residual blocks without BN, pixel-shuffle x2 twice, and a
+    bilinear global residual."""
+
+    def __init__(self, nf: int = 64, nb: int = 16) -> None:
+        super().__init__()
+        self.conv_first = nn.Conv2d(3, nf, 3, padding=1)
+        self.recon_trunk = nn.Sequential(*(_ResidualBlockNoBN(nf) for _ in range(nb)))
+        self.upconv1 = nn.Conv2d(nf, 4 * nf, 3, padding=1)
+        self.upconv2 = nn.Conv2d(nf, 4 * nf, 3, padding=1)
+        self.HRconv = nn.Conv2d(nf, nf, 3, padding=1)
+        self.conv_last = nn.Conv2d(nf, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lrelu = lambda t: F.leaky_relu(t, 0.1)  # noqa: E731
+        out = lrelu(self.conv_first(x))
+        out = self.recon_trunk(out)
+        out = lrelu(F.pixel_shuffle(self.upconv1(out), 2))
+        out = lrelu(F.pixel_shuffle(self.upconv2(out), 2))
+        out = self.conv_last(lrelu(self.HRconv(out)))
+        return out + F.interpolate(x, scale_factor=SCALE, mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A supernet family: how to build it at width ``nf`` and which widths are rungs.
+
+    ``widths`` excludes bicubic; rung 0 is always bicubic, rung i is ``widths[i-1]``.
+    ``train_lr`` is the paper's Adam learning rate for this backbone.
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    widths: tuple[int, ...]
+    train_lr: float
+
+    @property
+    def full_width(self) -> int:
+        return self.widths[-1]
+
+
+BACKBONES: dict[str, Backbone] = {
+    "fsrcnn": Backbone("fsrcnn", lambda nf: FSRCNN(nf), (16, 36, 56), 1e-3),
+    "carn": Backbone("carn", lambda nf: CarnM(nf), (36, 52, 64), 2e-4),
+    "srresnet": Backbone("srresnet", lambda nf: SRResNet(nf), (36, 52, 64), 2e-4),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown ARM backbone {name!r}; known: {sorted(BACKBONES)}") from None
+
+
+def slice_tensor(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """First-k slice of ``full`` on every dimension down to ``shape`` (ARM's rule)."""
+    if full.dim() != len(shape) or any(s > f for s, f in zip(shape, full.shape)):
+        raise ValueError(f"cannot slice a tensor of shape {tuple(full.shape)} to {tuple(shape)}")
+    return full[tuple(slice(0, s) for s in shape)]
+
+
+def sliced_params(full: dict[str, torch.Tensor], template: nn.Module) -> dict[str, torch.Tensor]:
+    """Prefix slices of the full-width tensors in the shapes of ``template``'s state dict."""
+    return {k: slice_tensor(full[k], v.shape) for k, v in template.state_dict().items()}
+
+
+def extract_subnet(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int) -> nn.Module:
+    """A dense network of width ``width`` holding contiguous copies of the sliced weights.
+
+    Dense subnets are the serving form: no slicing at run time, plain conv kernels."""
+    sub = backbone.build(width)
+    sub.load_state_dict({k: v.clone().contiguous() for k, v in sliced_params(full_state, sub).items()})
+    return sub.eval().requires_grad_(False)
+
+
+class Supernet(nn.Module):
+    """The full-width network plus one weightless template per smaller width, so that a
+    training step at any width runs the dense template on slices of the shared weights
+    (gradients flow back into the full tensors)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.full = backbone.build(backbone.full_width)
+        self._templates = {w: backbone.build(w).to("meta") for w in backbone.widths[:-1]}
+
+    def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        if width is None or width == self.backbone.full_width:
+            return self.full(x)
+        template = self._templates[width]
+        params = sliced_params(dict(self.full.state_dict(keep_vars=True)), template)
+        return torch.func.functional_call(template, params, (x,))
+
+
+def official_flops(module: nn.Module, lr_hw: tuple[int, int] = (32, 32)) -> int:
+    """FLOPs per LR patch in the official ARM/ClassSR convention.
+
+    Sum over conv and deconv layers of 2*kh*kw*(Cin/groups)*Hout*Wout*Cout (the
+    deconvolution counted on its *output* grid), plus one per PReLU slope; the frozen
+    MeanShift convs are ignored.  This reproduces the official ``cost_list`` exactly."""
+    total = 0
+
+    def conv_hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, _MeanShift):
+            return
+        if isinstance(m, nn.ConvTranspose2d):
+            cin, cout = m.in_channels, m.out_channels
+        else:
+            cin, cout = m.in_channels // m.groups, m.out_channels
+        kh, kw = m.kernel_size
+        total += 2 * kh * kw * cin * out.shape[-2] * out.shape[-1] * cout
+
+    def prelu_hook(m: nn.Module, _inp: tuple, _out: torch.Tensor) -> None:
+        nonlocal total
+        total += m.weight.numel()
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.PReLU):
+            handles.append(m.register_forward_hook(prelu_hook))
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, *lr_hw))
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -1,0 +1,240 @@
+"""ARM end to end: plan (tiles, edge scores, one rung per tile) then run (batched by rung).
+
+``plan`` is cheap and runs no network, so the caller (the serving runtime) knows the exact
+FLOPs and predicted quality of a request before committing compute; ``run`` executes a
+plan, batching every tile that shares a rung.  No FastAPI here: the service imports this.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.arm import dispatch, tiling
+from models.arm.checkpoint import load_full_state, load_official_state_table
+from models.arm.edge import edge_scores
+from models.arm.nets import SCALE, Backbone, extract_subnet, get_backbone, official_flops
+from models.arm.table import EdgeTable, mse_to_psnr
+
+Mode = Literal["budget", "best", "fixed", "eta"]
+Objective = Literal["mse", "psnr_sum"]
+
+
+@dataclass(frozen=True)
+class Rung:
+    index: int
+    name: str  # "bicubic" or "w56"
+    width: int  # 0 for bicubic
+    flops_per_patch: int  # official convention (32x32 LR patch)
+    params: int
+
+
+@dataclass
+class Plan:
+    positions: np.ndarray  # (N, 2) LR corners
+    rungs: np.ndarray  # (N,) rung index per patch
+    scores: np.ndarray  # (N,) edge score per patch
+    pred_mse: np.ndarray  # (N,) predicted per-pixel MSE of the chosen rung
+    flops: float  # sum over patches of the chosen rung's cost
+    flops_full: float  # the same image at full width everywhere
+    lr_hw: tuple[int, int]  # padded LR size the tiles live in
+    out_hw: tuple[int, int]  # output size (4x the original input)
+    tiling: str
+    budget: float | None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.flops / self.flops_full if self.flops_full else 0.0
+
+    @property
+    def predicted_psnr(self) -> float:
+        return float(mse_to_psnr(self.pred_mse.mean()))
+
+    def rung_counts(self, n_rungs: int) -> list[int]:
+        return np.bincount(self.rungs, minlength=n_rungs).tolist()
+
+
+class ArmSR:
+    """A loaded ARM model: dense subnets per width, bicubic as rung 0, and its table."""
+
+    def __init__(self, backbone: Backbone, full_state: dict[str, torch.Tensor], table: EdgeTable | None,
+                 name: str = "", device: str = "cpu", max_batch: int = 256, interpolate_table: bool = True,
+                 meta: dict | None = None) -> None:
+        self.backbone, self.table, self.device = backbone, table, torch.device(device)
+        self.name = name or f"arm-{backbone.name}"
+        self.max_batch = max_batch
+        self.interpolate_table = interpolate_table
+        self.meta = meta or {}
+        self.subnets = [extract_subnet(backbone, full_state, w).to(self.device) for w in backbone.widths]
+        self.rungs = [Rung(0, "bicubic", 0, 0, 0)] + [
+            Rung(i + 1, f"w{w}", w, official_flops(net), sum(p.numel() for p in net.parameters()))
+            for i, (w, net) in enumerate(zip(backbone.widths, self.subnets))]
+        self.cost = np.array([r.flops_per_patch for r in self.rungs], dtype=np.float64)
+        if table is not None and table.rungs != len(self.rungs):
+            raise ValueError(f"table has {table.rungs} rungs, model has {len(self.rungs)}")
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backbone: str | None = None, table: str | Path | None = None,
+                        require_table: bool = True, **kw) -> ArmSR:
+        """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official
+        ``arm-<backbone>.pth`` (with ``arm-<backbone>.state`` or a table JSON beside it).
+        ``table`` names a table JSON explicitly; ``require_table=False`` loads without one
+        (for building a table)."""
+        path = Path(path)
+        state = load_full_state(path)
+        manifest_path = path.with_name("manifest.json")
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        name = backbone or manifest.get("backbone") or _backbone_from_keys(state)
+        if table is not None:
+            found: EdgeTable | None = EdgeTable.from_json(table)
+        else:
+            try:
+                found = _find_table(path, manifest, name)
+            except FileNotFoundError:
+                if require_table:
+                    raise
+                found = None
+        return cls(get_backbone(name), state, found, name=manifest.get("name", path.stem), meta=manifest, **kw)
+
+    # --- planning -----------------------------------------------------------------------
+
+    def plan(self, lr_u8: np.ndarray, *, mode: Mode = "budget", budget: float = 1.0,
+             objective: Objective = "mse", rung: int | None = None, eta: float | None = None,
+             tiling_mode: tiling.Tiling = "full") -> Plan:
+        """Decide a rung per tile of a uint8 RGB LR image; no network runs here.
+
+        mode ``budget``: total FLOPs <= budget x full width, choosing by ``objective``
+        (``mse``: minimise predicted squared error; ``psnr_sum``: the paper's eta rule at
+        the largest eta that fits).  ``best``: the table's best rung per tile.  ``fixed``:
+        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost."""
+        if self.table is None:
+            raise RuntimeError(f"{self.name} has no lookup table; build one with python -m models.arm.build_table")
+        h, w = lr_u8.shape[:2]
+        img = tiling.pad_to_patch(lr_u8)
+        pos = tiling.positions(img.shape[0], img.shape[1], tiling_mode)
+        scores = edge_scores(tiling.extract(img, pos))
+        psnr = self.table.predict_psnr(scores, self.interpolate_table)
+        mse = self.table.predict_mse(scores, self.interpolate_table)
+        info: dict = {"mode": mode}
+        if mode == "budget":
+            if not 0.0 <= budget <= 1.0:
+                raise ValueError(f"budget must be in [0, 1], got {budget}")
+            if objective == "mse":
+                sol = dispatch.min_error_under_budget(mse, self.cost, budget)
+                rungs = sol.rungs
+                info["optimality_gap_db"] = sol.gap_db
+            elif objective == "psnr_sum":
+                rungs, eta_found = dispatch.eta_for_budget(psnr, self.cost, budget)
+                info["eta_k"] = eta_found / self.cost[-1]
+            else:
+                raise ValueError(f"unknown objective {objective!r}; use 'mse' or 'psnr_sum'")
+            info["objective"] = objective
+        elif mode == "best":
+            rungs = dispatch.best_rule(psnr)
+        elif mode == "fixed":
+            if rung is None or not 0 <= rung < len(self.rungs):
+                raise ValueError(f"fixed mode needs a rung in 0..{len(self.rungs) - 1}, got {rung}")
+            rungs = np.full(len(pos), rung, dtype=np.int64)
+        elif mode == "eta":
+            if eta is None or eta <= 0:
+                raise ValueError("eta mode needs eta > 0 (in units of the full-width cost)")
+            rungs = dispatch.eta_rule(psnr, self.cost, eta * self.cost[-1])
+            info["eta_k"] = eta
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        rungs = np.asarray(rungs, dtype=np.int64)
+        n = len(pos)
+        return Plan(pos, rungs, scores, mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
+                    float(self.cost[-1] * n), img.shape[:2], (SCALE * h, SCALE * w), tiling_mode,
+                    budget if mode == "budget" else None, info)
+
+    # --- execution ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_patches(self, rung: int, lr: torch.Tensor) -> torch.Tensor:
+        """SR of a batch (n, 3, 32, 32) float [0,1] at one rung, clamped to [0, 1]."""
+        if rung == 0:
+            out = F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False)
+        else:
+            out = self.subnets[rung - 1](lr)
+        return out.clamp_(0, 1)
+
+    def run(self, plan: Plan, lr_float: np.ndarray, quantize_patches: bool | None = None) -> np.ndarray:
+        """Execute a plan on the LR image (H, W, 3) float32 in [0, 1]; returns the x4
+        canvas (4H, 4W, 3) float32 in [0, 1].
+
+        ``quantize_patches`` rounds each patch to 8 bits before stitching, as the official
+        code does (default: only in official tiling, to reproduce its numbers)."""
+        if quantize_patches is None:
+            quantize_patches = plan.tiling == "official"
+        img = tiling.pad_to_patch(lr_float.astype(np.float32, copy=False))
+        patches = torch.from_numpy(np.ascontiguousarray(
+            tiling.extract(img, plan.positions).transpose(0, 3, 1, 2))).to(self.device)
+        out = np.empty((len(plan.positions), tiling.PATCH * SCALE, tiling.PATCH * SCALE, 3), dtype=np.float32)
+        for r in np.unique(plan.rungs).tolist():
+            idx = np.nonzero(plan.rungs == r)[0]
+            for start in range(0, len(idx), self.max_batch):
+                chunk = idx[start:start + self.max_batch]
+                sr = self.run_patches(r, patches[torch.from_numpy(chunk).to(self.device)])
+                sr = sr.permute(0, 2, 3, 1).cpu().numpy()
+                if quantize_patches:
+                    sr = np.round(sr * 255) / 255
+                out[chunk] = sr
+        canvas = tiling.stitch(out, plan.positions, (SCALE * plan.lr_hw[0], SCALE * plan.lr_hw[1]))
+        canvas = canvas[: plan.out_hw[0], : plan.out_hw[1]]
+        ch, cw = (SCALE * v for v in tiling.covered_hw(plan.positions))
+        if ch < canvas.shape[0] or cw < canvas.shape[1]:
+            # Official tiling leaves the right/bottom remainder uncovered; give it bicubic
+            # so the image is whole (the covered area, which the paper scores, is unchanged).
+            fill = F.interpolate(torch.from_numpy(img[: plan.out_hw[0] // SCALE, : plan.out_hw[1] // SCALE])
+                                 .permute(2, 0, 1)[None], scale_factor=SCALE, mode="bicubic",
+                                 align_corners=False).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
+            canvas[ch:], canvas[:, cw:] = fill[ch:], fill[:, cw:]
+        return canvas
+
+    def upscale(self, lr_u8: np.ndarray, **plan_kw) -> tuple[np.ndarray, Plan]:
+        """Convenience: plan and run on a uint8 RGB image; returns (uint8 x4 image, plan)."""
+        plan = self.plan(lr_u8, **plan_kw)
+        canvas = self.run(plan, lr_u8.astype(np.float32) / 255.0)
+        return np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8), plan
+
+
+def _backbone_from_keys(state: dict[str, torch.Tensor]) -> str:
+    if "tail_conv.weight" in state:
+        return "fsrcnn"
+    if "entry.weight" in state:
+        return "carn"
+    if "conv_first.weight" in state:
+        return "srresnet"
+    raise ValueError("cannot tell the ARM backbone from the checkpoint keys; pass backbone=")
+
+
+def _find_table(weights: Path, manifest: dict, backbone: str) -> EdgeTable:
+    """The table beside the weights: manifest 'table', ``<stem>.state``, ``<stem>.table.json``,
+    or an official JSON export (``arm_lut_official.json``) holding this backbone."""
+    if "table" in manifest:
+        return EdgeTable.from_dict(manifest["table"])
+    state = weights.with_suffix(".state")
+    if state.exists():
+        return EdgeTable.from_official_hmap(load_official_state_table(state), source=str(state))
+    own = weights.with_suffix(".table.json")
+    if own.exists():
+        return EdgeTable.from_json(own)
+    export = weights.with_name("arm_lut_official.json")
+    if export.exists():
+        d = json.loads(export.read_text())[backbone]
+        return EdgeTable(np.asarray(d["x_centers"]), np.asarray(d["psnr_mean"]), np.asarray(d["cost_list"]),
+                         np.asarray(d["count"]), source=str(export))
+    raise FileNotFoundError(
+        f"no lookup table found for {weights}: expected a manifest.json with 'table', "
+        f"{state.name}, {own.name}, or arm_lut_official.json beside it "
+        f"(build one with: python -m models.arm.build_table --checkpoint {weights})")

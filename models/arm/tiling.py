@@ -1,0 +1,75 @@
+"""Cutting an LR image into 32x32 patches (stride 28) and stitching the x4 outputs.
+
+``official`` reproduces ARM/ClassSR: corners at 0, 28, ... <= H-32, so the right and
+bottom remainder (up to 27 LR px) is never super-resolved.  ``full`` adds a last row and
+column of patches anchored at H-32 / W-32 so every pixel is covered; overlaps are averaged
+with equal weights, as the official stitching does.  Images smaller than a patch are
+padded by edge reflection first and the output cropped back to exactly 4x the input.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+PATCH, STEP, SCALE = 32, 28, 4
+Tiling = Literal["full", "official"]
+
+
+def _starts(length: int, patch: int, step: int, mode: Tiling) -> np.ndarray:
+    starts = list(range(0, length - patch + 1, step))
+    if mode == "full" and starts[-1] != length - patch:
+        starts.append(length - patch)
+    return np.array(starts, dtype=np.int64)
+
+
+def positions(h: int, w: int, mode: Tiling = "full", patch: int = PATCH, step: int = STEP) -> np.ndarray:
+    """(N, 2) top-left (y, x) corners, row-major, for an image of at least patch x patch."""
+    if mode not in ("full", "official"):
+        raise ValueError(f"unknown tiling {mode!r}; use 'full' or 'official'")
+    if h < patch or w < patch:
+        raise ValueError(f"image {h}x{w} is smaller than one {patch}x{patch} patch; pad it first")
+    ys, xs = _starts(h, patch, step, mode), _starts(w, patch, step, mode)
+    return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def pad_to_patch(img: np.ndarray, patch: int = PATCH) -> np.ndarray:
+    """Reflect-pad (symmetric) an HxWxC image on the bottom/right up to ``patch`` in each
+    dimension; images of 1 px are replicated."""
+    h, w = img.shape[:2]
+    ph, pw = max(0, patch - h), max(0, patch - w)
+    if not (ph or pw):
+        return img
+    while ph or pw:  # symmetric padding can add at most the current size per pass
+        sh, sw = min(ph, img.shape[0]), min(pw, img.shape[1])
+        img = np.pad(img, ((0, sh), (0, sw), (0, 0)), mode="symmetric")
+        ph, pw = ph - sh, pw - sw
+    return img
+
+
+def extract(img: np.ndarray, pos: np.ndarray, patch: int = PATCH) -> np.ndarray:
+    """(N, patch, patch, C) patches at the given corners."""
+    iy = pos[:, 0, None] + np.arange(patch)[None, :]
+    ix = pos[:, 1, None] + np.arange(patch)[None, :]
+    return img[iy[:, :, None], ix[:, None, :]]
+
+
+def stitch(patches: np.ndarray, pos: np.ndarray, out_hw: tuple[int, int], scale: int = SCALE) -> np.ndarray:
+    """Average (N, P, P, C) HR patches placed at ``scale`` x the LR corners into a float32
+    canvas of ``out_hw`` (regions no patch covers stay 0: only in official tiling)."""
+    n, p = patches.shape[0], patches.shape[1]
+    c = patches.shape[3]
+    canvas = np.zeros((*out_hw, c), dtype=np.float32)
+    weight = np.zeros(out_hw, dtype=np.float32)
+    for (y, x), tile in zip((pos * scale).tolist(), patches):
+        canvas[y:y + p, x:x + p] += tile
+        weight[y:y + p, x:x + p] += 1
+    covered = weight > 0
+    canvas[covered] /= weight[covered][:, None]
+    return canvas
+
+
+def covered_hw(pos: np.ndarray, patch: int = PATCH) -> tuple[int, int]:
+    """LR extent covered by the patches (the official code scores only this area)."""
+    return int(pos[:, 0].max() + patch), int(pos[:, 1].max() + patch)

@@ -1,0 +1,1 @@
+"""Anytime Serve: the HTTP service (FastAPI) around the model families in ``models``."""

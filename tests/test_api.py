@@ -1,0 +1,148 @@
+"""POST /superresolve and friends, through the ASGI app with the bundled model."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import synthetic_photo
+
+
+def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format=fmt) if mode else Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(bundled_model) -> TestClient:
+    settings = Settings(max_input_pixels=200_000, max_body_bytes=2_000_000, torch_threads=2)
+    with TestClient(create_app(settings, model=bundled_model)) as c:
+        yield c
+
+
+def _post(client: TestClient, body: bytes, ctype: str = "image/png", **params) -> "httpx.Response":  # noqa: F821
+    return client.post("/superresolve", content=body, headers={"content-type": ctype}, params=params)
+
+
+def test_png_round_trip_with_cost_headers(client: TestClient) -> None:
+    img = synthetic_photo(70, 90)
+    r = _post(client, _encode(img), budget="0.6")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    out = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert out.shape == (280, 360, 3)
+    h = r.headers
+    assert float(h["x-anytime-flops"]) <= 0.6 * float(h["x-anytime-flops-full"]) * (1 + 1e-9)
+    assert 0 < float(h["x-anytime-flops-fraction"]) <= 0.6
+    mix = dict(kv.split("=") for kv in h["x-anytime-rung-mix"].split(","))
+    assert set(mix) == {"bicubic", "w16", "w36", "w56"}
+    n_tiles = sum(int(v) for v in mix.values())
+    assert n_tiles == 3 * 4  # 70x90 LR: rows at 0,28,38; columns at 0,28,56,58
+    assert float(h["x-anytime-predicted-psnr"]) > 20
+    assert h["x-anytime-budget"] == "0.6"
+
+
+@pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_jpeg_and_webp_inputs(client: TestClient, fmt: str, ctype: str) -> None:
+    r = _post(client, _encode(synthetic_photo(40, 40), fmt), ctype, budget="auto")
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (160, 160)
+
+
+def test_budget_extremes_and_best(client: TestClient) -> None:
+    body = _encode(synthetic_photo(64, 64))
+    zero = _post(client, body, budget="0").headers
+    assert zero["x-anytime-flops"] == "0" and zero["x-anytime-rung-mix"].startswith("bicubic=9,")
+    full = _post(client, body, budget="1").headers
+    assert float(full["x-anytime-flops-fraction"]) <= 1.0
+    best = _post(client, body, budget="best")
+    assert best.status_code == 200 and best.headers["x-anytime-budget"] == "best"
+    auto = _post(client, body).headers
+    assert auto["x-anytime-budget"] == "0.65"
+
+
+def test_more_budget_never_predicts_worse(client: TestClient) -> None:
+    body = _encode(synthetic_photo(96, 96, seed=3))
+    preds = [float(_post(client, body, budget=str(b)).headers["x-anytime-predicted-psnr"])
+             for b in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert preds == sorted(preds)
+
+
+def test_official_tiling_still_returns_the_whole_image(client: TestClient) -> None:
+    r = _post(client, _encode(synthetic_photo(70, 90)), tiling="official", budget="1")
+    assert r.status_code == 200
+    out = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert out.shape == (280, 360, 3)
+    assert out[-8:, -8:].max() > 0  # the uncovered remainder is filled, not black
+    assert r.headers["x-anytime-tiling"] == "official"
+
+
+def test_grey_rgba_sixteen_bit_and_tiny_inputs(client: TestClient) -> None:
+    rgb = synthetic_photo(36, 40)
+    grey = _post(client, _encode(rgb[:, :, 1], mode="L"))
+    assert grey.status_code == 200 and Image.open(io.BytesIO(grey.content)).mode == "L"
+    rgba = np.concatenate([rgb, np.full((36, 40, 1), 128, np.uint8)], axis=2)
+    out = Image.open(io.BytesIO(_post(client, _encode(rgba, mode="RGBA")).content))
+    assert out.mode == "RGBA" and out.size == (160, 144)
+    assert abs(int(np.asarray(out)[..., 3].mean()) - 128) <= 1
+    deep = (rgb[:, :, 0].astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    out16 = Image.open(io.BytesIO(_post(client, buf.getvalue()).content))
+    assert out16.mode.startswith("I") and out16.size == (160, 144)
+    assert np.asarray(out16).max() > 255  # still 16-bit
+    tiny = Image.open(io.BytesIO(_post(client, _encode(rgb[:1, :1])).content))
+    assert tiny.size == (4, 4)
+
+
+def test_models_and_health(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    m = client.get("/v1/models").json()["models"][0]
+    assert [r["name"] for r in m["rungs"]] == ["bicubic", "w16", "w36", "w56"]
+    assert m["rungs"][-1]["flops_per_patch"] == 467_877_892
+
+
+BAD = [
+    ("empty body", b"", "image/png", {}, 400),
+    ("truncated png", None, "image/png", {}, 400),
+    ("text as png", b"hello world", "image/png", {}, 400),
+    ("text content type", b"hello", "text/plain", {}, 415),
+    ("gif", None, "image/gif", {}, 415),
+    ("budget above 1", None, "image/png", {"budget": "1.5"}, 422),
+    ("budget negative", None, "image/png", {"budget": "-0.1"}, 422),
+    ("budget nan", None, "image/png", {"budget": "nan"}, 422),
+    ("budget word", None, "image/png", {"budget": "lots"}, 422),
+    ("bad tiling", None, "image/png", {"tiling": "diagonal"}, 422),
+    ("too many pixels", "big", "image/png", {}, 413),
+]
+
+
+@pytest.mark.parametrize("name,body,ctype,params,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_clear_json_errors(client: TestClient, name, body, ctype, params, status) -> None:
+    png = _encode(synthetic_photo(40, 40))
+    if body is None:
+        body = png[: len(png) // 2] if name == "truncated png" else png
+    if name == "gif":
+        buf = io.BytesIO()
+        Image.fromarray(synthetic_photo(8, 8)).save(buf, format="GIF")
+        body = buf.getvalue()
+    if body == "big":
+        body = _encode(np.zeros((500, 500, 3), np.uint8))  # 250k pixels > the 200k limit
+    r = _post(client, body, ctype, **params)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["status"] == status and err["message"]
+    # The server is unharmed: a good request right after succeeds.
+    assert _post(client, png).status_code == 200
+
+
+def test_body_over_the_byte_limit_is_413(client: TestClient) -> None:
+    r = _post(client, b"\x89PNG" + b"\0" * 2_100_000)
+    assert r.status_code == 413

@@ -1,0 +1,73 @@
+"""Backbones: widths, per-patch FLOPs and parameter counts of the brief, slicing rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.arm.nets import BACKBONES, Supernet, extract_subnet, get_backbone, official_flops
+
+# (width, FLOPs per 32x32 LR patch, active params) from the brief, table A2.5.
+EXPECTED = {
+    "fsrcnn": [(16, 141_262_852, 10_755), (36, 304_570_372, 17_635), (56, 467_877_892, 24_515)],
+    "carn": [(36, 380_215_296, 94_395), (52, 771_563_520, 195_003), (64, 1_154_875_392, 294_147)],
+    "srresnet": [(36, 1_658_216_448, 481_683), (52, 3_438_010_368, 1_002_771), (64, 5_193_990_144, 1_517_571)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_widths_flops_and_params(name: str) -> None:
+    bb = get_backbone(name)
+    assert bb.widths == tuple(w for w, _, _ in EXPECTED[name])
+    for width, flops, params in EXPECTED[name]:
+        net = bb.build(width)
+        assert official_flops(net) == flops
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        assert trainable == params
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_dense_subnet_equals_sliced_supernet(name: str) -> None:
+    torch.manual_seed(0)
+    sn = Supernet(get_backbone(name)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    full_state = sn.full.state_dict()
+    for w in sn.backbone.widths:
+        with torch.no_grad():
+            sliced = sn(x, w)
+            dense = extract_subnet(sn.backbone, full_state, w)(x)
+        assert sliced.shape == (2, 3, 128, 128)
+        assert torch.equal(sliced, dense)
+
+
+def test_carn_concat_slice_takes_first_k_of_concatenation() -> None:
+    """At width w, c1 sees cat[c0 (w), b1 (w)] and must use weight[:w, :2w] of the
+    (64, 128) full weight, not [0:w] + [64:64+w]."""
+    bb = get_backbone("carn")
+    full = bb.build(64).state_dict()
+    sub = extract_subnet(bb, full, 36).state_dict()
+    assert torch.equal(sub["c1.0.weight"], full["c1.0.weight"][:36, :72])
+    assert torch.equal(sub["b1.b1.body.0.weight"], full["b1.b1.body.0.weight"][:36, :9])
+    assert torch.equal(sub["upsample.up.body.0.weight"], full["upsample.up.body.0.weight"][:144, :9])
+
+
+def test_training_step_updates_shared_weights_only_in_the_prefix() -> None:
+    sn = Supernet(get_backbone("fsrcnn"))
+    before = sn.full.head_conv[0].weight.detach().clone()
+    opt = torch.optim.SGD(sn.full.parameters(), lr=0.1)
+    sn(torch.rand(2, 3, 32, 32), 16).abs().mean().backward()
+    opt.step()
+    after = sn.full.head_conv[0].weight.detach()
+    assert not torch.equal(after[:16], before[:16])
+    assert torch.equal(after[16:], before[16:])
+
+
+def test_fsrcnn_output_is_exactly_four_times_any_size() -> None:
+    net = get_backbone("fsrcnn").build(16)
+    for h, w in [(1, 1), (7, 13), (32, 32)]:
+        assert net(torch.rand(1, 3, h, w)).shape[-2:] == (4 * h, 4 * w)
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="known"):
+        get_backbone("edsr")
