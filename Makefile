@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv serve test data bench clean
+.PHONY: venv serve test data model bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: venv
 # Offline photos for training, tables and benchmarks (Debian packages; needs root).
 data:
 	apt-get install -y mate-backgrounds plasma-workspace-wallpapers
+
+# Rebuild the bundled ARM-FSRCNN from scratch (about an hour on 2 cores; needs `make data`).
+ARM_ITERS ?= 55000
+ARM_RUN ?= runs/arm-fsrcnn
+model: venv
+	$(PY) -m models.arm.train --backbone fsrcnn --iters $(ARM_ITERS) --batch 16 --out $(ARM_RUN)
+	$(PY) -m models.arm.build_table --checkpoint $(ARM_RUN)/model.safetensors
+	$(PY) -m models.arm.evaluate --checkpoint $(ARM_RUN)/model.safetensors
+	mkdir -p models/arm/weights/arm-fsrcnn
+	cp $(ARM_RUN)/model.safetensors $(ARM_RUN)/manifest.json models/arm/weights/arm-fsrcnn/
 
 bench: venv
 	$(PY) -m bench.sr_tradeoff --checkpoint models/arm/weights/arm-fsrcnn/model.safetensors

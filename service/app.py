@@ -55,6 +55,16 @@ def parse_budget(raw: str, default: float) -> tuple[str, float]:
     return "explicit", value
 
 
+def parse_rung(raw: str, model: ArmSR) -> int:
+    names = [r.name for r in model.rungs]
+    if raw in names:
+        return names.index(raw)
+    if raw.isdigit() and int(raw) < len(names):
+        return int(raw)
+    raise ApiError(422, f"rung={raw!r} is not a rung of {model.name}",
+                   f"one of {', '.join(names)} or an index 0..{len(names) - 1}")
+
+
 def response_headers(model: ArmSR, plan: Plan, budget_label: str, compute_ms: float) -> dict[str, str]:
     counts = plan.rung_counts(len(model.rungs))
     return {
@@ -129,7 +139,10 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
         budget: Annotated[str, Query(description="fraction of full-width FLOPs in [0, 1], 'auto' or 'best'")] = "auto",
         tiling: Annotated[Literal["full", "official"], Query(description="'full' covers every pixel; "
                                                              "'official' reproduces ARM's tiling")] = "full",
-        objective: Annotated[Literal["mse", "psnr_sum"], Query(description="budget objective")] = "mse",
+        objective: Annotated[Literal["mse", "psnr_sum"], Query(description="budget objective: 'mse' minimises "
+                                                                "predicted squared error, 'psnr_sum' is the paper's rule")] = "mse",
+        rung: Annotated[str | None, Query(description="serve every patch at this rung (name such as 'w56' or "
+                                                      "'bicubic', or index); overrides budget")] = None,
     ) -> Response:
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype not in imageio.FORMATS and ctype not in ("application/octet-stream", ""):
@@ -143,23 +156,30 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
             if len(body) > settings.max_body_bytes:
                 raise ApiError(413, f"body exceeds the limit of {settings.max_body_bytes} bytes")
         label, value = parse_budget(budget, settings.default_budget)
+        m: ArmSR = request.app.state.model
+        fixed = parse_rung(rung, m) if rung is not None else None
         try:
             img = imageio.decode(bytes(body), settings.max_input_pixels)
         except imageio.ImageError as exc:
             raise ApiError(exc.status, str(exc)) from None
-        m: ArmSR = request.app.state.model
 
         def work() -> tuple[Plan, np.ndarray, float]:
             t0 = time.perf_counter()
-            plan = m.plan(img.rgb_u8, mode="best", tiling_mode=tiling) if label == "best" else \
-                m.plan(img.rgb_u8, mode="budget", budget=value, objective=objective, tiling_mode=tiling)
+            if fixed is not None:
+                plan = m.plan(img.rgb_u8, mode="fixed", rung=fixed, tiling_mode=tiling)
+            elif label == "best":
+                plan = m.plan(img.rgb_u8, mode="best", tiling_mode=tiling)
+            else:
+                plan = m.plan(img.rgb_u8, mode="budget", budget=value, objective=objective, tiling_mode=tiling)
             out = m.run(plan, img.rgb)
             return plan, out, 1000 * (time.perf_counter() - t0)
 
         plan, out, ms = await asyncio.get_running_loop().run_in_executor(request.app.state.executor, work)
         media = "image/png"
         payload = imageio.encode(out, img, media)
-        headers = response_headers(m, plan, "best" if label == "best" else f"{value:g}", ms)
+        budget_label = f"rung:{m.rungs[fixed].name}" if fixed is not None else \
+            "best" if label == "best" else f"{value:g}"
+        headers = response_headers(m, plan, budget_label, ms)
         return Response(payload, media_type=media, headers=headers)
 
     return app

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     default_budget: float = Field(0.65, ge=0.0, le=1.0, description="budget used for budget=auto")
     torch_threads: int = Field(0, ge=0, description="0: one per available core")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_input_pixels: int = Field(4_000_000, gt=0, description="largest accepted LR image (width x height)")
+    max_input_pixels: int = Field(1_000_000, gt=0, description="largest accepted input image (width x height); "
+                                  "the output has 16x as many pixels")
     device: str = "cpu"
 
     @classmethod

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
@@ -52,9 +52,12 @@ def decode(body: bytes, max_pixels: int) -> Decoded:
         if w * h > max_pixels:
             raise ImageError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
         im.load()
+        im = ImageOps.exif_transpose(im)  # phone JPEGs: respect the orientation tag
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(413, f"image rejected as a decompression bomb: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(400, f"could not decode the image ({type(exc).__name__}: {exc}); "
                               "send a complete PNG, JPEG or WebP file") from None
     return _to_arrays(im)

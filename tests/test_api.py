@@ -66,6 +66,9 @@ def test_budget_extremes_and_best(client: TestClient) -> None:
     assert best.status_code == 200 and best.headers["x-anytime-budget"] == "best"
     auto = _post(client, body).headers
     assert auto["x-anytime-budget"] == "0.65"
+    fixed = _post(client, body, rung="w36").headers
+    assert fixed["x-anytime-rung-mix"] == "bicubic=0,w16=0,w36=9,w56=0" and fixed["x-anytime-budget"] == "rung:w36"
+    assert _post(client, body, rung="3").headers["x-anytime-flops-fraction"] == "1.0000"
 
 
 def test_more_budget_never_predicts_worse(client: TestClient) -> None:
@@ -120,6 +123,7 @@ BAD = [
     ("budget nan", None, "image/png", {"budget": "nan"}, 422),
     ("budget word", None, "image/png", {"budget": "lots"}, 422),
     ("bad tiling", None, "image/png", {"tiling": "diagonal"}, 422),
+    ("unknown rung", None, "image/png", {"rung": "w99"}, 422),
     ("too many pixels", "big", "image/png", {}, 413),
 ]
 

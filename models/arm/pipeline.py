@@ -179,7 +179,7 @@ class ArmSR:
         img = tiling.pad_to_patch(lr_float.astype(np.float32, copy=False))
         patches = torch.from_numpy(np.ascontiguousarray(
             tiling.extract(img, plan.positions).transpose(0, 3, 1, 2))).to(self.device)
-        out = np.empty((len(plan.positions), tiling.PATCH * SCALE, tiling.PATCH * SCALE, 3), dtype=np.float32)
+        acc = tiling.Canvas((SCALE * plan.lr_hw[0], SCALE * plan.lr_hw[1]))
         for r in np.unique(plan.rungs).tolist():
             idx = np.nonzero(plan.rungs == r)[0]
             for start in range(0, len(idx), self.max_batch):
@@ -188,9 +188,8 @@ class ArmSR:
                 sr = sr.permute(0, 2, 3, 1).cpu().numpy()
                 if quantize_patches:
                     sr = np.round(sr * 255) / 255
-                out[chunk] = sr
-        canvas = tiling.stitch(out, plan.positions, (SCALE * plan.lr_hw[0], SCALE * plan.lr_hw[1]))
-        canvas = canvas[: plan.out_hw[0], : plan.out_hw[1]]
+                acc.add(sr, plan.positions[chunk])
+        canvas = acc.result()[: plan.out_hw[0], : plan.out_hw[1]]
         ch, cw = (SCALE * v for v in tiling.covered_hw(plan.positions))
         if ch < canvas.shape[0] or cw < canvas.shape[1]:
             # Official tiling leaves the right/bottom remainder uncovered; give it bicubic

@@ -55,19 +55,34 @@ def extract(img: np.ndarray, pos: np.ndarray, patch: int = PATCH) -> np.ndarray:
     return img[iy[:, :, None], ix[:, None, :]]
 
 
+class Canvas:
+    """Accumulates HR patches (placed at ``scale`` x their LR corners) and averages the
+    overlaps with equal weights.  Patches are added batch by batch, so a large image never
+    holds all its SR patches in memory at once."""
+
+    def __init__(self, out_hw: tuple[int, int], channels: int = 3, scale: int = SCALE) -> None:
+        self.sum = np.zeros((*out_hw, channels), dtype=np.float32)
+        self.weight = np.zeros(out_hw, dtype=np.float32)
+        self.scale = scale
+
+    def add(self, patches: np.ndarray, pos: np.ndarray) -> None:
+        p = patches.shape[1]
+        for (y, x), tile in zip((pos * self.scale).tolist(), patches):
+            self.sum[y:y + p, x:x + p] += tile
+            self.weight[y:y + p, x:x + p] += 1
+
+    def result(self) -> np.ndarray:
+        """The averaged float32 canvas (pixels no patch covered stay 0)."""
+        covered = self.weight > 0
+        self.sum[covered] /= self.weight[covered][:, None]
+        return self.sum
+
+
 def stitch(patches: np.ndarray, pos: np.ndarray, out_hw: tuple[int, int], scale: int = SCALE) -> np.ndarray:
-    """Average (N, P, P, C) HR patches placed at ``scale`` x the LR corners into a float32
-    canvas of ``out_hw`` (regions no patch covers stay 0: only in official tiling)."""
-    n, p = patches.shape[0], patches.shape[1]
-    c = patches.shape[3]
-    canvas = np.zeros((*out_hw, c), dtype=np.float32)
-    weight = np.zeros(out_hw, dtype=np.float32)
-    for (y, x), tile in zip((pos * scale).tolist(), patches):
-        canvas[y:y + p, x:x + p] += tile
-        weight[y:y + p, x:x + p] += 1
-    covered = weight > 0
-    canvas[covered] /= weight[covered][:, None]
-    return canvas
+    """Average (N, P, P, C) HR patches into a float32 canvas of ``out_hw``."""
+    canvas = Canvas(out_hw, patches.shape[3], scale)
+    canvas.add(patches, pos)
+    return canvas.result()
 
 
 def covered_hw(pos: np.ndarray, patch: int = PATCH) -> tuple[int, int]:

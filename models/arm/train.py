@@ -40,6 +40,18 @@ def width_probabilities(backbone_name: str) -> np.ndarray:
     return cost**2 / (cost**2).sum()
 
 
+def param_groups(net: Supernet, lr: float, deconv_scale: float) -> list[dict]:
+    """FSRCNN's deconvolution writes the output directly: with Adam every one of its weights
+    moves by about the learning rate per step, which at 1e-3 adds noise to every output
+    pixel.  ``deconv_scale`` < 1 gives it a smaller rate, as the FSRCNN paper does."""
+    tail = [p for n, p in net.full.named_parameters() if n.startswith("tail_conv.")]
+    rest = [p for n, p in net.full.named_parameters() if not n.startswith("tail_conv.") and p.requires_grad]
+    groups = [{"params": rest, "lr": lr}]
+    if tail:
+        groups.append({"params": tail, "lr": lr * deconv_scale})
+    return groups
+
+
 def psnr_rgb(sr: torch.Tensor, hr: torch.Tensor, crop: int = 4) -> float:
     """RGB PSNR (all channels) on [0,1] tensors after rounding to 8 bits, border cropped."""
     sr8 = (sr.clamp(0, 1) * 255).round()
@@ -70,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=2000)
     ap.add_argument("--log-every", type=int, default=500)
+    ap.add_argument("--deconv-lr-scale", type=float, default=1.0,
+                    help="learning-rate factor for FSRCNN's output deconvolution (ARM: 1; the FSRCNN paper: 0.1)")
     ap.add_argument("--init", type=Path, default=None, help="start from these full-width weights")
     ap.add_argument("--train-images", type=Path, default=None, help="HR image folder (default: our train split)")
     ap.add_argument("--val-images", type=Path, default=None, help="HR image folder (default: our val split)")
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         from models.arm.checkpoint import load_full_state
 
         net.full.load_state_dict(load_full_state(args.init))
-    opt = torch.optim.Adam([p for p in net.full.parameters() if p.requires_grad], lr=lr0, betas=(0.9, 0.99))
+    opt = torch.optim.Adam(param_groups(net, lr0, args.deconv_lr_scale), lr=lr0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iters, eta_min=1e-7)
     train_set = data.load_folder(args.train_images) if args.train_images else data.load_split("train")
     val_set = data.load_folder(args.val_images) if args.val_images else data.load_split("val")
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         "training": {
             "command": "python -m models.arm.train " + shlex.join(sys.argv[1:] if argv is None else argv),
             "iterations": args.iters, "batch": args.batch, "lr": lr0, "seed": args.seed,
+            "deconv_lr_scale": args.deconv_lr_scale,
             "width_probabilities": probs.tolist(),
             "data": {"train": [name for name, _, _ in train_set],
                      "val": [name for name, _, _ in val_set],

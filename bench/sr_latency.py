@@ -1,0 +1,76 @@
+"""Wall-clock of /superresolve requests at a budget vs at full width, through a running server.
+
+    make serve &      # or ANYTIME_ARM_CHECKPOINT=... make serve &
+    python -m bench.sr_latency --url http://127.0.0.1:8000 --budget 0.65 [--images DIR] [--json]
+
+For every image (default: the held-out test photos, as their MATLAB-bicubic x1/4 LR) it
+sends the request at ``rung=<full width>`` and at ``budget=B`` alternately, ``--repeats``
+times each, and reports the median client-side wall-clock of both and their ratio.
+Alternating the two keeps slow drifts of a shared machine out of the ratio.  Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from models.arm import data
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--budget", type=float, default=0.65)
+    ap.add_argument("--images", type=Path, default=None, help="HR folder; the LR is sent (default: test split)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    images = data.load_folder(args.images) if args.images else data.load_split("test")
+    with httpx.Client(base_url=args.url, timeout=300) as client:
+        full_rung = client.get("/v1/models").json()["models"][0]["rungs"][-1]["name"]
+        rows = []
+        for name, _hr, lr in images:
+            body = _png(lr)
+            times: dict[str, list[float]] = {"full": [], "budget": []}
+            info = {}
+            for _ in range(args.repeats):
+                for key, params in (("full", {"rung": full_rung}), ("budget", {"budget": args.budget})):
+                    t0 = time.perf_counter()
+                    r = client.post("/superresolve", content=body, params=params,
+                                    headers={"content-type": "image/png"})
+                    times[key].append(time.perf_counter() - t0)
+                    r.raise_for_status()
+                    info[key] = r.headers
+            full, bud = statistics.median(times["full"]), statistics.median(times["budget"])
+            rows.append({"image": name, "lr_size": f"{lr.shape[1]}x{lr.shape[0]}", "full_ms": 1000 * full,
+                         "budget_ms": 1000 * bud, "ratio": bud / full,
+                         "flops_fraction": float(info["budget"]["x-anytime-flops-fraction"]),
+                         "rung_mix": info["budget"]["x-anytime-rung-mix"]})
+    overall = statistics.median(r["ratio"] for r in rows)
+    total = sum(r["budget_ms"] for r in rows) / sum(r["full_ms"] for r in rows)
+    if args.json:
+        print(json.dumps({"budget": args.budget, "rows": rows, "median_ratio": overall, "total_ratio": total}, indent=2))
+        return
+    print(f"| image | LR size | {full_rung} ms | budget {args.budget} ms | time ratio | FLOPs fraction | rung mix |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['image']} | {r['lr_size']} | {r['full_ms']:.0f} | {r['budget_ms']:.0f} | {r['ratio']:.2f} | "
+              f"{r['flops_fraction']:.3f} | {r['rung_mix']} |")
+    print(f"\nmedian per-image time ratio {overall:.2f}; total time ratio {total:.2f} (budget / full width)")
+
+
+if __name__ == "__main__":
+    main()
