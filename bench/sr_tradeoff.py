@@ -3,9 +3,11 @@
     python -m bench.sr_tradeoff --checkpoint PATH [--images DIR] [--json]
 
 Rows: bicubic and each fixed width; ARM at budgets 0.4-1.0 with our objective
-(``mse``: minimise predicted total squared error) and the paper's (``psnr_sum``: eta
-rule at the largest eta that fits); an ``oracle`` that knows every patch's true error
-(the limit any table can reach); and the paper's eta modes.  PSNR is RGB with a 4 px
+(``mse``: minimise predicted total squared error, interpolated table look-up), the
+paper's objective on our look-up (``psnr_sum``: eta rule at the largest eta that fits),
+the paper's rule exactly (``paper``: eta rule, nearest-bin look-up, largest eta that
+fits); an ``oracle`` that knows every patch's true error (the limit any table can
+reach); and the paper's eta modes (nearest-bin, as the official code).  PSNR is RGB with a 4 px
 crop (ARM's number) and Y (the usual benchmark number) on the full, uint8 output;
 FLOPs are per patch in the official convention, as a fraction of full width; time is the
 median wall-clock of plan + run per image.  A second table gives the measured time per
@@ -45,15 +47,17 @@ def true_patch_errors(model: ArmSR, lr: np.ndarray, hr: np.ndarray, pos: np.ndar
     return np.stack(cols, axis=1)
 
 
-def settings(model: ArmSR) -> list[tuple[str, dict]]:
+def settings(model: ArmSR, budgets: tuple[float, ...] = BUDGETS) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = [(r.name if r.index else "bicubic", {"mode": "fixed", "rung": r.index})
                                     for r in model.rungs]
-    for b in BUDGETS:
+    for b in budgets:
         rows.append((f"ARM b={b:.2f} mse", {"mode": "budget", "budget": b, "objective": "mse"}))
         rows.append((f"ARM b={b:.2f} psnr_sum", {"mode": "budget", "budget": b, "objective": "psnr_sum"}))
+        rows.append((f"paper b={b:.2f}", {"mode": "budget", "budget": b, "objective": "psnr_sum",
+                                          "interpolate": False}))
         rows.append((f"oracle b={b:.2f}", {"mode": "oracle", "budget": b}))
-    rows.append(("eta best", {"mode": "best"}))
-    rows += [(f"eta k={k:g}", {"mode": "eta", "eta": k}) for k in ETA_KS]
+    rows.append(("eta best", {"mode": "best", "interpolate": False}))
+    rows += [(f"eta k={k:g}", {"mode": "eta", "eta": k, "interpolate": False}) for k in ETA_KS]
     return rows
 
 
@@ -98,16 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--table", type=Path, default=None, help="table JSON to use instead of the one beside the checkpoint")
     ap.add_argument("--images", type=Path, default=None, help="image folder (HR); default: the test split")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per image and setting (median)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--nearest", action="store_true", help="nearest-bin table look-up (official) instead of interpolation")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = ArmSR.from_checkpoint(args.checkpoint, table=args.table, interpolate_table=not args.nearest)
+    model = ArmSR.from_checkpoint(args.checkpoint, table=args.table)
     images = data.load_folder(args.images) if args.images else data.load_split("test")
-    rows = settings(model)
+    rows = settings(model, tuple(args.budgets))
     per_image: dict[str, list[dict]] = {name: [] for name, _ in rows}
     for name_img, hr, lr in images:
         oracle_err = None  # images smaller than a patch have no oracle (no HR for the padding)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         s["drop_vs_full_db"] = full["psnr_rgb"] - s["psnr_rgb"]
         s["time_vs_full"] = s["ms_per_image"] / full["ms_per_image"]
     result = {"checkpoint": str(args.checkpoint), "images": [n for n, _, _ in images],
-              "table": model.table.source, "interpolated_table": not args.nearest,
+              "table": model.table.source,
               "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
               "date": date.today().isoformat(), "rows": summary, "seconds_per_patch": rung_times(model)}
     if args.json:

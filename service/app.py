@@ -144,6 +144,9 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
         rung: Annotated[str | None, Query(description="serve every patch at this rung (name such as 'w56' or "
                                                       "'bicubic', or index); overrides budget")] = None,
     ) -> Response:
+        label, value = parse_budget(budget, settings.default_budget)
+        m: ArmSR = request.app.state.model
+        fixed = parse_rung(rung, m) if rung is not None else None
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype not in imageio.FORMATS and ctype not in ("application/octet-stream", ""):
             raise ApiError(415, f"content-type {ctype!r} is not accepted", "image/png, image/jpeg, image/webp")
@@ -155,11 +158,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
             body += chunk
             if len(body) > settings.max_body_bytes:
                 raise ApiError(413, f"body exceeds the limit of {settings.max_body_bytes} bytes")
-        label, value = parse_budget(budget, settings.default_budget)
-        m: ArmSR = request.app.state.model
-        fixed = parse_rung(rung, m) if rung is not None else None
-        try:
-            img = imageio.decode(bytes(body), settings.max_input_pixels)
+        try:  # decoding and encoding run in the default thread pool, off the event loop
+            img = await asyncio.to_thread(imageio.decode, bytes(body), settings.max_input_pixels)
         except imageio.ImageError as exc:
             raise ApiError(exc.status, str(exc)) from None
 
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
 
         plan, out, ms = await asyncio.get_running_loop().run_in_executor(request.app.state.executor, work)
         media = "image/png"
-        payload = imageio.encode(out, img, media)
+        payload = await asyncio.to_thread(imageio.encode, out, img, media)
         budget_label = f"rung:{m.rungs[fixed].name}" if fixed is not None else \
             "best" if label == "best" else f"{value:g}"
         headers = response_headers(m, plan, budget_label, ms)

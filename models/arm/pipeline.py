@@ -109,21 +109,23 @@ class ArmSR:
 
     def plan(self, lr_u8: np.ndarray, *, mode: Mode = "budget", budget: float = 1.0,
              objective: Objective = "mse", rung: int | None = None, eta: float | None = None,
-             tiling_mode: tiling.Tiling = "full") -> Plan:
+             tiling_mode: tiling.Tiling = "full", interpolate: bool | None = None) -> Plan:
         """Decide a rung per tile of a uint8 RGB LR image; no network runs here.
 
         mode ``budget``: total FLOPs <= budget x full width, choosing by ``objective``
         (``mse``: minimise predicted squared error; ``psnr_sum``: the paper's eta rule at
         the largest eta that fits).  ``best``: the table's best rung per tile.  ``fixed``:
-        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost."""
+        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost.
+        ``interpolate`` overrides the model's table look-up (False: official nearest bin)."""
         if self.table is None:
             raise RuntimeError(f"{self.name} has no lookup table; build one with python -m models.arm.build_table")
         h, w = lr_u8.shape[:2]
         img = tiling.pad_to_patch(lr_u8)
         pos = tiling.positions(img.shape[0], img.shape[1], tiling_mode)
         scores = edge_scores(tiling.extract(img, pos))
-        psnr = self.table.predict_psnr(scores, self.interpolate_table)
-        mse = self.table.predict_mse(scores, self.interpolate_table)
+        interp = self.interpolate_table if interpolate is None else interpolate
+        psnr = self.table.predict_psnr(scores, interp)
+        mse = self.table.predict_mse(scores, interp)
         info: dict = {"mode": mode}
         if mode == "budget":
             if not 0.0 <= budget <= 1.0:
