@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.arm.nets import BACKBONES, Supernet, extract_subnet, get_backbone, official_flops
+from models.arm.nets import BACKBONES, SubPixelDeconv, Supernet, extract_subnet, get_backbone, official_flops
 
 # (width, FLOPs per 32x32 LR patch, active params) from the brief, table A2.5.
 EXPECTED = {
@@ -35,9 +35,22 @@ def test_dense_subnet_equals_sliced_supernet(name: str) -> None:
     for w in sn.backbone.widths:
         with torch.no_grad():
             sliced = sn(x, w)
-            dense = extract_subnet(sn.backbone, full_state, w)(x)
+            dense = extract_subnet(sn.backbone, full_state, w, serving_form=False)(x)
+            serving = extract_subnet(sn.backbone, full_state, w)(x)
         assert sliced.shape == (2, 3, 128, 128)
         assert torch.equal(sliced, dense)
+        torch.testing.assert_close(serving, dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (5, 9), (32, 32)])
+def test_subpixel_form_of_the_deconvolution_is_the_same_function(h: int, w: int) -> None:
+    torch.manual_seed(1)
+    deconv = torch.nn.ConvTranspose2d(7, 3, 9, stride=4, padding=3, output_padding=1)
+    x = torch.randn(2, 7, h, w)
+    with torch.no_grad():
+        torch.testing.assert_close(SubPixelDeconv(deconv)(x), deconv(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 9, stride=4, padding=3))  # output is not 4x
 
 
 def test_carn_concat_slice_takes_first_k_of_concatenation() -> None:

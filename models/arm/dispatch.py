@@ -96,7 +96,8 @@ def min_error_under_budget(pred_err: np.ndarray, cost: np.ndarray, budget: float
     n = len(pred_err)
     rungs = np.zeros(n, dtype=np.int64)
     base = float(pred_err[:, 0].sum())
-    left = budget * cost[-1] * n * (1 + 1e-12)
+    # Every patch costs at least rung 0 (free in FLOPs, not in seconds).
+    left = budget * cost[-1] * n * (1 + 1e-12) - cost[0] * n
     patch, to, dc, gain, step = _hull_upgrades(pred_err, cost)
     # Along one patch's hull the efficiency falls, so a stable sort by efficiency keeps each
     # patch's steps in order; ties are broken by step then patch for determinism.

@@ -58,30 +58,31 @@ def extract(img: np.ndarray, pos: np.ndarray, patch: int = PATCH) -> np.ndarray:
 class Canvas:
     """Accumulates HR patches (placed at ``scale`` x their LR corners) and averages the
     overlaps with equal weights.  Patches are added batch by batch, so a large image never
-    holds all its SR patches in memory at once."""
+    holds all its SR patches in memory at once.  Channel-first inside, so each patch is
+    added as contiguous planes straight from the network's NCHW output."""
 
     def __init__(self, out_hw: tuple[int, int], channels: int = 3, scale: int = SCALE) -> None:
-        self.sum = np.zeros((*out_hw, channels), dtype=np.float32)
+        self.sum = np.zeros((channels, *out_hw), dtype=np.float32)
         self.weight = np.zeros(out_hw, dtype=np.float32)
         self.scale = scale
 
     def add(self, patches: np.ndarray, pos: np.ndarray) -> None:
-        p = patches.shape[1]
+        """``patches`` (N, C, P, P) float32."""
+        p = patches.shape[-1]
         for (y, x), tile in zip((pos * self.scale).tolist(), patches):
-            self.sum[y:y + p, x:x + p] += tile
+            self.sum[:, y:y + p, x:x + p] += tile
             self.weight[y:y + p, x:x + p] += 1
 
     def result(self) -> np.ndarray:
-        """The averaged float32 canvas (pixels no patch covered stay 0)."""
-        covered = self.weight > 0
-        self.sum[covered] /= self.weight[covered][:, None]
-        return self.sum
+        """The averaged float32 canvas, (H, W, C); pixels no patch covered stay 0."""
+        np.divide(self.sum, np.maximum(self.weight, 1)[None], out=self.sum)
+        return self.sum.transpose(1, 2, 0)
 
 
 def stitch(patches: np.ndarray, pos: np.ndarray, out_hw: tuple[int, int], scale: int = SCALE) -> np.ndarray:
-    """Average (N, P, P, C) HR patches into a float32 canvas of ``out_hw``."""
+    """Average (N, P, P, C) HR patches into a float32 (H, W, C) canvas of ``out_hw``."""
     canvas = Canvas(out_hw, patches.shape[3], scale)
-    canvas.add(patches, pos)
+    canvas.add(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)), pos)
     return canvas.result()
 
 

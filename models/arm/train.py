@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             "final_val_psnr_rgb_patches": {str(w): p for w, p in validate(net, val_batch).items()},
         },
     })
+    if args.init:  # a second stage: keep the first stage's recipe so the chain can be rerun
+        init_manifest = args.init.with_name("manifest.json")
+        earlier = json.loads(init_manifest.read_text()).get("training") if init_manifest.exists() else None
+        manifest["training"]["init_from"] = {"weights": str(args.init), "training": earlier}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {weights} and {manifest_path}", flush=True)
 
