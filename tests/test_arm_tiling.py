@@ -31,8 +31,10 @@ def test_official_tiling_drops_the_remainder() -> None:
 
 def test_stitch_is_the_uniform_average() -> None:
     pos = tiling.positions(60, 60, "full")
-    patches = np.stack([np.full((128, 128, 1), float(i), dtype=np.float32) for i in range(len(pos))])
-    canvas = tiling.stitch(patches, pos, (240, 240))
+    patches = np.stack([np.full((1, 128, 128), float(i), dtype=np.float32) for i in range(len(pos))])
+    acc = tiling.Canvas((240, 240), channels=1)
+    acc.add(patches, pos)
+    canvas = acc.result()
     # Pixel (0, 0) is covered by patch 0 only; a pixel in the overlap of 0 and 1 is their mean.
     assert canvas[0, 0, 0] == 0
     assert canvas[0, 4 * 28 + 2, 0] == pytest.approx(0.5)

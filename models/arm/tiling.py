@@ -79,13 +79,6 @@ class Canvas:
         return self.sum.transpose(1, 2, 0)
 
 
-def stitch(patches: np.ndarray, pos: np.ndarray, out_hw: tuple[int, int], scale: int = SCALE) -> np.ndarray:
-    """Average (N, P, P, C) HR patches into a float32 (H, W, C) canvas of ``out_hw``."""
-    canvas = Canvas(out_hw, patches.shape[3], scale)
-    canvas.add(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)), pos)
-    return canvas.result()
-
-
 def covered_hw(pos: np.ndarray, patch: int = PATCH) -> tuple[int, int]:
     """LR extent covered by the patches (the official code scores only this area)."""
     return int(pos[:, 0].max() + patch), int(pos[:, 1].max() + patch)
