@@ -243,9 +243,9 @@ def sliced_params(full: dict[str, torch.Tensor], template: nn.Module) -> dict[st
 class SubPixelDeconv(nn.Module):
     """A stride-s transposed convolution whose output is exactly s x the input, rewritten
     as an ordinary convolution on the input grid (s*s phases per output channel) followed
-    by a pixel shuffle.  Same function (up to float summation order), but CPU convolution
-    kernels run it 2-3x faster than ConvTranspose2d: FSRCNN's 9x9 stride-4 deconvolution
-    is most of its run time.
+    by a pixel shuffle.  Same function (up to float summation order); FSRCNN's 9x9 stride-4
+    deconvolution is most of its run time, and in this form it ran about 10-20% faster per
+    subnet on our 2-core CPU, more with channels-last tensors (docs/BENCHMARKS.md).
 
     Output pixel o = s*q + r receives w[k] * x[q + j] for k = r + p - s*j, so phase r of
     the output is a correlation of the input with the taps k that fall inside the kernel."""

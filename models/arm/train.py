@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from models.arm import data
+from models.arm.metrics import mse_to_db
 from models.arm.nets import Supernet, get_backbone, official_flops
 from models.common.progress import progress
 
@@ -58,8 +58,7 @@ def psnr_rgb(sr: torch.Tensor, hr: torch.Tensor, crop: int = 4) -> float:
     hr8 = (hr * 255).round()
     if crop:
         sr8, hr8 = sr8[..., crop:-crop, crop:-crop], hr8[..., crop:-crop, crop:-crop]
-    mse = float(((sr8 - hr8) ** 2).mean())
-    return 80.0 if mse == 0 else 20 * math.log10(255 / math.sqrt(mse))
+    return mse_to_db(float(((sr8 - hr8) ** 2).mean()))
 
 
 def validate(net: Supernet, batch: tuple[np.ndarray, np.ndarray]) -> dict[int, float]:
