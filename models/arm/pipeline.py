@@ -61,6 +61,15 @@ class Plan:
         return np.bincount(self.rungs, minlength=n_rungs).tolist()
 
 
+@dataclass
+class PatchGroup:
+    """The patches of one request that share a rung."""
+
+    rung: int
+    index: np.ndarray  # (n,) patch indices into the plan
+    patches: torch.Tensor  # (n, 3, 32, 32) float32 in [0, 1]
+
+
 class ArmSR:
     """A loaded ARM model: dense subnets per width, bicubic as rung 0, and its table."""
 
@@ -173,37 +182,55 @@ class ArmSR:
             out = self.subnets[rung - 1](lr.contiguous(memory_format=torch.channels_last))
         return out.clamp_(0, 1)
 
-    def run(self, plan: Plan, lr_float: np.ndarray, quantize_patches: bool | None = None) -> np.ndarray:
-        """Execute a plan on the LR image (H, W, 3) float32 in [0, 1]; returns the x4
-        canvas (4H, 4W, 3) float32 in [0, 1].
+    # The serving runtime batches across requests, so execution is split in three:
+    # ``prepare`` (per request: patches grouped by rung), ``run_patches`` (per batch, any
+    # mix of requests that share a rung) and ``assemble`` (per request: stitch).  ``run``
+    # chains them for one request.
+
+    def prepare(self, plan: Plan, lr_float: np.ndarray) -> list[PatchGroup]:
+        """The plan's LR patches grouped by rung, ready for ``run_patches``."""
+        img = tiling.pad_to_patch(lr_float.astype(np.float32, copy=False))
+        patches = torch.from_numpy(np.ascontiguousarray(tiling.extract(img, plan.positions).transpose(0, 3, 1, 2)))
+        groups = []
+        for r in np.unique(plan.rungs).tolist():
+            idx = np.nonzero(plan.rungs == r)[0]
+            groups.append(PatchGroup(r, idx, patches[torch.from_numpy(idx)].to(self.device)))
+        return groups
+
+    def assemble(self, plan: Plan, lr_float: np.ndarray, groups: list[PatchGroup], outputs: list[torch.Tensor],
+                 quantize_patches: bool | None = None) -> np.ndarray:
+        """Stitch the SR patches (``outputs[i]`` for ``groups[i]``) into the x4 canvas
+        (4H, 4W, 3) float32 in [0, 1].
 
         ``quantize_patches`` rounds each patch to 8 bits before stitching, as the official
         code does (default: only in official tiling, to reproduce its numbers)."""
         if quantize_patches is None:
             quantize_patches = plan.tiling == "official"
-        img = tiling.pad_to_patch(lr_float.astype(np.float32, copy=False))
-        patches = torch.from_numpy(np.ascontiguousarray(
-            tiling.extract(img, plan.positions).transpose(0, 3, 1, 2))).to(self.device)
         acc = tiling.Canvas((SCALE * plan.lr_hw[0], SCALE * plan.lr_hw[1]))
-        for r in np.unique(plan.rungs).tolist():
-            idx = np.nonzero(plan.rungs == r)[0]
-            for start in range(0, len(idx), self.max_batch):
-                chunk = idx[start:start + self.max_batch]
-                sr = self.run_patches(r, patches[torch.from_numpy(chunk).to(self.device)])
-                sr = sr.contiguous().cpu().numpy()  # NCHW planes, as the canvas wants them
-                if quantize_patches:
-                    sr = np.round(sr * 255) / 255
-                acc.add(sr, plan.positions[chunk])
+        for group, sr in zip(groups, outputs):
+            sr = sr.contiguous().cpu().numpy()  # NCHW planes, as the canvas wants them
+            if quantize_patches:
+                sr = np.round(sr * 255) / 255
+            acc.add(sr, plan.positions[group.index])
         canvas = acc.result()[: plan.out_hw[0], : plan.out_hw[1]]
         ch, cw = (SCALE * v for v in tiling.covered_hw(plan.positions))
         if ch < canvas.shape[0] or cw < canvas.shape[1]:
             # Official tiling leaves the right/bottom remainder uncovered; give it bicubic
             # so the image is whole (the covered area, which the paper scores, is unchanged).
+            img = tiling.pad_to_patch(lr_float.astype(np.float32, copy=False))
             fill = F.interpolate(torch.from_numpy(img[: plan.out_hw[0] // SCALE, : plan.out_hw[1] // SCALE])
                                  .permute(2, 0, 1)[None], scale_factor=SCALE, mode="bicubic",
                                  align_corners=False).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
             canvas[ch:], canvas[:, cw:] = fill[ch:], fill[:, cw:]
         return canvas
+
+    def run(self, plan: Plan, lr_float: np.ndarray, quantize_patches: bool | None = None) -> np.ndarray:
+        """Execute a plan on the LR image (H, W, 3) float32 in [0, 1]; returns the x4
+        canvas (4H, 4W, 3) float32 in [0, 1].  Each rung runs in batches of ``max_batch``."""
+        groups = self.prepare(plan, lr_float)
+        outputs = [torch.cat([self.run_patches(g.rung, g.patches[i:i + self.max_batch])
+                              for i in range(0, len(g.patches), self.max_batch)]) for g in groups]
+        return self.assemble(plan, lr_float, groups, outputs, quantize_patches)
 
     def upscale(self, lr_u8: np.ndarray, **plan_kw) -> tuple[np.ndarray, Plan]:
         """Convenience: plan and run on a uint8 RGB image; returns (uint8 x4 image, plan)."""
