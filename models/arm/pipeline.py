@@ -62,6 +62,19 @@ class Plan:
 
 
 @dataclass
+class Analysis:
+    """What planning needs from an image, whatever the budget."""
+
+    positions: np.ndarray  # (N, 2) LR corners
+    scores: np.ndarray  # (N,) edge score per patch
+    pred_psnr: np.ndarray  # (N, R) the table's PSNR per patch and rung
+    pred_mse: np.ndarray  # (N, R) the same as per-pixel MSE
+    lr_hw: tuple[int, int]  # padded LR size the tiles live in
+    out_hw: tuple[int, int]  # output size (4x the original input)
+    tiling: str
+
+
+@dataclass
 class PatchGroup:
     """The patches of one request that share a rung."""
 
@@ -119,16 +132,12 @@ class ArmSR:
 
     # --- planning -----------------------------------------------------------------------
 
-    def plan(self, lr_u8: np.ndarray, *, mode: Mode = "budget", budget: float = 1.0,
-             objective: Objective = "mse", rung: int | None = None, eta: float | None = None,
-             tiling_mode: tiling.Tiling = "full", interpolate: bool | None = None) -> Plan:
-        """Decide a rung per tile of a uint8 RGB LR image; no network runs here.
-
-        mode ``budget``: total FLOPs <= budget x full width, choosing by ``objective``
-        (``mse``: minimise predicted squared error; ``psnr_sum``: the paper's eta rule at
-        the largest eta that fits).  ``best``: the table's best rung per tile.  ``fixed``:
-        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost.
-        ``interpolate`` overrides the model's table look-up (False: official nearest bin)."""
+    def analyse(self, lr_u8: np.ndarray, tiling_mode: tiling.Tiling = "full",
+                interpolate: bool | None = None) -> Analysis:
+        """Tiles, edge scores and the table's predictions for a uint8 RGB LR image: the
+        part of planning that does not depend on the budget, so a planner searching over
+        budgets pays for it once.  ``interpolate`` overrides the model's table look-up
+        (False: official nearest bin)."""
         if self.table is None:
             raise RuntimeError(f"{self.name} has no lookup table; build one with python -m models.arm.build_table")
         h, w = lr_u8.shape[:2]
@@ -136,8 +145,18 @@ class ArmSR:
         pos = tiling.positions(img.shape[0], img.shape[1], tiling_mode)
         scores = edge_scores(tiling.extract(img, pos))
         interp = self.interpolate_table if interpolate is None else interpolate
-        psnr = self.table.predict_psnr(scores, interp)
-        mse = self.table.predict_mse(scores, interp)
+        return Analysis(pos, scores, self.table.predict_psnr(scores, interp), self.table.predict_mse(scores, interp),
+                        img.shape[:2], (SCALE * h, SCALE * w), tiling_mode)
+
+    def choose(self, a: Analysis, *, mode: Mode = "budget", budget: float = 1.0, objective: Objective = "mse",
+               rung: int | None = None, eta: float | None = None) -> Plan:
+        """One rung per tile of an analysed image; costs microseconds to milliseconds.
+
+        mode ``budget``: total FLOPs <= budget x full width, choosing by ``objective``
+        (``mse``: minimise predicted squared error; ``psnr_sum``: the paper's eta rule at
+        the largest eta that fits).  ``best``: the table's best rung per tile.  ``fixed``:
+        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost."""
+        psnr, mse = a.pred_psnr, a.pred_mse
         info: dict = {"mode": mode}
         if mode == "budget":
             if not 0.0 <= budget <= 1.0:
@@ -157,7 +176,7 @@ class ArmSR:
         elif mode == "fixed":
             if rung is None or not 0 <= rung < len(self.rungs):
                 raise ValueError(f"fixed mode needs a rung in 0..{len(self.rungs) - 1}, got {rung}")
-            rungs = np.full(len(pos), rung, dtype=np.int64)
+            rungs = np.full(len(a.positions), rung, dtype=np.int64)
         elif mode == "eta":
             if eta is None or eta <= 0:
                 raise ValueError("eta mode needs eta > 0 (in units of the full-width cost)")
@@ -166,10 +185,15 @@ class ArmSR:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         rungs = np.asarray(rungs, dtype=np.int64)
-        n = len(pos)
-        return Plan(pos, rungs, scores, mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
-                    float(self.cost[-1] * n), img.shape[:2], (SCALE * h, SCALE * w), tiling_mode,
-                    budget if mode == "budget" else None, info)
+        n = len(a.positions)
+        return Plan(a.positions, rungs, a.scores, mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
+                    float(self.cost[-1] * n), a.lr_hw, a.out_hw, a.tiling, budget if mode == "budget" else None, info)
+
+    def plan(self, lr_u8: np.ndarray, *, tiling_mode: tiling.Tiling = "full", interpolate: bool | None = None,
+             **choose_kw) -> Plan:
+        """Decide a rung per tile of a uint8 RGB LR image (``analyse`` then ``choose``, whose
+        keywords it takes); no network runs here."""
+        return self.choose(self.analyse(lr_u8, tiling_mode, interpolate), **choose_kw)
 
     # --- execution ----------------------------------------------------------------------
 
