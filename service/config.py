@@ -3,34 +3,83 @@
     ANYTIME_ARM_CHECKPOINT=/path/arm-fsrcnn.pth make serve
     ANYTIME_CONFIG=anytime.toml make serve      # same keys, lower case, in a TOML file
 
-Precedence: constructor arguments > environment > TOML file > defaults.
+Precedence: constructor arguments > environment > TOML file > defaults.  Every limit a
+client can hit is here, so an operator can see and change it in one place.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_ARM = REPO_ROOT / "models" / "arm" / "weights" / "arm-fsrcnn" / "model.safetensors"
 
+Policy = Literal["adaptive", "full", "smallest"]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANYTIME_", extra="ignore")
 
+    # --- network and process ------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    device: str = Field("cpu", description="torch device for the models: cpu, cuda or cuda:N")
+    torch_threads: int = Field(0, ge=0, description="0: one per available core")
+    log_format: Literal["json", "text"] = Field("json", description="json: one structured line per event")
+    log_level: str = "info"
+
+    # --- models -------------------------------------------------------------------------
     arm_checkpoint: Path = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an official .pth")
     arm_table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
-    default_budget: float = Field(0.65, ge=0.0, le=1.0, description="budget used for budget=auto")
-    torch_threads: int = Field(0, ge=0, description="0: one per available core")
+
+    # --- planning policy ----------------------------------------------------------------
+    policy: Policy = Field("adaptive", description="adaptive: budget from deadline and load; full / smallest: "
+                           "every request at the top / bottom rung with no deadline shedding (what a "
+                           "conventional server does; for comparison)")
+    allow_policy_override: bool = Field(True, description="let a request pick ?policy= (benchmarks)")
+    default_budget: float = Field(0.65, ge=0.0, le=1.0, description="budget when a request gives neither "
+                                  "budget nor deadline")
+    default_deadline_ms: float | None = Field(None, gt=0, description="deadline for requests that give none "
+                                              "(none: such requests get default_budget)")
+    default_min_budget: float = Field(0.0, ge=0.0, le=1.0, description="quality floor when a request gives none")
+    max_budget: float = Field(1.0, ge=0.0, le=1.0, description="the most an adaptive request is given")
+    deadline_margin: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the deadline kept in reserve "
+                                   "against prediction error")
+    deadline_margin_ms: float = Field(5.0, ge=0.0, description="and at least this much")
+
+    # --- executor -----------------------------------------------------------------------
+    max_queue: int = Field(64, ge=1, description="requests waiting per model; more get 429")
+    batch_max_items: int = Field(128, ge=1, description="most items (ARM: patches) in one forward pass")
+    batch_max_wait_ms: float = Field(0.0, ge=0.0, description="how long the worker waits for more requests to "
+                                     "fill a batch when the queue is empty")
+    calibration_repeats: int = Field(3, ge=1, description="timed runs per rung and batch size at start-up")
+    ewma_alpha: float = Field(0.2, gt=0.0, le=1.0, description="weight of the newest observation in the "
+                              "observed/predicted time EWMA")
+    load_sample_s: float = Field(1.0, gt=0.0, description="CPU/GPU sampling interval")
+
+    # --- limits -------------------------------------------------------------------------
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_input_pixels: int = Field(1_000_000, gt=0, description="largest accepted input image (width x height); "
-                                  "the output has 16x as many pixels")
-    device: str = "cpu"
+    max_input_pixels: int = Field(1_000_000, gt=0, description="largest accepted input image (width x height), "
+                                  "checked from the header before decoding; the output has 16x as many pixels")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 504")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG responses (speed vs size)")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    # --- security and lifecycle ---------------------------------------------------------
+    auth_token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
+    auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a token")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> Settings:
+        if self.default_min_budget > self.max_budget:
+            raise ValueError(f"default_min_budget={self.default_min_budget} exceeds max_budget={self.max_budget}")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

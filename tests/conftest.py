@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.common.synthetic import synthetic_photo  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = Path(os.environ.get("ANYTIME_OFFICIAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "arm-official"))
 BUNDLED_ARM = REPO / "models" / "arm" / "weights" / "arm-fsrcnn" / "model.safetensors"
@@ -42,13 +44,16 @@ def bundled_model():
     return ArmSR.from_checkpoint(BUNDLED_ARM)
 
 
-def synthetic_photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A deterministic uint8 RGB image with flat areas, gradients, edges and texture, so
-    that tiles land in many edge-score bins."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
-    img = np.stack([128 + 60 * np.sin(x / 9.0), 100 + 0.3 * y % 120, 90 + 50 * np.cos((x + y) / 17.0)], axis=-1)
-    img[(x // 16 + y // 16) % 2 == 0] += 40  # hard edges
-    noise_region = (x > w / 2) & (y > h / 2)
-    img[noise_region] += rng.normal(0, 25, size=(int(noise_region.sum()), 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+def wait_ready(client, timeout: float = 60.0) -> None:
+    """Block until the app's cost model is calibrated (GET /readyz answers 200)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > end:
+            raise TimeoutError("the app did not become ready")
+        time.sleep(0.05)
+
+
+# Settings that keep the start-up calibration short in tests.
+FAST_START = {"calibration_repeats": 1, "batch_max_items": 64, "torch_threads": 2, "log_format": "text"}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import synthetic_photo
+from tests.conftest import FAST_START, synthetic_photo, wait_ready
 
 
 def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -22,8 +22,9 @@ def _encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes
 
 @pytest.fixture(scope="module")
 def client(bundled_model) -> TestClient:
-    settings = Settings(max_input_pixels=200_000, max_body_bytes=2_000_000, torch_threads=2)
+    settings = Settings(max_input_pixels=200_000, max_body_bytes=2_000_000, **FAST_START)
     with TestClient(create_app(settings, model=bundled_model)) as c:
+        wait_ready(c)
         yield c
 
 

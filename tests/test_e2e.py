@@ -36,12 +36,12 @@ def server_url():
             if proc.poll() is not None:
                 pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
         else:
-            pytest.fail("server did not become healthy within 30 s")
+            pytest.fail("server did not become ready within 30 s")
         yield url
     finally:
         proc.terminate()

@@ -1,0 +1,140 @@
+"""Predicted seconds for work on this host: measured at start-up, refreshed by observation.
+
+FLOPs say little about time on a CPU (ARM's bicubic rung is free in FLOPs and costs a
+third of full width in seconds), so the planner works in seconds.  Each rung's forward
+pass is modelled as ``fixed + per_item x n`` (fitted on a few batch sizes at start-up),
+times two learned factors:
+
+* ``slowdown``: an EWMA of observed / predicted over every forward pass; it rises when
+  co-located load steals the CPU or thermal limits bite, for all rungs at once.
+* a per-rung ratio with a slower EWMA, which corrects the calibration of one rung.
+
+Work done around the forward passes (stitching, encoding) is modelled the same way,
+linear in the output size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LinearCost:
+    fixed_s: float
+    per_unit_s: float
+
+    def __call__(self, n: float) -> float:
+        return self.fixed_s + self.per_unit_s * n
+
+    @classmethod
+    def fit(cls, samples: list[tuple[float, float]]) -> LinearCost:
+        """Least squares on (units, seconds), both coefficients kept non-negative."""
+        n = np.array([s[0] for s in samples], dtype=np.float64)
+        t = np.array([s[1] for s in samples], dtype=np.float64)
+        if len(set(n.tolist())) < 2:
+            return cls(0.0, float(t.mean() / max(n.mean(), 1e-12)))
+        slope, icpt = np.polyfit(n, t, 1)
+        if icpt < 0:  # through the origin instead
+            return cls(0.0, float((n * t).sum() / (n * n).sum()))
+        if slope < 0:
+            return cls(float(t.mean()), 0.0)
+        return cls(float(icpt), float(slope))
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock of ``repeats`` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class CostModel:
+    """Seconds per forward pass per rung key, and per request for the work around them."""
+
+    def __init__(self, max_batch: int, alpha: float = 0.2) -> None:
+        self.max_batch, self.alpha = max_batch, alpha
+        self.rungs: dict[Hashable, LinearCost] = {}
+        self.rung_ratio: dict[Hashable, float] = {}
+        self.overhead = LinearCost(0.0, 0.0)
+        self.overhead_ratio = 1.0
+        self.slowdown = 1.0
+        self.observations = 0
+        self._lock = threading.Lock()
+
+    # --- calibration ------------------------------------------------------------------
+
+    def calibrate_rung(self, key: Hashable, run: Callable[[int], object], sizes: Iterable[int], repeats: int) -> None:
+        """Time ``run(n)`` (one forward pass of n items) at each size and fit the line."""
+        samples = [(n, time_call(lambda n=n: run(n), repeats)) for n in sizes]
+        self.rungs[key] = LinearCost.fit(samples)
+        self.rung_ratio[key] = 1.0
+
+    def calibrate_overhead(self, samples: list[tuple[float, float]]) -> None:
+        self.overhead = LinearCost.fit(samples)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.rungs)
+
+    # --- prediction -------------------------------------------------------------------
+
+    def predict_forward(self, key: Hashable, n: int) -> float:
+        """One forward pass of n items (n <= max_batch)."""
+        return self.rungs[key](n) * self.rung_ratio[key] * self.slowdown
+
+    def predict(self, work: Iterable[tuple[Hashable, int]]) -> float:
+        """A request's forward passes: n items at each key, in chunks of max_batch."""
+        total = 0.0
+        for key, n in work:
+            full, rest = divmod(int(n), self.max_batch)
+            total += full * self.predict_forward(key, self.max_batch)
+            if rest:
+                total += self.predict_forward(key, rest)
+        return total
+
+    def predict_overhead(self, units: float) -> float:
+        return self.overhead(units) * self.overhead_ratio * self.slowdown
+
+    # --- observation ------------------------------------------------------------------
+
+    def observe_forward(self, key: Hashable, n: int, seconds: float) -> None:
+        base = self.rungs[key](n)
+        if base <= 0:
+            return
+        with self._lock:
+            a = self.alpha
+            self.slowdown += a * (seconds / (base * self.rung_ratio[key]) - self.slowdown)
+            self.rung_ratio[key] += (a / 4) * (seconds / (base * self.slowdown) - self.rung_ratio[key])
+            self.observations += 1
+
+    def observe_overhead(self, units: float, seconds: float) -> None:
+        base = self.overhead(units)
+        if base <= 0:
+            return
+        with self._lock:
+            self.overhead_ratio += self.alpha * (seconds / (base * self.slowdown) - self.overhead_ratio)
+
+    def snapshot(self) -> dict:
+        """For GET /v1/models and /v1/policy."""
+        return {
+            "slowdown": round(self.slowdown, 4),
+            "observations": self.observations,
+            "max_batch": self.max_batch,
+            "rungs": {str(k): {"fixed_ms": round(1000 * c.fixed_s, 4), "per_item_ms": round(1000 * c.per_unit_s, 4),
+                               "ratio": round(self.rung_ratio[k], 4),
+                               "predicted_full_batch_ms": round(1000 * self.predict_forward(k, self.max_batch), 3)}
+                      for k, c in self.rungs.items()},
+            "overhead": {"fixed_ms": round(1000 * self.overhead.fixed_s, 4),
+                         "per_unit_us": round(1e6 * self.overhead.per_unit_s, 6),
+                         "ratio": round(self.overhead_ratio, 4)},
+        }

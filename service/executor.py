@@ -1,0 +1,231 @@
+"""One worker per model family: a bounded FIFO queue, inference on a dedicated thread,
+micro-batching of work that shares a rung across concurrent requests.
+
+A job is a request's forward work: a list of (rung key, items tensor).  When the worker
+frees up it takes the oldest job and merges the jobs queued behind it while the merged
+forward passes stay within ``max_batch`` items per rung and every merged job still
+finishes before its deadline (merging makes the first job wait for the others' items).
+Items of one rung from all merged jobs run as one batch; outputs go back to each job.
+
+The queue knows its own predicted wait (the predicted compute of everything ahead,
+including the rest of the batch now running), which is what the planner budgets
+against.  A job whose deadline has passed when it reaches the worker is dropped, not
+computed: its client has given up on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from service.costmodel import CostModel
+
+log = logging.getLogger("anytime.executor")
+
+Forward = Callable[[Hashable, torch.Tensor], torch.Tensor]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+class DeadlinePassed(Exception):
+    """The job's deadline passed while it waited; it was not computed."""
+
+
+@dataclass
+class Job:
+    work: list[tuple[Hashable, torch.Tensor]]
+    predicted_s: float
+    deadline: float | None = None  # time.monotonic() by which the outputs are needed
+    future: Future = field(default_factory=Future)
+    enqueued: float = 0.0
+    started: float = 0.0
+    compute_s: float = 0.0  # worker time of the batch this job ran in
+
+    @property
+    def items(self) -> int:
+        return sum(len(x) for _, x in self.work)
+
+    @property
+    def queue_s(self) -> float:
+        return self.started - self.enqueued
+
+
+class Executor:
+    """Runs jobs of one family; ``forward(key, batch)`` is the family's batched network."""
+
+    def __init__(self, name: str, forward: Forward, cost: CostModel, max_queue: int = 64,
+                 max_batch: int = 128, max_wait_s: float = 0.0,
+                 on_batch: Callable[[Hashable, int, float], None] | None = None) -> None:
+        self.name, self.forward, self.cost = name, forward, cost
+        self.max_queue, self.max_batch, self.max_wait_s = max_queue, max_batch, max_wait_s
+        self.on_batch = on_batch  # (key, items, seconds) after each forward pass: metrics
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._running_predicted = 0.0  # predicted compute of the batch on the worker
+        self._running_since = 0.0
+        self._queued_predicted = 0.0
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
+
+    # --- submission side (event loop) ---------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self._cv:
+            if not self._accepting:
+                raise Draining(f"{self.name} is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{self.name} has {len(self._queue)} requests queued (limit {self.max_queue})")
+            job.enqueued = time.monotonic()
+            self._queue.append(job)
+            self._queued_predicted += job.predicted_s
+            self._cv.notify()
+        return job.future
+
+    def predicted_wait(self) -> float:
+        """Seconds until a job submitted now would start, as predicted."""
+        with self._cv:
+            running_left = max(0.0, self._running_predicted - (time.monotonic() - self._running_since)) \
+                if self._running_predicted else 0.0
+            return running_left + self._queued_predicted
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Finish what is queued (up to ``timeout``), then stop; True if all finished."""
+        self.stop_accepting()
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        left = not self._thread.is_alive()
+        with self._cv:  # anything the worker did not get to
+            while self._queue:
+                self._queue.popleft().future.set_exception(Draining(f"{self.name} stopped before this ran"))
+        return left
+
+    # --- worker side --------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cv:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cv.wait()
+            batch = [self._queue.popleft()]
+            if self.max_wait_s > 0 and not self._queue and batch[0].items < self.max_batch:
+                self._cv.wait(self.max_wait_s)
+            counts = self._counts(batch[0])
+            while self._queue and self._fits(batch, counts, self._queue[0]):
+                job = self._queue.popleft()
+                for k, n in self._counts(job).items():
+                    counts[k] = counts.get(k, 0) + n
+                batch.append(job)
+            predicted = sum(j.predicted_s for j in batch)
+            self._queued_predicted = max(0.0, self._queued_predicted - predicted) if self._queue else 0.0
+            self._running_predicted, self._running_since = predicted, time.monotonic()
+            return batch
+
+    @staticmethod
+    def _counts(job: Job) -> dict[Hashable, int]:
+        out: dict[Hashable, int] = {}
+        for k, x in job.work:
+            out[k] = out.get(k, 0) + len(x)
+        return out
+
+    def _fits(self, batch: list[Job], counts: dict[Hashable, int], nxt: Job) -> bool:
+        """Merge ``nxt`` if no rung grows past one full batch and every job of the merged
+        batch still meets its deadline as predicted."""
+        merged = dict(counts)
+        for k, n in self._counts(nxt).items():
+            merged[k] = merged.get(k, 0) + n
+        if any(n > self.max_batch for n in merged.values()):
+            return False
+        finish = time.monotonic() + self.cost.predict(merged.items())
+        return all(j.deadline is None or finish <= j.deadline for j in (*batch, nxt))
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                job.started = now
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # its client went away (timeout, disconnect): skip the compute
+                if job.deadline is not None and now >= job.deadline:
+                    job.future.set_exception(DeadlinePassed(f"deadline passed after {now - job.enqueued:.3f} s "
+                                                            "in the queue"))
+                else:
+                    live.append(job)
+            try:
+                self._run(live)
+            except Exception as exc:  # a failing batch fails its jobs, never the worker
+                log.exception("batch failed on %s", self.name)
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                with self._cv:
+                    self._running_predicted = 0.0
+
+    def _run(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        keys: list[Hashable] = []
+        for job in jobs:
+            for k, _ in job.work:
+                if k not in keys:
+                    keys.append(k)
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        for key in keys:
+            parts = [(ji, wi, x) for ji, job in enumerate(jobs) for wi, (k, x) in enumerate(job.work) if k == key]
+            inputs = torch.cat([x for _, _, x in parts]) if len(parts) > 1 else parts[0][2]
+            results = []
+            for s in range(0, len(inputs), self.max_batch):
+                chunk = inputs[s:s + self.max_batch]
+                tf = time.perf_counter()
+                results.append(self.forward(key, chunk))
+                dt = time.perf_counter() - tf
+                self.cost.observe_forward(key, len(chunk), dt)
+                if self.on_batch is not None:
+                    self.on_batch(key, len(chunk), dt)
+            out = torch.cat(results) if len(results) > 1 else results[0]
+            offset = 0
+            for ji, wi, x in parts:
+                outputs[ji, wi] = out[offset:offset + len(x)]
+                offset += len(x)
+        elapsed = time.perf_counter() - t0
+        for ji, job in enumerate(jobs):
+            job.compute_s = elapsed
+            job.future.set_result([outputs[ji, wi] for wi in range(len(job.work))])

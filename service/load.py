@@ -1,0 +1,104 @@
+"""Host load: CPU (system and this process) from psutil, GPU utilisation and memory from
+NVML through torch when CUDA is present.
+
+A background thread samples every ``interval`` seconds so that reading the load on the
+request path costs nothing.  The planner does not steer on CPU percentages directly
+(a busy CPU is *our* work most of the time); it steers on the queue and on the
+observed/predicted time ratio of the cost model, which is what co-located load that
+steals cycles actually changes.  These readings are for operators (metrics,
+/v1/policy) and explain that ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+log = logging.getLogger("anytime.load")
+
+
+@dataclass
+class GpuReading:
+    device: int
+    utilization: float | None  # [0, 1], None when NVML is unavailable
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+@dataclass
+class LoadReading:
+    cpu_system: float = 0.0  # [0, 1] over all cores
+    cpu_process: float = 0.0  # [0, 1] of the cores this process may use
+    cores: int = 1
+    gpus: list[GpuReading] = field(default_factory=list)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def read_gpus() -> list[GpuReading]:
+    """NVML readings through torch (needs the nvidia-ml-py package for utilisation);
+    empty without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        try:
+            util: float | None = torch.cuda.utilization(i) / 100.0
+        except Exception:  # pynvml missing or NVML not initialisable: memory still works
+            util = None
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(GpuReading(i, util, total - free, total))
+    return out
+
+
+class LoadMonitor:
+    """Samples host load in a daemon thread; ``latest`` is the newest reading."""
+
+    def __init__(self, interval: float = 1.0, on_sample=None) -> None:
+        self.interval = interval
+        self.on_sample = on_sample  # called with each reading (metrics)
+        self.latest = LoadReading(cores=available_cores())
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> LoadReading:
+        cores = available_cores()
+        reading = LoadReading(
+            cpu_system=psutil.cpu_percent(interval=None) / 100.0,
+            cpu_process=min(1.0, self._proc.cpu_percent(interval=None) / 100.0 / cores),
+            cores=cores,
+            gpus=read_gpus(),
+        )
+        self.latest = reading
+        if self.on_sample is not None:
+            self.on_sample(reading)
+        return reading
+
+    def start(self) -> None:
+        psutil.cpu_percent(interval=None)  # the first call only sets the reference point
+        self._proc.cpu_percent(interval=None)
+        self._thread = threading.Thread(target=self._loop, name="load-monitor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # a failed reading must never take the server down
+                log.exception("load sampling failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

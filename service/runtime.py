@@ -1,0 +1,95 @@
+"""A served model family at run time: its executor, its cost model and its readiness.
+
+Families plug in with three things: ``forward(key, batch)`` (the batched network of one
+rung), the rung keys, and ``example(key, n)`` (an input batch to calibrate with).  The
+runtime times each rung at a few batch sizes before it reports ready, then keeps the
+cost model honest from every batch it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+
+from service.config import Settings
+from service.costmodel import CostModel
+from service.executor import Executor, Forward, Job
+from service.metrics import Metrics
+
+log = logging.getLogger("anytime.runtime")
+
+
+class FamilyRuntime:
+    def __init__(self, name: str, forward: Forward, keys: list[Hashable], example: Callable[[Hashable, int], torch.Tensor],
+                 settings: Settings, metrics: Metrics, key_names: dict[Hashable, str] | None = None) -> None:
+        self.name, self.keys, self.example, self.settings, self.metrics = name, keys, example, settings, metrics
+        self.key_names = key_names or {k: str(k) for k in keys}
+        self.forward = forward
+        self.cost = CostModel(settings.batch_max_items, settings.ewma_alpha)
+        self.executor = Executor(name, forward, self.cost, settings.max_queue, settings.batch_max_items,
+                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch)
+        self.ready = threading.Event()
+        self.calibration_s = 0.0
+
+    def _on_batch(self, key: Hashable, items: int, _seconds: float) -> None:
+        self.metrics.batch_items.labels(self.name, self.key_names[key]).observe(items)
+
+    def calibration_sizes(self) -> list[int]:
+        top = self.settings.batch_max_items
+        return sorted({n for n in (1, 8, 32, top) if n <= top})
+
+    def calibrate(self, extra: Callable[[], None] | None = None) -> None:
+        """Time every rung (and the family's ``extra`` work), then mark ready.  Runs on a
+        background thread so that /healthz answers during warm-up."""
+        t0 = time.perf_counter()
+        reps = self.settings.calibration_repeats
+        with torch.inference_mode():
+            for key in self.keys:
+                inputs = self.example(key, self.settings.batch_max_items)
+                self.cost.calibrate_rung(key, lambda n, key=key: self.forward(key, inputs[:n]),
+                                         self.calibration_sizes(), reps)
+            if extra is not None:
+                extra()
+        self.calibration_s = time.perf_counter() - t0
+        for key in self.keys:
+            self.metrics.rung_item_seconds.labels(self.name, self.key_names[key]).set(
+                self.cost.predict_forward(key, 1))
+        log.info("calibrated %s in %.1f s", self.name, self.calibration_s,
+                 extra={"model": self.name, "cost": self.cost.snapshot()})
+        self.ready.set()
+
+    def start(self, extra: Callable[[], None] | None = None) -> threading.Thread:
+        self.executor.start()
+        t = threading.Thread(target=self._calibrate_logged, args=(extra,), name=f"calibrate-{self.name}", daemon=True)
+        t.start()
+        return t
+
+    def _calibrate_logged(self, extra: Callable[[], None] | None) -> None:
+        try:
+            self.calibrate(extra)
+        except Exception:
+            log.exception("calibration of %s failed; the model stays not ready", self.name)
+
+    async def run(self, work: list[tuple[Hashable, torch.Tensor]], predicted_s: float,
+                  deadline: float | None) -> tuple[list[torch.Tensor], Job]:
+        """Queue the work and wait for its outputs (raises the executor's QueueFull,
+        Draining or DeadlinePassed)."""
+        job = Job(work, predicted_s, deadline)
+        fut = self.executor.submit(job)
+        outputs = await asyncio.wrap_future(fut)
+        return outputs, job
+
+    def refresh_gauges(self) -> None:
+        m, n = self.metrics, self.name
+        m.queue_depth.labels(n).set(self.executor.depth)
+        m.predicted_wait.labels(n).set(self.executor.predicted_wait())
+        m.slowdown.labels(n).set(self.cost.slowdown)
+        m.ready.labels(n).set(1 if self.ready.is_set() and self.executor.accepting else 0)
+        if self.cost.calibrated:
+            for key in self.keys:
+                m.rung_item_seconds.labels(n, self.key_names[key]).set(self.cost.predict_forward(key, 1))

@@ -1,0 +1,176 @@
+"""The runtime's parts on their own: cost model, executor, planner."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from service.config import Settings
+from service.costmodel import CostModel, LinearCost
+from service.executor import DeadlinePassed, Draining, Executor, Job, QueueFull
+from service.planner import Ask, Ladder, Planner, Shed
+
+# --- cost model -------------------------------------------------------------------------
+
+
+def test_linear_fit_recovers_fixed_and_per_item_cost() -> None:
+    c = LinearCost.fit([(1, 0.0021), (8, 0.0091), (32, 0.0331), (128, 0.1291)])
+    assert c.fixed_s == pytest.approx(0.0011, abs=2e-4) and c.per_unit_s == pytest.approx(0.001, rel=0.01)
+    assert LinearCost.fit([(1, 0.5), (10, 0.1)]).per_unit_s == 0.0  # never negative
+
+
+def _model(per_item: float = 0.001) -> CostModel:
+    cm = CostModel(max_batch=16, alpha=0.5)
+    cm.rungs = {"a": LinearCost(0.0, per_item), "b": LinearCost(0.0, 2 * per_item)}
+    cm.rung_ratio = {"a": 1.0, "b": 1.0}
+    return cm
+
+
+def test_prediction_chunks_by_max_batch_and_slowdown_follows_observations() -> None:
+    cm = _model()
+    assert cm.predict([("a", 40)]) == pytest.approx(0.040)
+    cm.rungs["a"] = LinearCost(0.005, 0.001)
+    assert cm.predict([("a", 40)]) == pytest.approx(0.040 + 3 * 0.005)  # 16 + 16 + 8: three passes
+    cm = _model()
+    for _ in range(20):  # the host runs twice as slow as calibrated, on every rung
+        cm.observe_forward("a", 10, 0.020)
+    assert cm.predict([("a", 10)]) == pytest.approx(0.020, rel=0.01)
+    # Most of it is put down to the host (slowdown), so b, never observed, follows too.
+    assert cm.slowdown > 1.8 and cm.predict([("b", 10)]) == pytest.approx(0.040, rel=0.1)
+
+
+# --- executor ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """A fake family: doubles its input, records the batch sizes, can be slowed or broken."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.calls, self.fail = delay, [], False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, key, x: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(10)
+        self.calls.append((key, len(x)))
+        if self.fail:
+            raise RuntimeError("broken batch")
+        time.sleep(self.delay)
+        return x * 2
+
+
+def _executor(fwd: Recorder, **kw) -> Executor:
+    ex = Executor("t", fwd, _model(), **{"max_queue": 8, "max_batch": 16, **kw})
+    ex.start()
+    return ex
+
+
+def test_queued_jobs_sharing_a_rung_run_as_one_batch() -> None:
+    fwd = Recorder()
+    ex = _executor(fwd)
+    fwd.gate.clear()  # hold the worker on a first job while three more queue up
+    first = ex.submit(Job([("a", torch.ones(1))], 0.001))
+    time.sleep(0.05)
+    jobs = [ex.submit(Job([("a", torch.full((3,), float(i))), ("b", torch.ones(2))], 0.005)) for i in range(3)]
+    assert ex.depth == 3 and ex.predicted_wait() > 0.014
+    fwd.gate.set()
+    first.result(5)
+    outs = [j.result(5) for j in jobs]
+    assert [o[0].tolist() for o in outs] == [[0, 0, 0], [2, 2, 2], [4, 4, 4]]  # each job gets its own rows back
+    assert fwd.calls[1:] == [("a", 9), ("b", 6)]  # three requests, one forward pass per rung
+    assert ex.shutdown(5)
+
+
+def test_merging_stops_at_max_batch_and_respects_deadlines() -> None:
+    fwd = Recorder()
+    ex = _executor(fwd)
+    fwd.gate.clear()
+    ex.submit(Job([("a", torch.ones(1))], 0.001))
+    time.sleep(0.05)
+    big = [ex.submit(Job([("a", torch.ones(10))], 0.01)) for _ in range(2)]  # 20 > 16: not merged
+    tight = ex.submit(Job([("a", torch.ones(1))], 0.001, deadline=time.monotonic() + 0.5))
+    fwd.gate.set()
+    for f in (*big, tight):
+        f.result(5)
+    assert [n for _, n in fwd.calls[1:]] == [10, 11]  # the second big one merged with the tight one
+    ex.shutdown(5)
+
+
+def test_expired_and_cancelled_jobs_are_not_computed() -> None:
+    fwd = Recorder()
+    ex = _executor(fwd)
+    fwd.gate.clear()
+    ex.submit(Job([("a", torch.ones(1))], 0.001))
+    time.sleep(0.05)
+    expired = ex.submit(Job([("a", torch.ones(4))], 0.001, deadline=time.monotonic() + 0.01))
+    cancelled = ex.submit(Job([("a", torch.ones(5))], 0.001))
+    assert cancelled.cancel()
+    time.sleep(0.05)
+    fwd.gate.set()
+    with pytest.raises(DeadlinePassed):
+        expired.result(5)
+    ex.shutdown(5)
+    assert fwd.calls == [("a", 1)]
+
+
+def test_bounded_queue_failures_and_drain() -> None:
+    fwd = Recorder()
+    ex = _executor(fwd, max_queue=2)
+    fwd.gate.clear()
+    ex.submit(Job([("a", torch.ones(1))], 0.001))
+    time.sleep(0.05)
+    waiting = [ex.submit(Job([("a", torch.ones(16))], 0.001)) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        ex.submit(Job([("a", torch.ones(1))], 0.001))
+    fwd.fail = True
+    fwd.gate.set()
+    with pytest.raises(RuntimeError, match="broken batch"):
+        waiting[0].result(5)
+    fwd.fail = False
+    ex.stop_accepting()
+    with pytest.raises(Draining):
+        ex.submit(Job([("a", torch.ones(1))], 0.001))
+    assert ex.shutdown(5)
+
+
+# --- planner ----------------------------------------------------------------------------
+
+
+def _ladder(seconds_at_full: float = 0.1, floor_s: float = 0.02) -> Ladder[float]:
+    """Plans are just their budgets; time grows linearly from floor to full."""
+    return Ladder(at_budget=lambda b: b, seconds=lambda b: floor_s + b * (seconds_at_full - floor_s),
+                  top=lambda: 1.0, bottom=lambda: 0.0, flops_fraction=lambda b: b)
+
+
+def _decide(ask: Ask, wait_s: float = 0.0, **settings) -> object:
+    planner = Planner(Settings(deadline_margin=0.0, deadline_margin_ms=0.0, **settings))
+    return planner.decide(_ladder(), ask, wait_s=wait_s, elapsed_s=0.0, overhead_s=0.0)
+
+
+def test_largest_budget_that_fits_the_deadline_falls_with_the_queue() -> None:
+    budgets = [_decide(Ask(deadline_ms=100), wait_s=w).budget for w in (0.0, 0.02, 0.04, 0.06)]
+    assert budgets[0] == 1.0
+    assert budgets == sorted(budgets, reverse=True) and budgets[-1] < 0.3
+    d = _decide(Ask(deadline_ms=100), wait_s=0.04)
+    assert d.predicted_compute_s <= 0.06 + 1e-9 and d.how == "deadline"
+
+
+def test_shed_when_even_the_floor_cannot_fit() -> None:
+    with pytest.raises(Shed) as e:
+        _decide(Ask(deadline_ms=100, min_budget=0.5), wait_s=0.05)
+    assert e.value.retry_after >= 1 and "floor" in str(e.value)
+    assert _decide(Ask(deadline_ms=100, min_budget=0.3), wait_s=0.05).budget >= 0.3
+
+
+def test_explicit_budget_default_and_fixed_policies() -> None:
+    assert _decide(Ask()).budget == 0.65 and _decide(Ask()).how == "default"
+    assert _decide(Ask(budget=0.3)).how == "explicit"
+    with pytest.raises(Shed):  # the asked quality cannot make the deadline
+        _decide(Ask(budget=1.0, deadline_ms=50))
+    full = _decide(Ask(deadline_ms=1, policy="full"))  # a conventional server: no shedding
+    assert full.plan == 1.0 and full.how == "policy"
+    assert _decide(Ask(), policy="smallest").plan == 0.0
+    assert _decide(Ask(), default_deadline_ms=100.0, default_budget=0.2).budget == 1.0
