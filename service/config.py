@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     deadline_margin: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the deadline kept in reserve "
                                    "against prediction error")
     deadline_margin_ms: float = Field(5.0, ge=0.0, description="and at least this much")
+    target_utilization: float = Field(0.85, gt=0.0, le=1.0, description="adaptive requests get at most this "
+                                      "share of the worker's time per arrival (target / arrival rate seconds), "
+                                      "so the budget falls as offered load rises and the queue stays short")
+    rate_window_s: float = Field(2.0, gt=0.0, description="window over which the arrival rate is measured")
 
     # --- executor -----------------------------------------------------------------------
     max_queue: int = Field(64, ge=1, description="requests waiting per model; more get 429")

@@ -1,16 +1,19 @@
 """One worker per model family: a bounded FIFO queue, inference on a dedicated thread,
 micro-batching of work that shares a rung across concurrent requests.
 
-A job is a request's forward work: a list of (rung key, items tensor).  When the worker
-frees up it takes the oldest job and merges the jobs queued behind it while the merged
-forward passes stay within ``max_batch`` items per rung and every merged job still
-finishes before its deadline (merging makes the first job wait for the others' items).
-Items of one rung from all merged jobs run as one batch; outputs go back to each job.
+A job is a request's forward work, a list of (rung key, items tensor), and optionally a
+``finish`` step (ARM: stitch and encode) that turns its outputs into the response.  When
+the worker frees up it takes the oldest job and merges the jobs queued behind it while
+the merged forward passes stay within ``max_batch`` items per rung and every merged job
+still finishes before its deadline (merging makes the first job wait for the others).
+Items of one rung from all merged jobs run as one batch; outputs go back to each job,
+whose ``finish`` then runs on the worker too.
 
-The queue knows its own predicted wait (the predicted compute of everything ahead,
-including the rest of the batch now running), which is what the planner budgets
-against.  A job whose deadline has passed when it reaches the worker is dropped, not
-computed: its client has given up on it.
+Finishing on the worker is deliberate: on a small CPU host the network and the encoder
+compete for the same cores, and a single server with one queue is what makes the
+predicted wait (everything ahead of a new job, including the rest of the batch now
+running) an honest number for the planner to budget against.  A job whose deadline has
+passed when it reaches the worker is dropped, not computed: its client has given up.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,12 +51,14 @@ class DeadlinePassed(Exception):
 @dataclass
 class Job:
     work: list[tuple[Hashable, torch.Tensor]]
-    predicted_s: float
-    deadline: float | None = None  # time.monotonic() by which the outputs are needed
+    predicted_s: float  # compute + finish, as predicted
+    deadline: float | None = None  # time.monotonic() by which the result is needed
+    finish: Callable[[list[torch.Tensor]], Any] | None = None  # outputs -> result, on the worker
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
     started: float = 0.0
-    compute_s: float = 0.0  # worker time of the batch this job ran in
+    compute_s: float = 0.0  # forward passes of the batch this job ran in
+    finish_s: float = 0.0
 
     @property
     def items(self) -> int:
@@ -127,7 +133,9 @@ class Executor:
         left = not self._thread.is_alive()
         with self._cv:  # anything the worker did not get to
             while self._queue:
-                self._queue.popleft().future.set_exception(Draining(f"{self.name} stopped before this ran"))
+                fut = self._queue.popleft().future
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(Draining(f"{self.name} stopped before this ran"))
         return left
 
     # --- worker side --------------------------------------------------------------------
@@ -167,8 +175,8 @@ class Executor:
             merged[k] = merged.get(k, 0) + n
         if any(n > self.max_batch for n in merged.values()):
             return False
-        finish = time.monotonic() + self.cost.predict(merged.items())
-        return all(j.deadline is None or finish <= j.deadline for j in (*batch, nxt))
+        done = time.monotonic() + sum(j.predicted_s for j in batch) + nxt.predicted_s  # merging saves, never costs
+        return all(j.deadline is None or done <= j.deadline for j in (*batch, nxt))
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -228,4 +236,16 @@ class Executor:
         elapsed = time.perf_counter() - t0
         for ji, job in enumerate(jobs):
             job.compute_s = elapsed
-            job.future.set_result([outputs[ji, wi] for wi in range(len(job.work))])
+            mine = [outputs[ji, wi] for wi in range(len(job.work))]
+            if job.finish is None:
+                job.future.set_result(mine)
+                continue
+            tf = time.perf_counter()
+            try:
+                result = job.finish(mine)
+            except Exception as exc:  # one job's bad finish fails that job only
+                job.future.set_exception(exc)
+                continue
+            finally:
+                job.finish_s = time.perf_counter() - tf
+            job.future.set_result(result)

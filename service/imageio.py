@@ -118,9 +118,8 @@ def encode(sr: np.ndarray, src: Decoded, media_type: str = "image/png", *,
         pixels = np.dstack([pixels, alpha])
     if fmt == "PNG":
         return png_bytes(pixels, png_compress_level)
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2] if pixels.ndim == 3 else 1]
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode).save(buf, format=fmt, quality=95)
+    Image.fromarray(pixels).save(buf, format=fmt, quality=95)  # mode from the shape: L, LA, RGB, RGBA
     return buf.getvalue()
 
 

@@ -11,9 +11,11 @@ steals cycles actually changes.  These readings are for operators (metrics,
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -102,3 +104,34 @@ class LoadMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class RateMeter:
+    """Arrivals per second over a sliding window: the offered load of one model, counted
+    before any shedding (a shed request is load the server could not serve)."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._times.append(now)
+            self._trim(now)
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            if len(self._times) < 2:
+                return 0.0
+            # Over the window, or over the time since the first arrival in it if shorter
+            # (a burst after silence is measured at once, not diluted by the silence).
+            span = max(now - self._times[0], self.window_s / 4)
+            return len(self._times) / min(self.window_s, span)
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()

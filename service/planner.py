@@ -2,11 +2,22 @@
 
 The planner sees a request's ladder through two calls, ``at_budget(b)`` (the family's
 plan for a budget ``b``, the fraction of full-cost FLOPs) and ``seconds(plan)`` (the cost
-model's predicted compute), plus the queue's predicted wait and the time the request
-has already spent in the server.  In adaptive mode it gives the request the largest
-budget in ``[min_budget, max_budget]`` whose predicted finish fits the deadline (less a
-safety margin); when even ``min_budget`` does not fit it sheds the request with 429 and
-a Retry-After, instead of serving it late.
+model's predicted compute), plus the queue's predicted wait, the time the request has
+already spent in the server and the arrival rate of requests for this model.
+
+In adaptive mode with a deadline it gives the request the largest budget in
+``[min_budget, max_budget]`` that meets two limits:
+
+* deadline: predicted wait + compute + encode fits the deadline, less a safety margin;
+* load: compute + encode fit the request's share of the worker, ``target_utilization /
+  arrival rate`` seconds.  Taking only the deadline into account is greedy: every
+  request fills the queue up to the deadline, and at twice the capacity half of them
+  find it full.  The share keeps the worker's utilisation below the target, so the
+  budget falls as the offered load rises (and recovers when it falls) and the queue
+  stays short.  It never pushes a request below its floor.
+
+When even ``min_budget`` cannot meet the deadline it sheds the request with 429 and a
+Retry-After, at once, instead of serving it late.
 
 Fixed policies (``full``, ``smallest``) are the baselines a conventional server gives:
 one rung for every request, no deadline awareness, only the bounded queue.
@@ -53,6 +64,7 @@ class Decision(Generic[P]):
     how: str  # explicit, fixed, deadline, default, policy
     budget: float  # the budget the plan was made for (fixed plans: their FLOPs fraction)
     predicted_compute_s: float
+    predicted_overhead_s: float  # work after compute (stitch, encode)
     predicted_wait_s: float
     deadline_s: float | None  # from arrival
 
@@ -75,9 +87,10 @@ class Planner:
         return max(self.s.deadline_margin * deadline_s, self.s.deadline_margin_ms / 1000)
 
     def decide(self, ladder: Ladder[P], ask: Ask, *, wait_s: float, elapsed_s: float,
-               overhead_s: float) -> Decision[P]:
+               overhead_s: float, rate_rps: float = 0.0) -> Decision[P]:
         """``wait_s``: predicted queue wait; ``elapsed_s``: time since arrival;
-        ``overhead_s``: predicted work after compute (stitch, encode)."""
+        ``overhead_s``: predicted work after compute (stitch, encode); ``rate_rps``:
+        arrivals per second for this model (0: unknown, no load limit)."""
         s = self.s
         policy = ask.policy or s.policy
         deadline_ms = ask.deadline_ms if ask.deadline_ms is not None else s.default_deadline_ms
@@ -85,7 +98,7 @@ class Planner:
 
         def done(plan: P, how: str, budget: float | None = None) -> Decision[P]:
             return Decision(plan, policy, how, ladder.flops_fraction(plan) if budget is None else budget,
-                            ladder.seconds(plan), wait_s, deadline_s)
+                            ladder.seconds(plan), overhead_s, wait_s, deadline_s)
 
         if policy == "full":
             return done(ladder.top(), "policy")
@@ -106,12 +119,13 @@ class Planner:
             return done(ladder.at_budget(s.default_budget), "default", s.default_budget)
 
         allowance = deadline_s - self.margin_s(deadline_s) - elapsed_s - wait_s - overhead_s
+        share = s.target_utilization / rate_rps - overhead_s if rate_rps > 0 else float("inf")
         lo = ask.min_budget if ask.min_budget is not None else s.default_min_budget
         hi = s.max_budget
         if lo > hi:
             lo = hi
         best = ladder.at_budget(hi)
-        if ladder.seconds(best) <= allowance:
+        if ladder.seconds(best) <= min(allowance, share):
             return done(best, "deadline", hi)
         floor = ladder.at_budget(lo)
         floor_s = ladder.seconds(floor)
@@ -120,11 +134,12 @@ class Planner:
                        f"{1000 * overhead_s:.0f} ms to encode; {1000 * max(0.0, allowance + overhead_s):.0f} ms are "
                        f"left before the {deadline_ms:g} ms deadline (queue wait {1000 * wait_s:.0f} ms)",
                        wait_s + floor_s)
+        limit = min(allowance, max(share, floor_s))
         chosen, a, b = floor, lo, hi
         for _ in range(self.search_steps):
             mid = 0.5 * (a + b)
             plan = ladder.at_budget(mid)
-            if ladder.seconds(plan) <= allowance:
+            if ladder.seconds(plan) <= limit:
                 chosen, a = plan, mid
             else:
                 b = mid

@@ -8,7 +8,6 @@ cost model honest from every batch it runs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -18,7 +17,8 @@ import torch
 
 from service.config import Settings
 from service.costmodel import CostModel
-from service.executor import Executor, Forward, Job
+from service.executor import Executor, Forward
+from service.load import RateMeter
 from service.metrics import Metrics
 
 log = logging.getLogger("anytime.runtime")
@@ -35,6 +35,7 @@ class FamilyRuntime:
                                  settings.batch_max_wait_ms / 1000, on_batch=self._on_batch)
         self.ready = threading.Event()
         self.calibration_s = 0.0
+        self.arrivals = RateMeter(settings.rate_window_s)
 
     def _on_batch(self, key: Hashable, items: int, _seconds: float) -> None:
         self.metrics.batch_items.labels(self.name, self.key_names[key]).observe(items)
@@ -74,15 +75,6 @@ class FamilyRuntime:
             self.calibrate(extra)
         except Exception:
             log.exception("calibration of %s failed; the model stays not ready", self.name)
-
-    async def run(self, work: list[tuple[Hashable, torch.Tensor]], predicted_s: float,
-                  deadline: float | None) -> tuple[list[torch.Tensor], Job]:
-        """Queue the work and wait for its outputs (raises the executor's QueueFull,
-        Draining or DeadlinePassed)."""
-        job = Job(work, predicted_s, deadline)
-        fut = self.executor.submit(job)
-        outputs = await asyncio.wrap_future(fut)
-        return outputs, job
 
     def refresh_gauges(self) -> None:
         m, n = self.metrics, self.name

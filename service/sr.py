@@ -27,7 +27,7 @@ from service import imageio
 from service.body import ACCEPTED_BODIES, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
-from service.executor import DeadlinePassed, Draining, QueueFull
+from service.executor import DeadlinePassed, Draining, Job, QueueFull
 from service.media import OFFERED, negotiate
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner, Shed
@@ -88,6 +88,7 @@ class ArmService:
             lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), settings, metrics,
             {r.index: r.name for r in model.rungs})
         self.draining = False
+        self.admission = asyncio.Lock()
 
     # --- the ladder of one request --------------------------------------------------------
 
@@ -196,6 +197,7 @@ class ArmService:
                       min_budget: float | None, policy: Policy | None, rung: str | None, tiling: str,
                       objective: str, explain: bool) -> Response:
         s, m, rt, name = self.settings, self.model, self.runtime, self.model.name
+        rt.arrivals.tick(t0)
         if self.draining or not rt.executor.accepting:
             raise self._unavailable("draining", "the server is shutting down; retry on another replica")
         if not rt.ready.is_set():
@@ -209,6 +211,7 @@ class ArmService:
         parsed = parse_budget(budget)
         fixed_rung = parse_rung(rung, m) if rung is not None else None
         upload = await read_image(request, s.max_body_bytes)
+        self._shed_early(t0, deadline_ms, policy)
 
         def decode_and_analyse() -> tuple[imageio.Decoded, Analysis]:
             img = imageio.decode(upload.data, s.max_input_pixels)
@@ -228,51 +231,78 @@ class ArmService:
             ask.fixed = m.choose(analysis, mode="best")
         out_px = analysis.out_hw[0] * analysis.out_hw[1]
 
-        def plan_and_prepare():
-            d = self.planner.decide(ladder, ask, wait_s=rt.executor.predicted_wait(),
-                                    elapsed_s=time.monotonic() - t0, overhead_s=rt.cost.predict_overhead(out_px))
+        def plan_and_prepare() -> tuple[Decision, list | None]:
+            d = self.planner.decide(ladder, ask, wait_s=rt.executor.predicted_wait(), elapsed_s=time.monotonic() - t0,
+                                    overhead_s=rt.cost.predict_overhead(out_px), rate_rps=rt.arrivals.rate())
             return d, (None if explain else m.prepare(d.plan, img.rgb))
 
-        try:
-            decision, groups = await asyncio.to_thread(plan_and_prepare)
-        except Shed as exc:
-            self.metrics.shed.labels(name, exc.reason).inc()
-            raise ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        def finish(outputs: list[torch.Tensor]) -> bytes:  # on the worker, after the forward passes
+            tf = time.perf_counter()
+            payload = self.finish(decision.plan, img, groups, outputs, media)
+            rt.cost.observe_overhead(out_px, time.perf_counter() - tf)
+            return payload
+
+        # Admission is one critical section: plan against the queue as it is, then join it,
+        # before the next request plans; otherwise concurrent requests all plan against the
+        # same short queue and together overcommit it.
+        async with self.admission:
+            try:
+                decision, groups = await asyncio.to_thread(plan_and_prepare)
+            except Shed as exc:
+                self.metrics.shed.labels(name, exc.reason).inc()
+                raise ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+            if not explain:
+                # Fixed policies are the conventional baseline: they serve late rather than drop.
+                deadline_at = t0 + decision.deadline_s if decision.deadline_s is not None and \
+                    decision.policy == "adaptive" else None
+                job = Job([(g.rung, g.patches) for g in groups],
+                          decision.predicted_compute_s + decision.predicted_overhead_s, deadline_at, finish)
+                try:
+                    future = rt.executor.submit(job)
+                except QueueFull as exc:
+                    self.metrics.shed.labels(name, "queue_full").inc()
+                    raise ApiError(429, str(exc), headers={
+                        "Retry-After": str(max(1, round(rt.executor.predicted_wait())))}) from None
+                except Draining as exc:
+                    raise self._unavailable("draining", str(exc)) from None
+
         plan: Plan = decision.plan
         label = f"rung:{m.rungs[fixed_rung].name}" if fixed_rung is not None else "best" if parsed == "best" \
             else f"{round(decision.budget, 4):g}"
         if explain:
             payload = await asyncio.to_thread(rung_map, m, plan, img.rgb_u8)
-            headers = self.headers(plan, decision, label, 0.0, 0.0, t0)
+            headers = self.headers(plan, decision, label, None, t0)
             headers["X-Anytime-Rung-Colours"] = ",".join(
                 "{}=#{:02x}{:02x}{:02x}".format(r.name, *RUNG_COLOURS[r.index % len(RUNG_COLOURS)]) for r in m.rungs)
             return Response(payload, media_type="image/png", headers=headers)
-
-        deadline_at = t0 + decision.deadline_s if decision.deadline_s is not None else None
         try:
-            outputs, job = await rt.run([(g.rung, g.patches) for g in groups], decision.predicted_compute_s,
-                                        deadline_at)
-        except QueueFull as exc:
-            self.metrics.shed.labels(name, "queue_full").inc()
-            raise ApiError(429, str(exc), headers={"Retry-After": str(max(1, round(rt.executor.predicted_wait()))
-                                                                      )}) from None
+            payload = await asyncio.wrap_future(future)
         except Draining as exc:
             raise self._unavailable("draining", str(exc)) from None
         except DeadlinePassed as exc:
             self.metrics.deadline_missed.labels(name).inc()
-            raise ApiError(504, f"deadline of {deadline_ms:g} ms missed: {exc}") from None
-        tf = time.perf_counter()
-        payload = await asyncio.to_thread(self.finish, plan, img, groups, outputs, media)
-        rt.cost.observe_overhead(out_px, time.perf_counter() - tf)
-        headers = self.headers(plan, decision, label, 1000 * job.queue_s, 1000 * job.compute_s, t0)
+            raise ApiError(504, f"deadline of {1000 * decision.deadline_s:g} ms missed: {exc}") from None
+        headers = self.headers(plan, decision, label, job, t0)
         self.observe(plan, decision, job, t0)
         return Response(payload, media_type=media, headers=headers)
+
+    def _shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
+        """Before any decoding: when the queue alone outlasts the deadline, no plan can
+        fit, and saying so at once costs the overloaded server nothing."""
+        deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
+        if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
+            return
+        deadline_s = deadline_ms / 1000
+        wait = self.runtime.executor.predicted_wait()
+        if time.monotonic() - t0 + wait > deadline_s - self.planner.margin_s(deadline_s):
+            self.metrics.shed.labels(self.model.name, "deadline").inc()
+            raise ApiError(429, f"the queue ahead ({1000 * wait:.0f} ms predicted) outlasts the {deadline_ms:g} ms "
+                                "deadline", headers={"Retry-After": str(max(1, round(wait)))})
 
     def dominant_rung(self, plan: Plan) -> str:
         return self.model.rungs[int(np.bincount(plan.rungs).argmax())].name
 
-    def headers(self, plan: Plan, d: Decision, label: str, queue_ms: float, compute_ms: float,
-                t0: float) -> dict[str, str]:
+    def headers(self, plan: Plan, d: Decision, label: str, job: Job | None, t0: float) -> dict[str, str]:
         m = self.model
         counts = plan.rung_counts(len(m.rungs))
         h = {
@@ -287,11 +317,13 @@ class ArmService:
             "X-Anytime-Budget": label,
             "X-Anytime-Predicted-PSNR": f"{plan.predicted_psnr:.3f}",
             "X-Anytime-Tiling": plan.tiling,
-            "X-Anytime-Predicted-Ms": f"{1000 * (d.predicted_wait_s + d.predicted_compute_s):.1f}",
-            "X-Anytime-Queue-Ms": f"{queue_ms:.1f}",
-            "X-Anytime-Compute-Ms": f"{compute_ms:.1f}",
+            "X-Anytime-Predicted-Ms": f"{1000 * (d.predicted_wait_s + d.predicted_compute_s + d.predicted_overhead_s):.1f}",
             "X-Anytime-Server-Ms": f"{1000 * (time.monotonic() - t0):.1f}",
         }
+        if job is not None:
+            h["X-Anytime-Queue-Ms"] = f"{1000 * job.queue_s:.1f}"
+            h["X-Anytime-Compute-Ms"] = f"{1000 * job.compute_s:.1f}"
+            h["X-Anytime-Encode-Ms"] = f"{1000 * job.finish_s:.1f}"
         if d.deadline_s is not None:
             h["X-Anytime-Deadline-Ms"] = f"{1000 * d.deadline_s:g}"
         return h

@@ -151,3 +151,106 @@ def test_bad_input_gets_clear_json_errors(client: TestClient, name, body, ctype,
 def test_body_over_the_byte_limit_is_413(client: TestClient) -> None:
     r = _post(client, b"\x89PNG" + b"\0" * 2_100_000)
     assert r.status_code == 413
+
+
+# --- runtime features through the API ---------------------------------------------------
+
+
+def test_multipart_upload_and_accept_negotiation(client: TestClient) -> None:
+    png = _encode(synthetic_photo(40, 48))
+    r = client.post("/superresolve", files={"image": ("photo.png", png, "image/png")}, params={"budget": "0.5"},
+                    headers={"accept": "image/webp;q=0.9, image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).format == "JPEG" and Image.open(io.BytesIO(r.content)).size == (192, 160)
+    webp = client.post("/superresolve", content=png, headers={"content-type": "image/png", "accept": "image/webp"})
+    assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
+    none = client.post("/superresolve", content=png, headers={"content-type": "image/png", "accept": "text/html"})
+    assert none.status_code == 406 and "image/png" in none.json()["error"]["accepted"]
+    no_file = client.post("/superresolve", data={"note": "no image here"}, files={"x": ("", b"", "")})
+    assert no_file.status_code in (400, 422)
+
+
+def test_every_inference_says_rung_cost_queue_and_compute(client: TestClient) -> None:
+    r = _post(client, _encode(synthetic_photo(64, 64)), deadline_ms="5000")
+    h = r.headers
+    assert r.status_code == 200 and h["x-anytime-decision"] == "deadline" and h["x-anytime-policy"] == "adaptive"
+    for key in ("rung", "rung-mix", "flops", "flops-full", "budget", "predicted-psnr", "queue-ms", "compute-ms",
+                "encode-ms", "predicted-ms", "server-ms", "deadline-ms"):
+        assert f"x-anytime-{key}" in h, key
+    assert h["x-anytime-rung"] in {"bicubic", "w16", "w36", "w56"} and len(h["x-request-id"]) == 32
+    assert float(h["x-anytime-server-ms"]) <= 5000
+    mine = client.post("/superresolve", content=_encode(synthetic_photo(8, 8)),
+                       headers={"content-type": "image/png", "x-request-id": "trace-42"})
+    assert mine.headers["x-request-id"] == "trace-42"
+
+
+def test_fixed_policies_and_explain_map(client: TestClient) -> None:
+    body = _encode(synthetic_photo(64, 64))
+    full = _post(client, body, policy="full", deadline_ms="1").headers  # no shedding under a fixed policy
+    assert full["x-anytime-rung-mix"] == "bicubic=0,w16=0,w36=0,w56=9" and full["x-anytime-policy"] == "full"
+    small = _post(client, body, policy="smallest").headers
+    assert small["x-anytime-rung-mix"] == "bicubic=9,w16=0,w36=0,w56=0"
+    ex = _post(client, body, explain="true", rung="w36")
+    assert ex.status_code == 200 and ex.headers["content-type"] == "image/png"
+    im = np.asarray(Image.open(io.BytesIO(ex.content)))
+    assert im.shape == (64, 64, 3)  # the map is at the input size
+    assert "w36=#" in ex.headers["x-anytime-rung-colours"] and "x-anytime-compute-ms" not in ex.headers
+    green = np.array([52, 168, 83]) * 0.65
+    assert np.all(im.astype(float) >= green - 1)  # every pixel carries w36's colour
+
+
+def test_impossible_deadline_is_shed_at_once_with_retry_after(client: TestClient) -> None:
+    r = _post(client, _encode(synthetic_photo(96, 96)), deadline_ms="1")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "deadline" in r.json()["error"]["message"]
+    floor = _post(client, _encode(synthetic_photo(96, 96)), deadline_ms="60000", min_budget="0.9")
+    assert floor.status_code == 200 and float(floor.headers["x-anytime-flops-fraction"]) >= 0.85
+    assert _post(client, _encode(synthetic_photo(8, 8)), deadline_ms="abc").status_code == 422
+
+
+def test_metrics_policy_and_models_show_the_runtime(client: TestClient) -> None:
+    _post(client, _encode(synthetic_photo(64, 64)), deadline_ms="5000")
+    text = client.get("/metrics").text
+    for name in ("anytime_request_duration_seconds_bucket", "anytime_queue_duration_seconds_count",
+                 "anytime_compute_duration_seconds_sum", "anytime_requests_total", "anytime_deadline_met_total",
+                 "anytime_budget_chosen_bucket", "anytime_flops_served_total", "anytime_predicted_psnr_decibels_count",
+                 "anytime_patches_total", "anytime_queue_depth", "anytime_slowdown_ratio", "anytime_ready",
+                 "anytime_rung_item_seconds", "anytime_batch_items_bucket"):
+        assert name in text, name
+    assert 'anytime_requests_total{code="200",endpoint="/superresolve"' in text
+    assert 'anytime_shed_total{model="arm-fsrcnn-demo",reason="deadline"}' in text or "anytime_shed" in text
+    pol = client.get("/v1/policy").json()
+    assert pol["policy"] == "adaptive" and pol["load"]["cores"] >= 1
+    cm = client.get("/v1/models").json()["models"][0]["cost_model"]
+    assert set(cm["rungs"]) == {"0", "1", "2", "3"} and all(v["per_item_ms"] > 0 for v in cm["rungs"].values())
+
+
+def test_auth_and_drain(bundled_model) -> None:
+    settings = Settings(auth_token="s3cret", **FAST_START)
+    app = create_app(settings, model=bundled_model)
+    with TestClient(app) as c:
+        wait_ready(c)
+        body = _encode(synthetic_photo(16, 16))
+        assert c.post("/superresolve", content=body).status_code == 401
+        wrong = c.post("/superresolve", content=body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
+        ok = c.post("/superresolve", content=body, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200  # exempt
+        assert c.get("/v1/models").status_code == 401
+        app.state.begin_drain()
+        assert c.get("/readyz").status_code == 503
+        drained = c.post("/superresolve", content=body, headers={"authorization": "Bearer s3cret"})
+        assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
+
+
+def test_not_ready_until_calibrated(bundled_model) -> None:
+    app = create_app(Settings(**FAST_START), model=bundled_model)
+    svc = app.state.services[0]
+    svc.start = lambda: svc.runtime.executor.start()  # never calibrates
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/superresolve", content=_encode(synthetic_photo(16, 16)))
+        assert r.status_code == 503 and "warming up" in r.json()["error"]["message"]
