@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 
 import torch
 
 from service.config import Settings
 from service.costmodel import CostModel
-from service.executor import Executor, Forward
+from service.executor import Executor, Forward, Job
 from service.load import RateMeter
 from service.metrics import Metrics
 
@@ -45,8 +46,7 @@ class FamilyRuntime:
         return sorted({n for n in (1, 8, 32, top) if n <= top})
 
     def calibrate(self, extra: Callable[[], None] | None = None) -> None:
-        """Time every rung (and the family's ``extra`` work), then mark ready.  Runs on a
-        background thread so that /healthz answers during warm-up."""
+        """Time every rung (and the family's ``extra`` work), then mark ready."""
         t0 = time.perf_counter()
         reps = self.settings.calibration_repeats
         with torch.inference_mode():
@@ -64,17 +64,17 @@ class FamilyRuntime:
                  extra={"model": self.name, "cost": self.cost.snapshot()})
         self.ready.set()
 
-    def start(self, extra: Callable[[], None] | None = None) -> threading.Thread:
+    def start(self, extra: Callable[[], None] | None = None) -> Future:
+        """Start the worker and calibrate on it: the same thread (and so the same OpenMP
+        thread team) that will serve, while /healthz already answers."""
         self.executor.start()
-        t = threading.Thread(target=self._calibrate_logged, args=(extra,), name=f"calibrate-{self.name}", daemon=True)
-        t.start()
-        return t
+        fut = self.executor.submit(Job([], 0.0, finish=lambda _outputs: self.calibrate(extra)))
+        fut.add_done_callback(self._calibrated)
+        return fut
 
-    def _calibrate_logged(self, extra: Callable[[], None] | None) -> None:
-        try:
-            self.calibrate(extra)
-        except Exception:
-            log.exception("calibration of %s failed; the model stays not ready", self.name)
+    def _calibrated(self, fut: Future) -> None:
+        if fut.exception() is not None:
+            log.error("calibration of %s failed; the model stays not ready", self.name, exc_info=fut.exception())
 
     def refresh_gauges(self) -> None:
         m, n = self.metrics, self.name
