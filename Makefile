@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv serve test data model bench clean
+.PHONY: venv serve test data model bench clean wheels image
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,27 @@ model: venv
 
 bench: venv
 	$(PY) -m bench.sr_tradeoff --checkpoint models/arm/weights/arm-fsrcnn/model.safetensors
+
+# Container image (docs/DEPLOY.md). A torch wheel of the chosen version and variant found in
+# WHEEL_SRC is copied into .wheels/ first, so the build needs no PyTorch index; without one the
+# Dockerfile downloads torch from https://download.pytorch.org/whl/$(TORCH_VARIANT).
+DOCKER ?= docker
+IMAGE ?= anytime-serve:latest
+TORCH_VERSION ?= 2.13.0
+TORCH_VARIANT ?= cpu
+WHEEL_SRC ?= /opt/wheels
+ANYTIME_DEVICE ?= $(if $(filter cpu,$(TORCH_VARIANT)),cpu,cuda)
+
+wheels:
+	mkdir -p .wheels
+	@set -e; for w in $(WHEEL_SRC)/torch-$(TORCH_VERSION)+$(TORCH_VARIANT)-*.whl; do \
+	  if [ -f "$$w" ]; then cp -u "$$w" .wheels/ && echo "copied $$w into .wheels/"; \
+	  else echo "no torch-$(TORCH_VERSION)+$(TORCH_VARIANT) wheel in $(WHEEL_SRC): the build downloads it"; fi; \
+	done
+
+image: wheels
+	$(DOCKER) build -t $(IMAGE) --build-arg TORCH_VERSION=$(TORCH_VERSION) \
+	  --build-arg TORCH_VARIANT=$(TORCH_VARIANT) --build-arg ANYTIME_DEVICE=$(ANYTIME_DEVICE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

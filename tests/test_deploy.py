@@ -274,9 +274,11 @@ def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
     procs = [server]
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait("the server's /healthz", lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 60, procs)
+        # Ready (warmed up and calibrated): the steady state that Prometheus scrapes.
+        _wait("the server's /readyz", lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 60, procs)
         r = httpx.get(f"{url}/metrics", timeout=5)
-        assert r.status_code == 200, f"GET /metrics answered {r.status_code}"
+        assert r.status_code == 200, (f"GET /metrics answered {r.status_code}: {r.text[:500]}\n"
+                                      f"{(tmp_path / 'server.log').read_text(errors='replace')[-3000:]}")
 
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump(scrape_config_for(f"127.0.0.1:{port}")))
