@@ -84,11 +84,19 @@ class ArmService:
     def __init__(self, model: ArmSR, settings: Settings, metrics: Metrics, planner: Planner) -> None:
         self.model, self.settings, self.metrics, self.planner = model, settings, metrics, planner
         self.runtime = FamilyRuntime(
-            model.name, model.run_patches, [r.index for r in model.rungs],
+            model.name, self.forward, [r.index for r in model.rungs],
             lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), settings, metrics,
             {r.index: r.name for r in model.rungs})
         self.draining = False
         self.admission = asyncio.Lock()
+
+    def forward(self, rung: int, patches: torch.Tensor) -> torch.Tensor:
+        """One batch at one rung; on CUDA it waits for the kernels, so that the times the
+        cost model learns from are real."""
+        out = self.model.run_patches(rung, patches)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return out
 
     # --- the ladder of one request --------------------------------------------------------
 
