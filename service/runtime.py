@@ -82,6 +82,6 @@ class FamilyRuntime:
         m.predicted_wait.labels(n).set(self.executor.predicted_wait())
         m.slowdown.labels(n).set(self.cost.slowdown)
         m.ready.labels(n).set(1 if self.ready.is_set() and self.executor.accepting else 0)
-        if self.cost.calibrated:
+        if self.ready.is_set():  # during calibration some rungs have no cost yet
             for key in self.keys:
                 m.rung_item_seconds.labels(n, self.key_names[key]).set(self.cost.predict_forward(key, 1))

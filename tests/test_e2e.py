@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,24 +27,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url():
+def start_server(**env_extra: str) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` on a free loopback port, once it is ready."""
     port = _free_port()
-    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", "ANYTIME_TORCH_THREADS": "1"}
+    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", "ANYTIME_TORCH_THREADS": "1",
+           **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not become ready within 60 s")
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    proc, url = start_server()
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server did not become ready within 30 s")
         yield url
     finally:
         proc.terminate()
@@ -63,3 +73,29 @@ def test_openapi_documents_the_parameters(server_url: str) -> None:
     spec = httpx.get(f"{server_url}/openapi.json", timeout=10).json()
     params = {p["name"] for p in spec["paths"]["/superresolve"]["post"]["parameters"]}
     assert {"budget", "tiling", "objective"} <= params
+
+
+def test_sigterm_lets_in_flight_work_finish_then_exits() -> None:
+    proc, url = start_server(ANYTIME_LOG_FORMAT="json")
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_photo(400, 400)).save(buf, format="PNG")  # about a second at full width
+    result: dict = {}
+
+    def slow_request() -> None:
+        r = httpx.post(f"{url}/superresolve?policy=full", content=buf.getvalue(),
+                       headers={"content-type": "image/png"}, timeout=60)
+        result["status"], result["size"] = r.status_code, Image.open(io.BytesIO(r.content)).size
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    time.sleep(0.4)  # the request is on the worker now
+    proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert result == {"status": 200, "size": (1600, 1600)}  # in-flight work finished
+    # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    log = proc.stdout.read().decode()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any("draining" in rec["msg"] for rec in lines)
+    served = [rec for rec in lines if rec.get("path") == "/superresolve"]
+    assert served and served[0]["status"] == 200 and len(served[0]["request_id"]) == 32
