@@ -33,7 +33,26 @@ from service.costmodel import CostModel
 
 log = logging.getLogger("anytime.executor")
 
-Forward = Callable[[Hashable, torch.Tensor], torch.Tensor]
+# A batch of items: one tensor, or a tuple of tensors that share the first dimension
+# (e.g. images and a per-row exit threshold); outputs take the same form.
+Items = torch.Tensor | tuple[torch.Tensor, ...]
+Forward = Callable[[Hashable, Items], Items]
+
+
+def count(x: Items) -> int:
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def take(x: Items, start: int, stop: int) -> Items:
+    return tuple(t[start:stop] for t in x) if isinstance(x, tuple) else x[start:stop]
+
+
+def concat(parts: list[Items]) -> Items:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(col) for col in zip(*parts))
+    return torch.cat(parts)
 
 
 class QueueFull(Exception):
@@ -50,10 +69,10 @@ class DeadlinePassed(Exception):
 
 @dataclass
 class Job:
-    work: list[tuple[Hashable, torch.Tensor]]
+    work: list[tuple[Hashable, Items]]
     predicted_s: float  # compute + finish, as predicted
     deadline: float | None = None  # time.monotonic() by which the result is needed
-    finish: Callable[[list[torch.Tensor]], Any] | None = None  # outputs -> result, on the worker
+    finish: Callable[[list[Items]], Any] | None = None  # outputs -> result, on the worker
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
     started: float = 0.0
@@ -62,7 +81,7 @@ class Job:
 
     @property
     def items(self) -> int:
-        return sum(len(x) for _, x in self.work)
+        return sum(count(x) for _, x in self.work)
 
     @property
     def queue_s(self) -> float:
@@ -164,7 +183,7 @@ class Executor:
     def _counts(job: Job) -> dict[Hashable, int]:
         out: dict[Hashable, int] = {}
         for k, x in job.work:
-            out[k] = out.get(k, 0) + len(x)
+            out[k] = out.get(k, 0) + count(x)
         return out
 
     def _fits(self, batch: list[Job], counts: dict[Hashable, int], nxt: Job) -> bool:
@@ -215,24 +234,25 @@ class Executor:
             for k, _ in job.work:
                 if k not in keys:
                     keys.append(k)
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], Items] = {}
         for key in keys:
             parts = [(ji, wi, x) for ji, job in enumerate(jobs) for wi, (k, x) in enumerate(job.work) if k == key]
-            inputs = torch.cat([x for _, _, x in parts]) if len(parts) > 1 else parts[0][2]
+            inputs = concat([x for _, _, x in parts])
+            n_items = count(inputs)
             results = []
-            for s in range(0, len(inputs), self.max_batch):
-                chunk = inputs[s:s + self.max_batch]
+            for s in range(0, n_items, self.max_batch):
+                chunk = take(inputs, s, s + self.max_batch)
                 tf = time.perf_counter()
                 results.append(self.forward(key, chunk))
                 dt = time.perf_counter() - tf
-                self.cost.observe_forward(key, len(chunk), dt)
+                self.cost.observe_forward(key, count(chunk), dt)
                 if self.on_batch is not None:
-                    self.on_batch(key, len(chunk), dt)
-            out = torch.cat(results) if len(results) > 1 else results[0]
+                    self.on_batch(key, count(chunk), dt)
+            out = concat(results)
             offset = 0
             for ji, wi, x in parts:
-                outputs[ji, wi] = out[offset:offset + len(x)]
-                offset += len(x)
+                outputs[ji, wi] = take(out, offset, offset + count(x))
+                offset += count(x)
         elapsed = time.perf_counter() - t0
         for ji, job in enumerate(jobs):
             job.compute_s = elapsed

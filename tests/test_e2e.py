@@ -72,7 +72,10 @@ def test_superresolve_over_http(server_url: str) -> None:
 def test_openapi_documents_the_parameters(server_url: str) -> None:
     spec = httpx.get(f"{server_url}/openapi.json", timeout=10).json()
     params = {p["name"] for p in spec["paths"]["/superresolve"]["post"]["parameters"]}
-    assert {"budget", "tiling", "objective"} <= params
+    assert {"budget", "tiling", "objective", "deadline_ms", "min_budget", "policy", "rung", "explain"} <= params
+    responses = spec["paths"]["/superresolve"]["post"]["responses"]
+    assert {"200", "400", "401", "406", "413", "415", "422", "429", "503", "504"} <= set(responses)
+    assert "multipart/form-data" in spec["paths"]["/superresolve"]["post"]["requestBody"]["content"]
 
 
 def test_sigterm_lets_in_flight_work_finish_then_exits() -> None:

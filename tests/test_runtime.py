@@ -84,6 +84,29 @@ def test_queued_jobs_sharing_a_rung_run_as_one_batch() -> None:
     assert ex.shutdown(5)
 
 
+def test_tuple_items_are_batched_row_aligned() -> None:
+    """Families whose items carry per-row data (CF-ViT: image and exit threshold)."""
+    seen = []
+
+    def fwd(key, x):
+        seen.append(tuple(t.tolist() for t in x))
+        return x[0] * x[1], x[1] > 1
+
+    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16)
+    hold = threading.Event()
+    ex.submit(Job([], 0.0, finish=lambda _: hold.wait(5)))  # keep the worker busy while two queue up
+    a = ex.submit(Job([("a", (torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0])))], 0.001))
+    b = ex.submit(Job([("a", (torch.tensor([5.0]), torch.tensor([2.0])))], 0.001))
+    ex.start()
+    hold.set()
+    (prod_a, flag_a), = a.result(5)
+    (prod_b, flag_b), = b.result(5)
+    assert prod_a.tolist() == [1.0, 6.0] and flag_a.tolist() == [False, True]
+    assert prod_b.tolist() == [10.0] and flag_b.tolist() == [True]
+    assert seen == [([1.0, 2.0, 5.0], [1.0, 3.0, 2.0])]  # one forward pass for both
+    ex.shutdown(5)
+
+
 def test_merging_stops_at_max_batch_and_respects_deadlines() -> None:
     fwd = Recorder()
     ex = _executor(fwd)
