@@ -1,0 +1,131 @@
+"""The CF-ViT model as the serving runtime sees it (no web framework here).
+
+    m = CfVitModel.from_checkpoint("models/cfvit/weights/cf-tiny-glyphs/model.safetensors")
+    x = torch.stack([m.preprocess(rgb) for rgb in images])          # (n, 3, S, S)
+    eta = torch.full((len(x),), m.eta_for_budget(0.6))
+    logits, exited, confidence = m.forward(x, eta)
+    spent = m.flops_for(exited)                                       # per row, MACs
+
+Costs are in CF-ViT's own unit: multiply-accumulates (the paper's and the checkpoints'
+"FLOPs"; 1.10e9 coarse and 4.01e9 full for DeiT-S 7x7).  ``curve`` is the validation eta curve
+(our manifest's, or for an official checkpoint the authors' ImageNet-val arrays stored in it),
+a list of {eta, exit_rate, expected_flops, accuracy}; :meth:`eta_for_budget` picks from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.cfvit.checkpoint import load_checkpoint, official_curve
+from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
+from models.cfvit.preprocess import eval_transform, load_class_names
+
+FLOPS_CONVENTION = "MACs (CF-ViT/fvcore 'FLOPs')"
+
+
+class CfVitModel:
+    flops_convention = FLOPS_CONVENTION
+
+    def __init__(self, net: CfVisionTransformer, *, name: str, classes: list[str], curve: list[dict],
+                 curve_dense: list[dict] | None = None, source: str = "ours", meta: dict | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.net = net.eval().to(device)
+        self.device = torch.device(device)
+        self.config: CfVitConfig = net.cfg
+        self.name = name
+        self.classes = list(classes)
+        if len(self.classes) != self.config.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {self.config.num_classes} classes")
+        macs = count_macs(self.config)
+        self.flops_coarse = int(macs.coarse)
+        self.flops_fine_increment = int(macs.fine_increment)
+        self.flops_full = int(macs.full)
+        self.curve = sorted(curve, key=lambda p: p["eta"])
+        self._budget_curve = sorted(curve_dense or curve, key=lambda p: p["eta"])
+        self.source = source
+        self.meta = meta or {}
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, names_file: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> CfVitModel:
+        """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official ``.pth``.
+        For official checkpoints the class names come from ``names_file`` (else ``class_<i>``)."""
+        ck = load_checkpoint(path)
+        cfg = ck.config
+        if ck.source == "ours":
+            man = ck.meta
+            classes = load_class_names(names_file, cfg.num_classes) if names_file else man.get("classes") or \
+                load_class_names(None, cfg.num_classes)
+            ev = man.get("evaluation", {}).get("val", {})
+            curve, dense = ev.get("eta_curve", []), ev.get("eta_curve_dense")
+            name = man.get("name", cfg.name)
+        else:
+            classes = load_class_names(names_file, cfg.num_classes)
+            curve = dense = official_curve(ck.meta, cfg)
+            name = cfg.name
+        return cls(ck.model, name=name, classes=classes, curve=curve, curve_dense=dense, source=ck.source,
+                   meta=ck.meta, device=device)
+
+    # ---- inference ------------------------------------------------------------------------
+
+    @property
+    def input_size(self) -> int:
+        return self.config.img_size
+
+    def preprocess(self, rgb_u8: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, S, S) float32: resize the short side to int(S/crop_pct)
+        (bicubic), centre crop S, normalise (ImageNet statistics for official checkpoints)."""
+        c = self.config
+        return eval_transform(rgb_u8, c.img_size, c.crop_pct, c.mean, c.std)
+
+    def forward(self, batch: torch.Tensor, eta: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, 3, S, S) and per-row thresholds (n,) -> (logits (n, C), exited (n,) bool,
+        coarse confidence (n,) float32).  Rows with confidence >= eta exit at the coarse stage;
+        the fine stage runs on the others only.  eta > 1 forces the fine stage, 0 the coarse."""
+        with torch.inference_mode():
+            x = batch.to(self.device, torch.float32)
+            eta_t = torch.as_tensor(eta, dtype=torch.float32, device=self.device)
+            out = self.net.forward_exit(x, eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t)
+            return out.logits.float(), out.exited, out.confidence
+
+    __call__ = forward
+
+    def flops_for(self, exited: torch.Tensor) -> torch.Tensor:
+        """MACs spent per row: coarse for exited rows, coarse + fine increment otherwise."""
+        return torch.where(exited.cpu(), self.flops_coarse, self.flops_full).to(torch.int64)
+
+    # ---- budgets --------------------------------------------------------------------------
+
+    def expected_flops(self, eta: float) -> float:
+        """Expected MACs per image at ``eta`` on the validation curve (the nearest curve point
+        at or below ``eta``; without a curve, the worst case)."""
+        pts = [p for p in self._budget_curve if p["eta"] <= eta + 1e-9]
+        return float(pts[-1]["expected_flops"]) if pts else float(self.flops_full)
+
+    def eta_for_budget(self, fraction_of_full_flops: float) -> float:
+        """The largest eta on the validation curve whose expected cost is at most
+        ``fraction x flops_full``.  Non-decreasing in the fraction.  Below the all-coarse cost
+        the answer is the smallest eta (everything exits); without a curve, 1.01 (all fine)
+        when the budget covers the full cost, else 0."""
+        budget = float(fraction_of_full_flops) * self.flops_full
+        if not self._budget_curve:
+            return 1.01 if fraction_of_full_flops >= 1.0 else 0.0
+        best = self._budget_curve[0]["eta"]
+        for p in self._budget_curve:
+            if p["expected_flops"] <= budget * (1 + 1e-9):
+                best = max(best, p["eta"])
+        return float(best)
+
+    def describe(self) -> dict:
+        """A summary for ``GET /v1/models``-style listings."""
+        c = self.config
+        return {"name": self.name, "family": "cfvit", "source": self.source, "input_size": c.img_size,
+                "num_classes": c.num_classes, "flops_convention": self.flops_convention,
+                "flops_coarse": self.flops_coarse, "flops_full": self.flops_full,
+                "tokens": {"coarse": c.num_coarse + 1, "fine": c.fine_seq_len},
+                "parameters": sum(p.numel() for p in self.net.parameters()), "curve": self.curve}
