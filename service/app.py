@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
         begin_drain()
         for svc in services:
             if not svc.runtime.executor.shutdown(settings.drain_timeout_s):
-                log.warning("%s: queued work did not finish within %.0f s", svc.model.name, settings.drain_timeout_s)
+                log.warning("%s: queued work did not finish within %.0f s", svc.name, settings.drain_timeout_s)
         monitor.stop()
 
     app = FastAPI(title="Anytime Serve", version=VERSION, lifespan=lifespan,
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
 
     @app.get("/readyz", summary="Readiness: models calibrated and not draining", responses=errors.doc(503))
     async def readyz() -> JSONResponse:
-        waiting = [s.model.name for s in services if not s.runtime.ready.is_set()]
+        waiting = [s.name for s in services if not s.runtime.ready.is_set()]
         if any(s.draining for s in services):
             return errors.error_response(503, "draining", headers={"Retry-After": "1"})
         if waiting:
@@ -98,16 +98,9 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
 
     @app.get("/v1/models", summary="Served models: rungs, FLOPs, quality, live cost model")
     async def models() -> dict:
-        return {"models": [{
-            "name": s.model.name, "family": "arm", "backbone": s.model.backbone.name, "endpoint": "/superresolve",
-            "ready": s.runtime.ready.is_set(),
-            "rungs": [{"index": r.index, "name": r.name, "width": r.width, "flops_per_patch": r.flops_per_patch,
-                       "params": r.params} for r in s.model.rungs],
-            "cost_model": s.runtime.cost.snapshot() if s.runtime.cost.calibrated else None,
-            "calibration_s": round(s.runtime.calibration_s, 3),
-            "table": s.model.table.source if s.model.table is not None else None,
-            "metrics": s.model.meta.get("metrics"),
-        } for s in services]}
+        return {"models": [{**s.describe(), "ready": s.runtime.ready.is_set(),
+                            "cost_model": s.runtime.cost.snapshot() if s.runtime.cost.calibrated else None,
+                            "calibration_s": round(s.runtime.calibration_s, 3)} for s in services]}
 
     @app.get("/v1/policy", summary="The planner's view: policy, defaults, host load, queues")
     async def policy() -> dict:
@@ -119,7 +112,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
             "deadline_margin": settings.deadline_margin, "deadline_margin_ms": settings.deadline_margin_ms,
             "load": {"cpu_system": r.cpu_system, "cpu_process": r.cpu_process, "cores": r.cores,
                      "torch_threads": torch.get_num_threads(), "gpus": [vars(g) for g in r.gpus]},
-            "models": {s.model.name: {"queue_depth": s.runtime.executor.depth, "max_queue": settings.max_queue,
+            "models": {s.name: {"queue_depth": s.runtime.executor.depth, "max_queue": settings.max_queue,
                                       "predicted_wait_ms": round(1000 * s.runtime.executor.predicted_wait(), 2),
                                       "slowdown": round(s.runtime.cost.slowdown, 4), "ready": s.runtime.ready.is_set(),
                                       "draining": s.draining} for s in services},

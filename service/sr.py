@@ -27,11 +27,12 @@ from service import imageio
 from service.body import ACCEPTED_BODIES, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
-from service.executor import DeadlinePassed, Draining, Job, QueueFull
+from service.executor import Job
 from service.media import OFFERED, negotiate
 from service.metrics import Metrics
-from service.planner import Ask, Decision, Ladder, Planner, Shed
+from service.planner import Ask, Decision, Ladder, Planner
 from service.runtime import FamilyRuntime
+from service.serving import FamilyService
 
 log = logging.getLogger("anytime.sr")
 
@@ -78,17 +79,19 @@ def rung_map(model: ArmSR, plan: Plan, rgb_u8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class ArmService:
+class ArmService(FamilyService):
     """ARM as a served family: its runtime, its ladder per request, its route."""
 
+    family = "arm"
+    endpoint = "/superresolve"
+
     def __init__(self, model: ArmSR, settings: Settings, metrics: Metrics, planner: Planner) -> None:
-        self.model, self.settings, self.metrics, self.planner = model, settings, metrics, planner
-        self.runtime = FamilyRuntime(
+        self.model = model
+        runtime = FamilyRuntime(
             model.name, self.forward, [r.index for r in model.rungs],
             lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), settings, metrics,
             {r.index: r.name for r in model.rungs})
-        self.draining = False
-        self.admission = asyncio.Lock()
+        super().__init__(runtime, settings, metrics, planner)
 
     def forward(self, rung: int, patches: torch.Tensor) -> torch.Tensor:
         """One batch at one rung; on CUDA it waits for the kernels, so that the times the
@@ -139,6 +142,14 @@ class ArmService:
     def start(self) -> None:
         self.runtime.start(extra=self.calibrate_overhead)
 
+    def describe(self) -> dict:
+        """This model's entry in GET /v1/models."""
+        m = self.model
+        return {"name": m.name, "family": self.family, "backbone": m.backbone.name, "endpoint": self.endpoint,
+                "rungs": [{"index": r.index, "name": r.name, "width": r.width, "flops_per_patch": r.flops_per_patch,
+                           "params": r.params} for r in m.rungs],
+                "table": m.table.source if m.table is not None else None, "metrics": m.meta.get("metrics")}
+
     # --- the route ------------------------------------------------------------------------
 
     def router(self) -> APIRouter:
@@ -182,44 +193,24 @@ class ArmService:
                                                        "plans but runs no network")] = False,
         ) -> Response:
             t0 = request.state.t0
-            left = self.settings.request_timeout_s - (time.monotonic() - t0)
-            inflight = self.metrics.inflight.labels(self.model.name)
-            inflight.inc()
-            try:
-                return await asyncio.wait_for(
-                    self._handle(request, t0, budget, deadline_ms, min_budget, policy, rung, tiling, objective,
-                                 explain), max(left, 0.001))
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"request timed out after {self.settings.request_timeout_s:g} s "
-                                    "(request_timeout_s)") from None
-            finally:
-                inflight.dec()
+            return await self.guarded(t0, self._handle(request, t0, budget, deadline_ms, min_budget, policy, rung,
+                                                       tiling, objective, explain))
 
         return r
-
-    def _unavailable(self, reason: str, message: str) -> ApiError:
-        self.metrics.shed.labels(self.model.name, reason).inc()
-        return ApiError(503, message, headers={"Retry-After": "1"})
 
     async def _handle(self, request: Request, t0: float, budget: str, deadline_ms: float | None,
                       min_budget: float | None, policy: Policy | None, rung: str | None, tiling: str,
                       objective: str, explain: bool) -> Response:
-        s, m, rt, name = self.settings, self.model, self.runtime, self.model.name
-        rt.arrivals.tick(t0)
-        if self.draining or not rt.executor.accepting:
-            raise self._unavailable("draining", "the server is shutting down; retry on another replica")
-        if not rt.ready.is_set():
-            raise self._unavailable("not_ready", "the model is warming up (calibrating its cost model); retry shortly")
+        s, m, rt = self.settings, self.model, self.runtime
+        self.open_for(t0, policy)
         media = negotiate(request.headers.get("accept"))
         if media is None:
             raise ApiError(406, f"none of Accept {request.headers.get('accept')!r} can be produced",
                            ", ".join(OFFERED))
-        if policy is not None and not s.allow_policy_override:
-            raise ApiError(422, "policy override is disabled on this server (allow_policy_override)")
         parsed = parse_budget(budget)
         fixed_rung = parse_rung(rung, m) if rung is not None else None
         upload = await read_image(request, s.max_body_bytes)
-        self._shed_early(t0, deadline_ms, policy)
+        self.shed_early(t0, deadline_ms, policy)
 
         def decode_and_analyse() -> tuple[imageio.Decoded, Analysis]:
             img = imageio.decode(upload.data, s.max_input_pixels)
@@ -230,7 +221,6 @@ class ArmService:
         except imageio.ImageError as exc:
             raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
 
-        ladder = self.ladder(analysis, objective)
         ask = Ask(budget=parsed if isinstance(parsed, float) else None, deadline_ms=deadline_ms,
                   min_budget=min_budget, policy=policy)
         if fixed_rung is not None:
@@ -238,42 +228,21 @@ class ArmService:
         elif parsed == "best":
             ask.fixed = m.choose(analysis, mode="best")
         out_px = analysis.out_hw[0] * analysis.out_hw[1]
+        groups: list = []
 
-        def plan_and_prepare() -> tuple[Decision, list | None]:
-            d = self.planner.decide(ladder, ask, wait_s=rt.executor.predicted_wait(), elapsed_s=time.monotonic() - t0,
-                                    overhead_s=rt.cost.predict_overhead(out_px), rate_rps=rt.arrivals.rate())
-            return d, (None if explain else m.prepare(d.plan, img.rgb))
+        def prepare(d: Decision) -> list:
+            groups.extend(m.prepare(d.plan, img.rgb))
+            return [(g.rung, g.patches) for g in groups]
 
-        def finish(outputs: list[torch.Tensor]) -> bytes:  # on the worker, after the forward passes
+        def finish(d: Decision, outputs: list[torch.Tensor]) -> bytes:  # on the worker, after the forwards
             tf = time.perf_counter()
-            payload = self.finish(decision.plan, img, groups, outputs, media)
+            payload = self.finish(d.plan, img, groups, outputs, media)
             rt.cost.observe_overhead(out_px, time.perf_counter() - tf)
             return payload
 
-        # Admission is one critical section: plan against the queue as it is, then join it,
-        # before the next request plans; otherwise concurrent requests all plan against the
-        # same short queue and together overcommit it.
-        async with self.admission:
-            try:
-                decision, groups = await asyncio.to_thread(plan_and_prepare)
-            except Shed as exc:
-                self.metrics.shed.labels(name, exc.reason).inc()
-                raise ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-            if not explain:
-                # Fixed policies are the conventional baseline: they serve late rather than drop.
-                deadline_at = t0 + decision.deadline_s if decision.deadline_s is not None and \
-                    decision.policy == "adaptive" else None
-                job = Job([(g.rung, g.patches) for g in groups],
-                          decision.predicted_compute_s + decision.predicted_overhead_s, deadline_at, finish)
-                try:
-                    future = rt.executor.submit(job)
-                except QueueFull as exc:
-                    self.metrics.shed.labels(name, "queue_full").inc()
-                    raise ApiError(429, str(exc), headers={
-                        "Retry-After": str(max(1, round(rt.executor.predicted_wait())))}) from None
-                except Draining as exc:
-                    raise self._unavailable("draining", str(exc)) from None
-
+        decision, job, future = await self.admit(self.ladder(analysis, objective), ask, t0,
+                                                 rt.cost.predict_overhead(out_px), None if explain else prepare,
+                                                 finish)
         plan: Plan = decision.plan
         label = f"rung:{m.rungs[fixed_rung].name}" if fixed_rung is not None else "best" if parsed == "best" \
             else f"{round(decision.budget, 4):g}"
@@ -283,29 +252,10 @@ class ArmService:
             headers["X-Anytime-Rung-Colours"] = ",".join(
                 "{}=#{:02x}{:02x}{:02x}".format(r.name, *RUNG_COLOURS[r.index % len(RUNG_COLOURS)]) for r in m.rungs)
             return Response(payload, media_type="image/png", headers=headers)
-        try:
-            payload = await asyncio.wrap_future(future)
-        except Draining as exc:
-            raise self._unavailable("draining", str(exc)) from None
-        except DeadlinePassed as exc:
-            self.metrics.deadline_missed.labels(name).inc()
-            raise ApiError(504, f"deadline of {1000 * decision.deadline_s:g} ms missed: {exc}") from None
+        payload = await self.result(decision, future)
         headers = self.headers(plan, decision, label, job, t0)
-        self.observe(plan, decision, job, t0)
+        self.observe_sr(plan, decision, job, t0)
         return Response(payload, media_type=media, headers=headers)
-
-    def _shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
-        """Before any decoding: when the queue alone outlasts the deadline, no plan can
-        fit, and saying so at once costs the overloaded server nothing."""
-        deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
-        if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
-            return
-        deadline_s = deadline_ms / 1000
-        wait = self.runtime.executor.predicted_wait()
-        if time.monotonic() - t0 + wait > deadline_s - self.planner.margin_s(deadline_s):
-            self.metrics.shed.labels(self.model.name, "deadline").inc()
-            raise ApiError(429, f"the queue ahead ({1000 * wait:.0f} ms predicted) outlasts the {deadline_ms:g} ms "
-                                "deadline", headers={"Retry-After": str(max(1, round(wait)))})
 
     def dominant_rung(self, plan: Plan) -> str:
         return self.model.rungs[int(np.bincount(plan.rungs).argmax())].name
@@ -313,10 +263,8 @@ class ArmService:
     def headers(self, plan: Plan, d: Decision, label: str, job: Job | None, t0: float) -> dict[str, str]:
         m = self.model
         counts = plan.rung_counts(len(m.rungs))
-        h = {
-            "X-Anytime-Model": m.name,
-            "X-Anytime-Policy": d.policy,
-            "X-Anytime-Decision": d.how,
+        return {
+            **self.timing_headers(d, job, t0),
             "X-Anytime-Rung": self.dominant_rung(plan),
             "X-Anytime-Rung-Mix": ",".join(f"{r.name}={c}" for r, c in zip(m.rungs, counts)),
             "X-Anytime-Flops": f"{plan.flops:.0f}",
@@ -325,29 +273,12 @@ class ArmService:
             "X-Anytime-Budget": label,
             "X-Anytime-Predicted-PSNR": f"{plan.predicted_psnr:.3f}",
             "X-Anytime-Tiling": plan.tiling,
-            "X-Anytime-Predicted-Ms": f"{1000 * (d.predicted_wait_s + d.predicted_compute_s + d.predicted_overhead_s):.1f}",
-            "X-Anytime-Server-Ms": f"{1000 * (time.monotonic() - t0):.1f}",
         }
-        if job is not None:
-            h["X-Anytime-Queue-Ms"] = f"{1000 * job.queue_s:.1f}"
-            h["X-Anytime-Compute-Ms"] = f"{1000 * job.compute_s:.1f}"
-            h["X-Anytime-Encode-Ms"] = f"{1000 * job.finish_s:.1f}"
-        if d.deadline_s is not None:
-            h["X-Anytime-Deadline-Ms"] = f"{1000 * d.deadline_s:g}"
-        return h
 
-    def observe(self, plan: Plan, d: Decision, job, t0: float) -> None:
-        mt, name = self.metrics, self.model.name
-        total = time.monotonic() - t0
-        rung = self.dominant_rung(plan)
-        mt.request_seconds.labels(name, rung).observe(total)
-        mt.queue_seconds.labels(name).observe(job.queue_s)
-        mt.compute_seconds.labels(name, rung).observe(job.compute_s)
-        mt.budget.labels(name).observe(plan.flops_fraction)
-        mt.flops.labels(name).inc(plan.flops)
+    def observe_sr(self, plan: Plan, d: Decision, job: Job, t0: float) -> None:
+        self.observe(d, job, t0, self.dominant_rung(plan), plan.flops, plan.flops_fraction)
+        mt, name = self.metrics, self.name
         mt.predicted_psnr.labels(name).observe(plan.predicted_psnr)
         for r, c in zip(self.model.rungs, plan.rung_counts(len(self.model.rungs))):
             if c:
                 mt.patches.labels(name, r.name).inc(c)
-        if d.deadline_s is not None:
-            (mt.deadline_met if total <= d.deadline_s else mt.deadline_missed).labels(name).inc()
