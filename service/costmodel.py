@@ -88,8 +88,8 @@ class CostModel:
 
     # --- prediction -------------------------------------------------------------------
 
-    def predict_forward(self, key: Hashable, n: int) -> float:
-        """One forward pass of n items (n <= max_batch)."""
+    def predict_forward(self, key: Hashable, n: float) -> float:
+        """One forward pass of n items or work units (n <= max_batch)."""
         return self.rungs[key](n) * self.rung_ratio[key] * self.slowdown
 
     def predict(self, work: Iterable[tuple[Hashable, int]]) -> float:
@@ -107,7 +107,7 @@ class CostModel:
 
     # --- observation ------------------------------------------------------------------
 
-    def observe_forward(self, key: Hashable, n: int, seconds: float) -> None:
+    def observe_forward(self, key: Hashable, n: float, seconds: float) -> None:
         base = self.rungs[key](n)
         if base <= 0:
             return

@@ -93,8 +93,12 @@ class Executor:
 
     def __init__(self, name: str, forward: Forward, cost: CostModel, max_queue: int = 64,
                  max_batch: int = 128, max_wait_s: float = 0.0,
-                 on_batch: Callable[[Hashable, int, float], None] | None = None) -> None:
+                 on_batch: Callable[[Hashable, int, float], None] | None = None,
+                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
         self.name, self.forward, self.cost = name, forward, cost
+        # Work units a forward pass did, for the cost model: items by default; a family whose
+        # cost depends on the outputs (CF-ViT: exited rows cost less) counts its own.
+        self.units = units
         self.max_queue, self.max_batch, self.max_wait_s = max_queue, max_batch, max_wait_s
         self.on_batch = on_batch  # (key, items, seconds) after each forward pass: metrics
         self._queue: collections.deque[Job] = collections.deque()
@@ -243,9 +247,10 @@ class Executor:
             for s in range(0, n_items, self.max_batch):
                 chunk = take(inputs, s, s + self.max_batch)
                 tf = time.perf_counter()
-                results.append(self.forward(key, chunk))
+                out = self.forward(key, chunk)
                 dt = time.perf_counter() - tf
-                self.cost.observe_forward(key, count(chunk), dt)
+                results.append(out)
+                self.cost.observe_forward(key, self.units(key, chunk, out) if self.units else count(chunk), dt)
                 if self.on_batch is not None:
                     self.on_batch(key, count(chunk), dt)
             out = concat(results)

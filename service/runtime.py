@@ -18,7 +18,7 @@ import torch
 
 from service.config import Settings
 from service.costmodel import CostModel
-from service.executor import Executor, Forward, Job
+from service.executor import Executor, Forward, Items, Job, take
 from service.load import RateMeter
 from service.metrics import Metrics
 
@@ -26,14 +26,15 @@ log = logging.getLogger("anytime.runtime")
 
 
 class FamilyRuntime:
-    def __init__(self, name: str, forward: Forward, keys: list[Hashable], example: Callable[[Hashable, int], torch.Tensor],
-                 settings: Settings, metrics: Metrics, key_names: dict[Hashable, str] | None = None) -> None:
+    def __init__(self, name: str, forward: Forward, keys: list[Hashable], example: Callable[[Hashable, int], Items],
+                 settings: Settings, metrics: Metrics, key_names: dict[Hashable, str] | None = None,
+                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
         self.name, self.keys, self.example, self.settings, self.metrics = name, keys, example, settings, metrics
         self.key_names = key_names or {k: str(k) for k in keys}
         self.forward = forward
         self.cost = CostModel(settings.batch_max_items, settings.ewma_alpha)
         self.executor = Executor(name, forward, self.cost, settings.max_queue, settings.batch_max_items,
-                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch)
+                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units)
         self.ready = threading.Event()
         self.calibration_s = 0.0
         self.arrivals = RateMeter(settings.rate_window_s)
@@ -52,7 +53,7 @@ class FamilyRuntime:
         with torch.inference_mode():
             for key in self.keys:
                 inputs = self.example(key, self.settings.batch_max_items)
-                self.cost.calibrate_rung(key, lambda n, key=key: self.forward(key, inputs[:n]),
+                self.cost.calibrate_rung(key, lambda n, key=key, inputs=inputs: self.forward(key, take(inputs, 0, n)),
                                          self.calibration_sizes(), reps)
             if extra is not None:
                 extra()
