@@ -14,6 +14,7 @@ the app stops taking work (503), lets queued work finish, then stops the workers
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,8 @@ from service.load import LoadMonitor, LoadReading, available_cores
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.planner import Planner
+from service.classify import CfVitAdapter, ClassifierService, PssNetAdapter
+from service.classify import router as classify_router
 from service.sr import ArmService
 
 log = logging.getLogger("anytime")
@@ -36,13 +39,35 @@ log = logging.getLogger("anytime")
 VERSION = "0.2.0"
 
 
-def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> FastAPI:
+def load_classifiers(settings: Settings) -> list:
+    """The configured /classify models, as runtime adapters."""
+    adapters = []
+    if settings.pssnet_checkpoint is not None:
+        from models.pssnet.serving import PssNetModel
+
+        adapters.append(PssNetAdapter(PssNetModel.from_checkpoint(settings.pssnet_checkpoint,
+                                                                  names_file=settings.class_names,
+                                                                  device=settings.device)))
+    if settings.cfvit_checkpoint is not None:
+        from models.cfvit.serving import CfVitModel
+
+        adapters.append(CfVitAdapter(CfVitModel.from_checkpoint(settings.cfvit_checkpoint,
+                                                                names_file=settings.class_names,
+                                                                device=settings.device)))
+    return adapters
+
+
+def create_app(settings: Settings | None = None, model: ArmSR | None = None,
+               classifiers: list | None = None) -> FastAPI:
+    """``model`` / ``classifiers`` (adapters) replace the configured ones (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
     planner = Planner(settings)
     model = model or ArmSR.from_checkpoint(settings.arm_checkpoint, table=settings.arm_table, device=settings.device)
     arm = ArmService(model, settings, metrics, planner)
-    services = [arm]
+    classify = [ClassifierService(a, settings, metrics, planner)
+                for a in (load_classifiers(settings) if classifiers is None else classifiers)]
+    services = [arm, *classify]
 
     def on_sample(r: LoadReading) -> None:
         metrics.cpu.labels("system").set(r.cpu_system)
@@ -54,6 +79,13 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
 
     monitor = LoadMonitor(settings.load_sample_s, on_sample)
 
+    async def start_in_turn() -> None:
+        for svc in services:
+            try:
+                await asyncio.wrap_future(svc.start())
+            except Exception:  # logged by the runtime; that model stays not ready
+                pass
+
     def begin_drain() -> None:
         """New work gets 503 from now on; what is queued still runs."""
         for svc in services:
@@ -64,11 +96,11 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads or available_cores())
         monitor.start()
-        for svc in services:
-            svc.start()
+        warmup = asyncio.create_task(start_in_turn())  # one calibration at a time: each is timed alone
         log.info("serving %s (%s) with %d torch threads, policy %s", model.name, settings.arm_checkpoint,
                  torch.get_num_threads(), settings.policy)
         yield
+        warmup.cancel()
         begin_drain()
         for svc in services:
             if not svc.runtime.executor.shutdown(settings.drain_timeout_s):
@@ -82,6 +114,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
     app.state.model, app.state.begin_drain, app.state.monitor = model, begin_drain, monitor
     errors.install(app)
     app.include_router(arm.router())
+    if classify:
+        app.include_router(classify_router(classify))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -124,6 +158,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None) -> 
             s.runtime.refresh_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    endpoints = {p for p in (getattr(route, "path", None) for route in app.routes) if p} | {"/superresolve"}
+    endpoints = {p for p in (getattr(route, "path", None) for route in app.routes) if p} | \
+        {s.endpoint for s in services}
     app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints)
     return app

@@ -13,11 +13,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_ARM = REPO_ROOT / "models" / "arm" / "weights" / "arm-fsrcnn" / "model.safetensors"
+
+
+def bundled(family: str) -> Path | None:
+    """The first bundled weights of a family (models/<family>/weights/*/model.safetensors)."""
+    found = sorted((REPO_ROOT / "models" / family / "weights").glob("*/model.safetensors"))
+    return found[0] if found else None
 
 Policy = Literal["adaptive", "full", "smallest"]
 
@@ -36,6 +42,11 @@ class Settings(BaseSettings):
     # --- models -------------------------------------------------------------------------
     arm_checkpoint: Path = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an official .pth")
     arm_table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
+    pssnet_checkpoint: Path | None = Field(default_factory=lambda: bundled("pssnet"), description="PSS-Net for "
+                                           "/classify: our safetensors or an official .pt ('' to serve none)")
+    cfvit_checkpoint: Path | None = Field(default_factory=lambda: bundled("cfvit"), description="CF-ViT for "
+                                          "/classify: our safetensors or an official .pth ('' to serve none)")
+    class_names: Path | None = Field(None, description="class names file (one per line) for official classifiers")
 
     # --- planning policy ----------------------------------------------------------------
     policy: Policy = Field("adaptive", description="adaptive: budget from deadline and load; full / smallest: "
@@ -78,6 +89,11 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
     auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a token")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
+
+    @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "arm_table", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v in ("", "none") else v
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> Settings:

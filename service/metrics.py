@@ -52,6 +52,11 @@ class Metrics:
         self.flops = Counter("anytime_flops_served", "FLOPs spent on served requests", ["model"], registry=r)
         self.predicted_psnr = Histogram("anytime_predicted_psnr_decibels", "Predicted image PSNR of served "
                                         "super-resolution requests", ["model"], buckets=PSNR_BUCKETS, registry=r)
+        self.expected_accuracy = Histogram("anytime_expected_accuracy_ratio", "Held-out accuracy of the rung that "
+                                           "served a classification request (CF-ViT: at its eta on the validation "
+                                           "curve)", ["model"], buckets=BUDGET_BUCKETS, registry=r)
+        self.exits = Counter("anytime_exits", "CF-ViT requests by the stage they left at (coarse, fine)",
+                             ["model", "stage"], registry=r)
         self.patches = Counter("anytime_patches", "Patches served, by rung", ["model", "rung"], registry=r)
         self.batch_items = Histogram("anytime_batch_items", "Items per forward pass (micro-batches merge "
                                      "requests that share a rung)", ["model", "rung"], buckets=BATCH_BUCKETS,

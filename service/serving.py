@@ -149,5 +149,6 @@ class FamilyService:
         if d.deadline_s is not None:
             (mt.deadline_met if total <= d.deadline_s else mt.deadline_missed).labels(name).inc()
 
-    def start(self) -> None:
-        self.runtime.start()
+    def start(self) -> Future:
+        """Start the worker and calibrate; the future completes when the model is ready."""
+        return self.runtime.start()

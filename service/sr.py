@@ -13,6 +13,7 @@ import asyncio
 import io
 import logging
 import time
+from concurrent.futures import Future
 from typing import Annotated, Literal
 
 import numpy as np
@@ -139,8 +140,8 @@ class ArmService(FamilyService):
             samples.append((16 * side * side, float(np.median(times))))
         self.runtime.cost.calibrate_overhead(samples)
 
-    def start(self) -> None:
-        self.runtime.start(extra=self.calibrate_overhead)
+    def start(self) -> Future:
+        return self.runtime.start(extra=self.calibrate_overhead)
 
     def describe(self) -> dict:
         """This model's entry in GET /v1/models."""
