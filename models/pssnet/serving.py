@@ -1,0 +1,201 @@
+"""The PSS-Net model as the serving runtime sees it: a ladder of dense, BN-folded subnets.
+
+``PssNetModel.from_checkpoint`` accepts
+
+* our bundle (a folder, its ``manifest.json`` or its ``model.safetensors``): the shared
+  supernet weights plus the stored BN statistics of every retained subnet; each rung is
+  extracted, given *its own* statistics and folded at load time;
+* an official ``checkpoint_*.pt``: each pool's top-1 cfg plus max_net and min_net.  Its BN
+  buffers are not valid for any served subnet (B4), so it needs calibration images (a
+  folder, e.g. ImageNet train, processed with the official training transform) or
+  ready-made batches; ``export_bundle`` then writes our bundle so later loads need none.
+
+Rungs are ordered by FLOPs (ascending).  Every rung's network is a plain module in eval
+mode with no shared state, so ``forward`` may be called from several threads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.pssnet.calibrate import bn_stats, load_bn_stats, recalibrate_bn
+from models.pssnet.checkpoint import load_bundle, load_official_checkpoint, save_bundle
+from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, to_rgb_u8
+from models.pssnet.nets import DenseSubnet, PssSupernet, SubnetConfig, SupernetSpec, extract_subnet, fold_bn
+from models.pssnet.nets import subnet_flops, subnet_params
+
+
+@dataclass(frozen=True)
+class PssRung:
+    """One operating point.  ``flops`` in MFLOPs as PSS-Net counts them (MACs / 1e6, pool and
+    FC included); ``accuracy`` is top-1 on the held-out test split and ``val_accuracy`` on
+    val, from the manifest (None where not measured, e.g. an official checkpoint)."""
+
+    index: int
+    name: str
+    cfg: dict
+    flops: float
+    params: int
+    resolution: int
+    accuracy: float | None
+    val_accuracy: float | None
+    pool: dict
+
+
+def _read_class_names(path: str | Path | None, n: int) -> list[str]:
+    if path is None:
+        return [f"class_{i}" for i in range(n)]
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(names) != n:
+        raise ValueError(f"{path} has {len(names)} class names, the model has {n} classes")
+    return names
+
+
+class PssNetModel:
+    """A PSS-Net ladder.  Use ``from_checkpoint``."""
+
+    def __init__(self, name: str, spec: SupernetSpec, classes: list[str], rungs: list[PssRung],
+                 nets: list[DenseSubnet], preprocess_cfg: dict, stats: dict[str, dict[str, torch.Tensor]],
+                 supernet: PssSupernet, manifest: dict) -> None:
+        self.name, self.spec, self.classes, self.rungs = name, spec, classes, rungs
+        self._nets = nets
+        self._pre = preprocess_cfg
+        self._stats, self._supernet, self.manifest = stats, supernet, manifest
+        self.input_size = int(preprocess_cfg["crop"])
+        self._mean = torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1)
+        self._std = torch.tensor(preprocess_cfg["std"]).view(3, 1, 1)
+
+    # ---- loading ----
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, class_names: str | Path | None = None,
+                        calibration: str | Path | Sequence[torch.Tensor] | None = None,
+                        calib_batches: int = 9, calib_batch_size: int = 1024,
+                        name: str | None = None) -> PssNetModel:
+        """Our bundle, or an official ``.pt`` (then ``calibration`` is required: an image
+        folder or a list of normalised N x 3 x S x S batches).  ``class_names``: a text
+        file with one name per line (official checkpoints have none: ``class_<i>``)."""
+        path = Path(path)
+        if path.suffix == ".pt" or path.suffix == ".pth":
+            return cls._from_official(path, class_names, calibration, calib_batches, calib_batch_size, name)
+        bundle = load_bundle(path)
+        m = bundle.manifest
+        classes = _read_class_names(class_names, bundle.spec.num_classes) if class_names else list(
+            m.get("classes") or _read_class_names(None, bundle.spec.num_classes))
+        entries = [(r["name"], SubnetConfig.from_dict(r["cfg"]), r.get("pool", {}), r.get("accuracy") or {})
+                   for r in m["rungs"]]
+        return cls._build(name or m.get("name", path.stem), bundle.spec, bundle.supernet, classes, entries,
+                          bundle.bn_stats, m["preprocess"], m)
+
+    @classmethod
+    def _from_official(cls, path: Path, class_names: str | Path | None,
+                       calibration: str | Path | Sequence[torch.Tensor] | None, calib_batches: int,
+                       calib_batch_size: int, name: str | None) -> PssNetModel:
+        if calibration is None:
+            raise ValueError(
+                "an official PSS-Net checkpoint's BN buffers belong to whichever subnet ran last (brief B4), so "
+                "every served subnet needs its own statistics: pass calibration=<folder of training images> (or "
+                "batches), or load a bundle written by export_bundle / python -m models.pssnet.export")
+        ckpt = load_official_checkpoint(path)
+        net = ckpt.build_supernet()
+        if isinstance(calibration, (str, Path)):
+            batches = folder_calibration_batches(calibration, calib_batches, calib_batch_size)
+        else:
+            batches = list(calibration)
+        entries = [(rung, cfg, pool, {}) for rung, cfg, pool in ckpt.retained_subnets()]
+        stats: dict[str, dict[str, torch.Tensor]] = {}
+        for rung, cfg, _, _ in entries:
+            dense = extract_subnet(net, cfg)
+            recalibrate_bn(dense, batches)
+            stats[rung] = bn_stats(dense)
+        pre = {"kind": "imagenet", "resize": 256, "crop": 224, "mean": MEAN.flatten().tolist(),
+               "std": STD.flatten().tolist()}
+        classes = _read_class_names(class_names, ckpt.spec.num_classes)
+        manifest = {"family": "pssnet", "name": name or f"pss-{ckpt.spec.model_name}-{path.stem}",
+                    "source": {"official_checkpoint": path.name, "epoch": ckpt.epoch},
+                    "bn": {"calibration": {"batches": len(batches), "batch_size": int(batches[0].shape[0]),
+                                           "source": str(calibration) if isinstance(calibration, (str, Path))
+                                           else "batches given by the caller",
+                                           "augmentation": "official training transform"}},
+                    "arch_pools": ckpt.arch_pools}
+        return cls._build(manifest["name"], ckpt.spec, net, classes, entries, stats, pre, manifest)
+
+    @classmethod
+    def _build(cls, name: str, spec: SupernetSpec, supernet: PssSupernet, classes: list[str],
+               entries: list[tuple[str, SubnetConfig, dict, dict]], stats: dict[str, dict[str, torch.Tensor]],
+               pre: dict, manifest: dict) -> PssNetModel:
+        entries = sorted(entries, key=lambda e: subnet_flops(spec, e[1]))
+        rungs, nets = [], []
+        for i, (rung, cfg, pool, acc) in enumerate(entries):
+            if rung not in stats:
+                raise ValueError(f"no BN statistics for rung {rung}: refusing to serve it on shared statistics")
+            dense = extract_subnet(supernet, cfg)
+            load_bn_stats(dense, stats[rung])
+            nets.append(fold_bn(dense.eval()))
+            rungs.append(PssRung(i, rung, cfg.to_dict(), round(subnet_flops(spec, cfg), 4), subnet_params(spec, cfg),
+                                 cfg.resolution, acc.get("test"), acc.get("val"), dict(pool)))
+        return cls(name, spec, classes, rungs, nets, pre, stats, supernet, manifest)
+
+    def export_bundle(self, out_dir: str | Path) -> Path:
+        """Write our bundle (supernet + per-rung BN statistics + manifest)."""
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("weights", "bn_stats")}
+        manifest.update({"family": "pssnet", "name": self.name, "spec": self.spec.to_dict(), "classes": self.classes,
+                         "preprocess": self._pre,
+                         "rungs": [{"name": r.name, "cfg": r.cfg, "flops": r.flops, "params": r.params,
+                                    "accuracy": ({"val": r.val_accuracy, "test": r.accuracy}
+                                                 if r.accuracy is not None else None), "pool": r.pool}
+                                   for r in self.rungs]})
+        return save_bundle(out_dir, self._supernet, {r.name: self._stats[r.name] for r in self.rungs}, manifest)
+
+    # ---- inference ----
+
+    def preprocess(self, rgb_u8: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB of any size -> (3, S, S) normalised: shorter side to
+        ``resize``, centre crop ``crop`` (ImageNet: 256 / 224; the demo: 32 / 32, the
+        identity on its 32x32 images).  Grey and RGBA inputs are accepted."""
+        img = resize_center_crop(to_rgb_u8(rgb_u8), int(self._pre["resize"]), self.input_size)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+        return (x - self._mean) / self._std
+
+    def forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (n, classes) of rung ``rung_index`` on a preprocessed (n, 3, S, S) batch;
+        the subnet resizes to its own resolution inside."""
+        if not 0 <= rung_index < len(self._nets):
+            raise IndexError(f"rung {rung_index} not in 0..{len(self._nets) - 1}")
+        if batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected (n, 3, S, S), got {tuple(batch.shape)}")
+        with torch.inference_mode():
+            return self._nets[rung_index](batch)
+
+    __call__ = forward
+
+    def rung_by_name(self, name: str) -> PssRung:
+        for r in self.rungs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": "pssnet", "model_name": self.spec.model_name,
+                "classes": len(self.classes), "input_size": self.input_size,
+                "rungs": [r.__dict__ for r in self.rungs]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m models.pssnet.serving CHECKPOINT`` prints the ladder."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("checkpoint", type=Path)
+    args = ap.parse_args(argv)
+    print(json.dumps(PssNetModel.from_checkpoint(args.checkpoint).describe(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
