@@ -26,9 +26,32 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q
 
-# Offline photos for training, tables and benchmarks (Debian packages; needs root).
+# Offline data (Debian packages; needs root): photos for ARM's training, tables and benchmarks,
+# and the font families the glyph classification set is rendered from (docs/DATA_GLYPHS.md;
+# the same list is models/glyphs/fonts.py's PACKAGES, which a test keeps in step).
+GLYPH_FONTS := fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-freefont-ttf \
+   fonts-urw-base35 fonts-texgyre fonts-lmodern fonts-croscore fonts-crosextra-caladea \
+   fonts-crosextra-carlito fonts-ebgaramond fonts-linuxlibertine fonts-sil-gentiumplus \
+   fonts-sil-charis fonts-cardo fonts-vollkorn fonts-oldstandard fonts-goudybookletter \
+   fonts-yrsa-rasa fonts-century-catalogue fonts-prociono fonts-paratype fonts-linex fonts-junicode \
+   fonts-arkpandora fonts-noto-core fonts-noto-mono fonts-adf-accanthis fonts-adf-baskervald \
+   fonts-adf-berenis fonts-adf-gillius fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris \
+   fonts-adf-mekanus fonts-adf-oldania fonts-adf-romande fonts-adf-switzera fonts-adf-tribun \
+   fonts-adf-universalis fonts-adf-verana fonts-cantarell fonts-open-sans fonts-roboto-unhinted \
+   fonts-lato fonts-inter fonts-cabin fonts-dosis fonts-quicksand fonts-comfortaa \
+   fonts-league-spartan fonts-sil-andika fonts-b612 fonts-jura fonts-play fonts-yanone-kaffeesatz \
+   fonts-averia-gwf fonts-averia-sans-gwf fonts-averia-serif-gwf fonts-tuffy fonts-go \
+   fonts-millimetre fonts-routed-gothic fonts-okolaks fonts-beteckna fonts-hack fonts-inconsolata \
+   fonts-firacode fonts-jetbrains-mono fonts-anonymous-pro fonts-mononoki fonts-monoid \
+   fonts-courier-prime fonts-agave fonts-hermit fonts-3270 fonts-fantasque-sans fonts-ocr-a \
+   fonts-ocr-b fonts-comic-neue fonts-dkg-handwriting fonts-dancingscript fonts-kristi \
+   fonts-isabella fonts-femkeklaver fonts-humor-sans fonts-breip fonts-klaudia-berenika \
+   fonts-lobster fonts-lobstertwo fonts-ecolier-court fonts-blankenburg fonts-dustin \
+   fonts-oflb-euterpe
+
 data:
 	apt-get install -y mate-backgrounds plasma-workspace-wallpapers
+	apt-get install -y --no-install-recommends $(GLYPH_FONTS)
 
 # Rebuild the bundled ARM-FSRCNN from scratch (about an hour on 2 cores; needs `make data`).
 ARM_ITERS ?= 55000
