@@ -45,9 +45,8 @@ def load_classifiers(settings: Settings) -> list:
     if settings.pssnet_checkpoint is not None:
         from models.pssnet.serving import PssNetModel
 
-        adapters.append(PssNetAdapter(PssNetModel.from_checkpoint(settings.pssnet_checkpoint,
-                                                                  names_file=settings.class_names,
-                                                                  device=settings.device)))
+        adapters.append(PssNetAdapter(PssNetModel.from_checkpoint(
+            settings.pssnet_checkpoint, class_names=settings.class_names, calibration=settings.pssnet_calibration)))
     if settings.cfvit_checkpoint is not None:
         from models.cfvit.serving import CfVitModel
 

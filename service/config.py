@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     cfvit_checkpoint: Path | None = Field(default_factory=lambda: bundled("cfvit"), description="CF-ViT for "
                                           "/classify: our safetensors or an official .pth ('' to serve none)")
     class_names: Path | None = Field(None, description="class names file (one per line) for official classifiers")
+    pssnet_calibration: Path | None = Field(None, description="image folder to recalibrate BatchNorm of an "
+                                            "official PSS-Net checkpoint's subnets (it has no usable statistics)")
 
     # --- planning policy ----------------------------------------------------------------
     policy: Policy = Field("adaptive", description="adaptive: budget from deadline and load; full / smallest: "
@@ -90,7 +92,8 @@ class Settings(BaseSettings):
     auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a token")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
 
-    @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "arm_table", mode="before")
+    @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "pssnet_calibration", "arm_table",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v in ("", "none") else v
