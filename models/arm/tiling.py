@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 PATCH, STEP, SCALE = 32, 28, 4
 Tiling = Literal["full", "official"]
@@ -49,34 +50,89 @@ def pad_to_patch(img: np.ndarray, patch: int = PATCH) -> np.ndarray:
 
 
 def extract(img: np.ndarray, pos: np.ndarray, patch: int = PATCH) -> np.ndarray:
-    """(N, patch, patch, C) patches at the given corners."""
-    iy = pos[:, 0, None] + np.arange(patch)[None, :]
-    ix = pos[:, 1, None] + np.arange(patch)[None, :]
-    return img[iy[:, :, None], ix[:, None, :]]
+    """(N, patch, patch, ...) patches at the given corners of an (H, W, ...) image.
+
+    Indexes a sliding-window view on its two leading axes, so numpy copies each patch as
+    whole rows (10-40x faster than gathering every pixel by a 3-D fancy index)."""
+    windows = np.moveaxis(sliding_window_view(img, (patch, patch), axis=(0, 1)), (-2, -1), (2, 3))
+    return windows[pos[:, 0], pos[:, 1]]
 
 
 class Canvas:
     """Accumulates HR patches (placed at ``scale`` x their LR corners) and averages the
     overlaps with equal weights.  Patches are added batch by batch, so a large image never
-    holds all its SR patches in memory at once.  Channel-first inside, so each patch is
-    added as contiguous planes straight from the network's NCHW output."""
+    holds all its SR patches in memory at once.
+
+    Pixel-interleaved (H, W, C) inside: the networks' outputs are channels-last, so each
+    patch is added as one contiguous block straight from their memory, and ``result`` is
+    the C-ordered image an encoder wants, with no transposition on either side.  The
+    overlap counts of a full grid of corners (what ``positions`` makes) are a product of a
+    row count and a column count, so only the overlap strips are divided; any other set of
+    corners falls back to a per-pixel count."""
 
     def __init__(self, out_hw: tuple[int, int], channels: int = 3, scale: int = SCALE) -> None:
-        self.sum = np.zeros((channels, *out_hw), dtype=np.float32)
-        self.weight = np.zeros(out_hw, dtype=np.float32)
+        self.sum = np.zeros((*out_hw, channels), dtype=np.float32)
         self.scale = scale
+        self._corners: list[np.ndarray] = []
+        self._size = 0
 
     def add(self, patches: np.ndarray, pos: np.ndarray) -> None:
-        """``patches`` (N, C, P, P) float32."""
+        """``patches`` (N, C, P, P) float32, in any memory layout (channels-last is fastest)."""
         p = patches.shape[-1]
-        for (y, x), tile in zip((pos * self.scale).tolist(), patches):
-            self.sum[:, y:y + p, x:x + p] += tile
-            self.weight[y:y + p, x:x + p] += 1
+        if self._size not in (0, p):
+            raise ValueError(f"patches of size {p} added to a canvas of {self._size}-pixel patches")
+        self._size = p
+        corners = np.asarray(pos, dtype=np.int64) * self.scale
+        for (y, x), tile in zip(corners.tolist(), patches.transpose(0, 2, 3, 1)):
+            self.sum[y:y + p, x:x + p] += tile
+        self._corners.append(corners)
 
     def result(self) -> np.ndarray:
-        """The averaged float32 canvas, (H, W, C); pixels no patch covered stay 0."""
-        np.divide(self.sum, np.maximum(self.weight, 1)[None], out=self.sum)
-        return self.sum.transpose(1, 2, 0)
+        """The averaged float32 canvas, (H, W, C) and C-contiguous; pixels no patch covered
+        stay 0."""
+        if not self._corners:
+            return self.sum
+        corners = np.concatenate(self._corners)
+        ys, xs = np.unique(corners[:, 0]), np.unique(corners[:, 1])
+        cells = np.unique(np.searchsorted(ys, corners[:, 0]) * len(xs) + np.searchsorted(xs, corners[:, 1]))
+        if len(corners) == len(cells) == len(ys) * len(xs):  # every row x column corner exactly once
+            self._divide_grid(ys, xs)
+        else:
+            count = np.zeros(self.sum.shape[:2], dtype=np.float32)
+            for y, x in corners.tolist():
+                count[y:y + self._size, x:x + self._size] += 1
+            np.divide(self.sum, np.maximum(count, 1)[:, :, None], out=self.sum)
+        self._corners = []  # divided once
+        return self.sum
+
+    def _divide_grid(self, ys: np.ndarray, xs: np.ndarray) -> None:
+        """Divide by count(y, x) = rows(y) * cols(x), only where it exceeds 1.  Divides by
+        the same float32 product as a per-pixel count would, so the result is identical.
+        Works on the (H, W * C) view with per-value divisors, so numpy's inner loops run
+        along whole rows instead of over the C values of one pixel."""
+        h, w, c = self.sum.shape
+        flat = self.sum.reshape(h, w * c)
+        rows, cols = _coverage(ys, self._size, h), np.repeat(_coverage(xs, self._size, w), c)
+        for band in _runs(rows > 1):  # (columns no patch covers have count 0: left at 0)
+            flat[band] /= np.maximum(rows[band, None] * cols[None, :], 1)
+        strips = _runs(cols > 1)
+        for band in _runs(rows == 1):
+            for strip in strips:
+                flat[band, strip] /= cols[strip]
+
+
+def _coverage(starts: np.ndarray, size: int, length: int) -> np.ndarray:
+    """How many of the intervals [s, s + size) cover each of ``length`` pixels."""
+    count = np.zeros(length + 1, dtype=np.float32)
+    np.add.at(count, np.minimum(starts, length), 1)
+    np.add.at(count, np.minimum(starts + size, length), -1)
+    return np.cumsum(count[:-1], dtype=np.float32)
+
+
+def _runs(mask: np.ndarray) -> list[slice]:
+    """Maximal runs of True in a 1-D mask, as slices."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    return [slice(a, b) for a, b in zip(edges[::2].tolist(), edges[1::2].tolist())]
 
 
 def covered_hw(pos: np.ndarray, patch: int = PATCH) -> tuple[int, int]:
