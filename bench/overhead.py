@@ -13,50 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
 from bench.load import default_image, ensure_loopback
+from bench.server import start_server
 from models.arm.pipeline import ArmSR
 from service import imageio
 from service.config import Settings
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": str(threads),
-           "ANYTIME_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit("the server exited during start-up; run `python -m service` to see why")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    sys.exit("the server did not become ready within 60 s")
 
 
 def in_process(model: ArmSR, body: bytes, budget: float, media: str, settings: Settings) -> bytes:
@@ -89,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         ensure_loopback(args.url)
         url = args.url
     else:
-        proc, url = start_server(args.threads)
+        try:
+            proc, url = start_server(quiet=True, ANYTIME_TORCH_THREADS=str(args.threads), ANYTIME_LOG_LEVEL="warning")
+        except RuntimeError as exc:
+            sys.exit(str(exc))
     try:
         direct, served = [], []
         headers = {"content-type": "image/png", "accept": args.accept}

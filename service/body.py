@@ -19,6 +19,13 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 ACCEPTED_BODIES = "a raw image body (image/png, image/jpeg, image/webp or application/octet-stream) " \
                   "or multipart/form-data with the image in a file field named 'image'"
 
+# OpenAPI for routes that take an image as the raw body or as a multipart file (FastAPI
+# cannot infer it: the body is read by hand, under the byte limit).
+IMAGE_REQUEST_BODY = {"requestBody": {"required": True, "description": ACCEPTED_BODIES, "content": {
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}}}}}}}
+
 
 @dataclass
 class Upload:

@@ -27,11 +27,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from service import imageio
-from service.body import ACCEPTED_BODIES, read_image
+from service.body import IMAGE_REQUEST_BODY, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
 from service.executor import Items
-from service.media import OFFERED
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner
 from service.runtime import FamilyRuntime
@@ -280,10 +279,7 @@ def router(services: list[ClassifierService]) -> APIRouter:
         responses={200: {"description": "top-k labels and probabilities, the rung used and the FLOPs spent; "
                                         "X-Anytime-* headers as for /superresolve"},
                    **doc(400, 401, 413, 415, 422, 429, 503, 504)},
-        openapi_extra={"requestBody": {"required": True, "description": ACCEPTED_BODIES, "content": {
-            **{t: {"schema": {"type": "string", "format": "binary"}} for t in OFFERED},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "format": "binary"}}}}}}},
+        openapi_extra=IMAGE_REQUEST_BODY,
     )
     async def classify(
         request: Request,

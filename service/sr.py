@@ -25,7 +25,7 @@ from PIL import Image
 from models.arm.pipeline import Analysis, ArmSR, Plan
 from models.common.synthetic import synthetic_photo
 from service import imageio
-from service.body import ACCEPTED_BODIES, read_image
+from service.body import IMAGE_REQUEST_BODY, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
 from service.executor import Job
@@ -164,10 +164,7 @@ class ArmService(FamilyService):
                              "description": "the x4 image (or the rung map with explain=true); X-Anytime-* headers "
                                             "say which rungs served it, what it cost and how long it queued"},
                        **doc(400, 401, 406, 413, 415, 422, 429, 503, 504)},
-            openapi_extra={"requestBody": {"required": True, "description": ACCEPTED_BODIES, "content": {
-                **{t: {"schema": {"type": "string", "format": "binary"}} for t in OFFERED},
-                "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                    "image": {"type": "string", "format": "binary"}}}}}}},
+            openapi_extra=IMAGE_REQUEST_BODY,
         )
         async def superresolve(
             request: Request,

@@ -4,48 +4,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, synthetic_photo
+from bench import server as bench_server
+from tests.conftest import synthetic_photo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(**env_extra: str) -> tuple[subprocess.Popen, str]:
-    """``python -m service`` on a free loopback port, once it is ready."""
-    port = _free_port()
-    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", "ANYTIME_TORCH_THREADS": "1",
-           **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail("server did not become ready within 60 s")
+def start_server(**env_extra: str):
+    """``python -m service`` on a free loopback port, once it is ready (one torch thread)."""
+    try:
+        return bench_server.start_server(**{"ANYTIME_TORCH_THREADS": "1", **env_extra})
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
