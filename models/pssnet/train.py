@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mobilenet_v1", choices=["mobilenet_v1", "mobilenet_v2"])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=0.1, help="official: 0.3 at batch 1024")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--pool-size", type=int, default=20, help="pool capacity (official: 50)")
     ap.add_argument("--grid", type=int, nargs=3, default=None, metavar=("START", "STOP", "STEP"),
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": args.epochs, "iterations": total, "batch": args.batch, "lr": args.lr,
             "weight_decay": args.weight_decay, "pool_size": args.pool_size, "gen_map_num": args.gen_map_num,
             "seed": args.seed, "threads": args.threads,
-            "data": {"source": train_set.source, "train": len(train_set.labels), "val": len(val_set.labels),
+            "data": {"source": {"train": train_set.source, "val": val_set.source, "test": test_set.source},
+                     "train": len(train_set.labels), "val": len(val_set.labels),
                      "test": len(test_set.labels), "split": ("models.glyphs.data.load_split: train / val / test by font family"
                                if args.data == "glyphs" else "synthetic shapes, splits by seed")},
             "wall_clock_s": {"train": round(train_seconds, 1), "calibrate_and_evaluate": round(final_seconds, 1)},
