@@ -85,7 +85,7 @@ class Settings(BaseSettings):
                                   "checked from the header before decoding; the output has 16x as many pixels")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 504")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG responses (speed vs size)")
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG and WebP responses")
 
     # --- security and lifecycle ---------------------------------------------------------
     auth_token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")

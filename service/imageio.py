@@ -104,10 +104,10 @@ def _to_int(v: np.ndarray, peak: int, dtype: type) -> np.ndarray:
 
 
 def encode(sr: np.ndarray, src: Decoded, media_type: str = "image/png", *,
-           png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+           png_compress_level: int = PNG_COMPRESS_LEVEL, quality: int = 95) -> bytes:
     """Encode an SR float canvas (H, W, 3) in [0, 1] like the source image: grey stays
     grey, alpha is re-attached, 16-bit stays 16-bit (PNG only).  ``png_compress_level``
-    is zlib's 0-9 (see ``png_bytes``)."""
+    is zlib's 0-9 (see ``png_bytes``); ``quality`` is JPEG's and WebP's."""
     fmt = FORMATS[media_type]
     h, w = sr.shape[:2]
     if src.bits == 16 and fmt == "PNG":
@@ -119,7 +119,7 @@ def encode(sr: np.ndarray, src: Decoded, media_type: str = "image/png", *,
     if fmt == "PNG":
         return png_bytes(pixels, png_compress_level)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt, quality=95)  # mode from the shape: L, LA, RGB, RGBA
+    Image.fromarray(pixels).save(buf, format=fmt, quality=quality)  # mode from the shape: L, LA, RGB, RGBA
     return buf.getvalue()
 
 

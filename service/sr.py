@@ -121,7 +121,8 @@ class ArmService(FamilyService):
 
     def finish(self, plan: Plan, img: imageio.Decoded, groups, outputs, media: str) -> bytes:
         canvas = self.model.assemble(plan, img.rgb, groups, outputs)
-        return imageio.encode(canvas, img, media)
+        return imageio.encode(canvas, img, media, png_compress_level=self.settings.png_compress_level,
+                              quality=self.settings.jpeg_quality)
 
     def calibrate_overhead(self) -> None:
         """Time stitch + PNG encode at two image sizes; the cost model fits it per output pixel."""
