@@ -115,6 +115,14 @@ class CostModel:
             a = self.alpha
             self.slowdown += a * (seconds / (base * self.rung_ratio[key]) - self.slowdown)
             self.rung_ratio[key] += (a / 4) * (seconds / (base * self.slowdown) - self.rung_ratio[key])
+            # Only the products slowdown x ratio are observed, so the split would drift; keep
+            # the rung ratios' geometric mean at 1, so that ``slowdown`` is the host's factor
+            # and each ratio a rung's relative correction.  Predictions are unchanged.
+            g = float(np.exp(np.mean(np.log(list(self.rung_ratio.values())))))
+            for k in self.rung_ratio:
+                self.rung_ratio[k] /= g
+            self.slowdown *= g
+            self.overhead_ratio /= g
             self.observations += 1
 
     def observe_overhead(self, units: float, seconds: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,13 @@ def test_prediction_chunks_by_max_batch_and_slowdown_follows_observations() -> N
     assert cm.predict([("a", 10)]) == pytest.approx(0.020, rel=0.01)
     # Most of it is put down to the host (slowdown), so b, never observed, follows too.
     assert cm.slowdown > 1.8 and cm.predict([("b", 10)]) == pytest.approx(0.040, rel=0.1)
+    assert np.prod(list(cm.rung_ratio.values())) == pytest.approx(1.0)  # the split cannot drift
+    cm = _model()
+    for _ in range(200):  # one rung really is miscalibrated (1.5x), the host is not
+        cm.observe_forward("a", 10, 0.015)
+        cm.observe_forward("b", 10, 0.020)
+    assert cm.predict([("a", 10)]) == pytest.approx(0.015, rel=0.05)
+    assert cm.predict([("b", 10)]) == pytest.approx(0.020, rel=0.05)
 
 
 # --- executor ---------------------------------------------------------------------------
