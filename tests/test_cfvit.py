@@ -175,7 +175,7 @@ def _explicit_sdpa(q, k, v):
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("overrides", [{}, {"stem": "conv4", "patch_size": 8, "img_size": 64, "aux_head": True,
+@pytest.mark.parametrize("overrides", [{"stem": "patch"}, {"stem": "conv4", "patch_size": 8, "img_size": 64, "aux_head": True,
                                             "qkv_bias": False}])
 def test_macs_match_torch_flop_counter(monkeypatch, overrides):
     from torch.utils.flop_counter import FlopCounterMode
@@ -288,7 +288,7 @@ def test_reuse_upsampling_is_nearest(tiny):
 
 def test_lvvit_logit_forms():
     torch.manual_seed(0)
-    m = create_model("cf_tiny_glyphs", num_classes=7, stem="conv4", patch_size=8, img_size=64, aux_head=True,
+    m = create_model("cf_tiny_glyphs", num_classes=7, stem="conv4", stem_channels=64, patch_size=8, img_size=64, aux_head=True,
                      skip_lam=2.0, qkv_bias=False).eval()
     z = torch.randn(3, 5, m.cfg.embed_dim)
     with torch.inference_mode():

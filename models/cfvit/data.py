@@ -18,7 +18,7 @@ class Split:
     images: np.ndarray  # (N, H, W, 3) uint8 RGB
     labels: np.ndarray  # (N,) int64
     classes: list[str]
-    source: str
+    source: str | dict  # a description for manifests
 
 
 def load(dataset: str, split: str) -> Split:
@@ -26,7 +26,7 @@ def load(dataset: str, split: str) -> Split:
         from models.glyphs.data import load_split
 
         ds = load_split(split)
-        return Split(np.asarray(ds.images), np.asarray(ds.labels, dtype=np.int64), list(ds.classes), str(ds.source))
+        return Split(np.asarray(ds.images), np.asarray(ds.labels, dtype=np.int64), list(ds.classes), ds.source)
     if dataset == "shapes":
         seeds = {"train": (0, 12000), "val": (1, 2000), "test": (2, 2000)}
         seed, n = seeds[split]

@@ -11,7 +11,7 @@ Informative selection is off at first (the fine stage sees all Gf^2 fine tokens 
 reuse features) and switched on for the last part of training (``--selection-from``; the
 official runs switch it on after epoch 200 of 300).
 
-    python -m models.cfvit.train --steps 6000 --name cf-tiny-glyphs
+    python -m models.cfvit.train --steps 8000 --name cf-tiny-glyphs
 
 Resumable: ``--out`` (default ``runs/<name>``) holds ``train_state.pt`` (weights, optimiser,
 step, RNG states, elapsed time), written every ``--save-every`` steps; rerunning the same
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--mlp-ratio", type=float, default=None)
     ap.add_argument("--drop-path", type=float, default=0.0)
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--min-lr", type=float, default=1e-5)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     sel_step = int(round(args.selection_from * args.steps))
-    x_train = data.to_tensor(train_set.images, cfg.mean, cfg.std)
+    x_train = train_set.images  # uint8; normalised per batch
     y_train = torch.from_numpy(train_set.labels)
     x_val = data.to_tensor(val_set.images[:1000], cfg.mean, cfg.std)
     y_val = val_set.labels[:1000]
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.from_numpy(rng.integers(0, len(x_train), size=args.batch))
-        xb = data.augment(x_train[idx], gen, args.max_shift, args.jitter)
+        xb = data.augment(data.to_tensor(x_train[idx.numpy()], cfg.mean, cfg.std), gen, args.max_shift, args.jitter)
         yb = y_train[idx]
         selection = step >= sel_step
         coarse, fine = model.forward_all(xb, informative_selection=selection)
