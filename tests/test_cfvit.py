@@ -396,7 +396,7 @@ def test_training_runs_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--data", "shapes", "--steps", "6", "--batch", "16", "--selection-from", "0.5", "--out", str(out),
             "--eval-every", "0", "--save-every", "3", "--embed-dim", "32", "--depth", "2", "--heads", "2",
-            "--limit-eval", "64", "--name", "t", "--weights-dir", str(tmp_path / "weights")]
+            "--limit-eval", "64", "--name", "t", "--pause-file", "", "--weights-dir", str(tmp_path / "weights")]
     train.main(args + ["--stop-after", "3"])
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 3

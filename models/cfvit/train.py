@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=1000, help="quick val accuracy every N steps (0: never)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only (tests)")
+    ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=Path("/tmp/anytime-quiet"),
+                    help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this step (tests)")
     return ap
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     y_val = val_set.labels[:1000]
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    start, elapsed, resumed_from, log = 0, 0.0, [], []
+    start, elapsed, resumed_from, log, paused_total = 0, 0.0, [], [], 0.0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)  # our own file, written below
         if st["argv"] != argv:
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         rng.bit_generator.state = st["rng"]
         gen.set_state(st["gen"])
         start, elapsed, resumed_from, log = st["step"], st["elapsed"], st["resumed_from"], st["log"]
+        paused_total = st.get("paused", 0.0)
         if start < args.steps:
             resumed_from = resumed_from + [start]
             print(f"resumed at step {start}", flush=True)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "argv": argv,
                     "rng": rng.bit_generator.state, "gen": gen.get_state(),
-                    "elapsed": elapsed + time.time() - t0, "resumed_from": resumed_from, "log": log}, tmp)
+                    "elapsed": elapsed + time.time() - t0 - paused, "paused": paused_total + paused,
+                    "resumed_from": resumed_from, "log": log}, tmp)
         tmp.replace(state_path)
 
     macs = count_macs(cfg)
@@ -166,7 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     run = {"loss": [], "ce": [], "kl": [], "acc_c": [], "acc_f": []}
     last = start
+    paused = 0.0
     for step in progress(range(start, args.steps), total=args.steps, initial=start, desc="train"):
+        if args.pause_file and args.pause_file.exists():
+            tp = time.time()
+            print(f"{args.pause_file} exists: pausing", flush=True)
+            while args.pause_file.exists():
+                time.sleep(30)
+            paused += time.time() - tp
+            print(f"resuming after {time.time() - tp:.0f}s", flush=True)
         lr = lr_at(step, args.steps, warmup, args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             extra = f" val coarse {entry['val_coarse']:.3f} fine {entry['val_fine']:.3f}" if "val_fine" in entry else ""
             print(f"step {done}: loss {entry['loss']:.3f} (ce {entry['ce']:.3f} kl {entry['kl']:.3f}) train acc "
                   f"coarse {entry['acc_c']:.3f} fine {entry['acc_f']:.3f} lr {lr:.2e}"
-                  f"{' sel' if selection else ''}{extra} ({elapsed + time.time() - t0:.0f}s)", flush=True)
+                  f"{' sel' if selection else ''}{extra} ({elapsed + time.time() - t0 - paused:.0f}s)", flush=True)
             for v in run.values():
                 v.clear()
         if done % args.save_every == 0 or done == args.steps or done == args.stop_after:
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.stop_after is not None and done >= args.stop_after:
             print(f"stopped after step {done} (state in {state_path})", flush=True)
             return
-    train_seconds = elapsed + (time.time() - t0 if last > start else 0.0)
+    train_seconds = elapsed + (time.time() - t0 - paused if last > start else 0.0)
     if last > start:
         save_state(last)
 
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                 {"max_shift": args.max_shift, "jitter": args.jitter, "flips": False},
             "drop_path": args.drop_path, "seed": args.seed, "threads": args.threads,
             "resumed_from": resumed_from,
-            "wall_clock_s": round(train_seconds, 1), "eval_wall_clock_s": round(eval_seconds, 1),
+            "wall_clock_s": round(train_seconds, 1), "paused_for_benchmarks_s": round(paused_total + paused, 1),
+            "eval_wall_clock_s": round(eval_seconds, 1),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, "
                        f"{args.threads} thread(s), shared 2-core host",
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
