@@ -333,7 +333,7 @@ def test_compose_service_matches_the_image() -> None:
     svc = compose["services"]["anytime"]
     assert svc["build"]["context"] == ".." and (DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
     assert any(str(p).endswith(":8000") for p in svc["ports"])
-    assert any("/healthz" in part for part in svc["healthcheck"]["test"])
+    assert any("/readyz" in part for part in svc["healthcheck"]["test"])  # --wait means serving
     prom = compose["services"]["prometheus"]
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
 
