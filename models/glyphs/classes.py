@@ -14,7 +14,7 @@ i/I, l/L, ...) stay apart, and the digit/letter confusions (0/O, 1/l/I, 5/S, 2/Z
 from __future__ import annotations
 
 # Lower case letters folded into their upper case class.
-MERGED_LOWER = "cosuvwxz"
+MERGED_LOWER = "copsvwxz"
 
 DIGITS = "0123456789"
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -37,7 +37,7 @@ from models.glyphs import fonts as F
 from models.glyphs.classes import ALL_CHARS, CLASS_CHARS, CLASSES
 from models.glyphs.render import render
 
-GENERATOR_VERSION = 1  # bump on any change to rendering, sampling or the class set
+GENERATOR_VERSION = 3  # bump on any change to rendering, sampling or the class set
 DEFAULT_N = {"train": 50_000, "val": 5_000, "test": 5_000}
 SEEDS = {"train": 1001, "val": 2002, "test": 3003}
 CHUNK = 1000  # samples per worker task (and per progress line)

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from models.glyphs.classes import ALL_CHARS, CLASS_CHARS
 
 DATA_DIR = Path(os.environ.get("ANYTIME_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
-INDEX_VERSION = 1  # bump when vetting or grouping changes: invalidates the cached index
+INDEX_VERSION = 2  # bump when vetting or grouping changes: invalidates the cached index
 FONT_EXTS = (".ttf", ".otf", ".pfb")
 RENDER_PX = 64  # font size of the vetting renders and of the glyph masks
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -463,7 +463,7 @@ def build_index(files: list[tuple[Path, str]], log: bool = False) -> dict:
 
 
 def _index_key(files: list[tuple[Path, str]]) -> str:
-    h = hashlib.sha256(f"v{INDEX_VERSION}|{ALL_CHARS}|{RENDER_PX}".encode())
+    h = hashlib.sha256(f"v{INDEX_VERSION}|{'/'.join(CLASS_CHARS)}|{RENDER_PX}".encode())
     for p, pkg in files:
         st = p.stat()
         h.update(f"{p}|{pkg}|{st.st_size}|{int(st.st_mtime)}\n".encode())

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from models.glyphs.fonts import glyph_mask, load_font
 
-SCALE_RANGE = (0.55, 0.92)  # longer side of the glyph box / canvas side
+SCALE_RANGE = (0.3, 0.9)  # longer side of the glyph box / canvas side, log-uniform
 MAX_ROTATION_DEG = 20.0
 
 
@@ -143,7 +143,7 @@ def render(path: str, ch: str, rng: np.random.Generator, size: int = 32,
     h, w = glyph.shape
 
     # Geometry: fit the longer side, then stretch, shear and rotate a little.
-    k = rng.uniform(*SCALE_RANGE) * canvas / max(h, w)
+    k = math.exp(rng.uniform(*np.log(SCALE_RANGE))) * canvas / max(h, w)
     stretch = math.exp(rng.uniform(-0.15, 0.15))
     shear = rng.uniform(-0.25, 0.25) if rng.random() < 0.5 else 0.0
     theta = math.radians(float(np.clip(rng.normal(0, 7), -MAX_ROTATION_DEG, MAX_ROTATION_DEG)))
@@ -173,10 +173,12 @@ def render(path: str, ch: str, rng: np.random.Generator, size: int = 32,
             other = cached_mask(path, neighbours[int(rng.integers(len(neighbours)))])
             oh, ow = other.shape
             ow_k = ow * k * stretch
-            # In the line: a letter gap away, but at least half cut off by the canvas edge, so
-            # the labelled glyph is always the one in the middle.
-            dx = side * max((box_w + ow_k) / 2 + rng.uniform(0.08, 0.25) * box_h, 0.5 * canvas + 0.1 * ow_k)
-            dy = line * box_h * rng.uniform(1.1, 1.4)
+            # A letter gap (or a line) away, but centred on or beyond the canvas edge, so at
+            # most half of it shows and the labelled glyph is the only whole one.
+            edge_x = canvas - centre[0] if side > 0 else centre[0]
+            edge_y = canvas - centre[1] if line > 0 else centre[1]
+            dx = side * max((box_w + ow_k) / 2 + rng.uniform(0.08, 0.25) * box_h, edge_x)
+            dy = line * max(box_h * rng.uniform(1.1, 1.4), edge_y if side == 0 else 0.0)
             c = (centre[0] + dx * xdir[0] + dy * ydir[0], centre[1] + dx * xdir[1] + dy * ydir[1])
             context.paste(255, mask=_place(other, canvas, c, m))
 
