@@ -161,3 +161,23 @@ def test_concurrent_requests_at_one_subnet_share_a_forward_pass(setup) -> None:
         t.join(30)
     assert [r.status_code for r in results] == [200] * 4
     assert pss.batches == [(2, 4)]
+
+
+def test_bundled_classifiers_serve_through_classify(bundled_model) -> None:
+    """The real bundled models (when they have been trained and committed) through the
+    default configuration: loading, calibration, one request at the bottom and top rung."""
+    from service.app import load_classifiers
+    from service.config import bundled
+
+    if bundled("pssnet") is None and bundled("cfvit") is None:
+        pytest.skip("no bundled classification weights under models/pssnet/weights or models/cfvit/weights")
+    settings = Settings(**{**FAST_START, "pssnet_checkpoint": bundled("pssnet"), "cfvit_checkpoint": bundled("cfvit")})
+    adapters = load_classifiers(settings)
+    app = create_app(settings, model=bundled_model, classifiers=adapters)
+    with TestClient(app) as c:
+        wait_ready(c, timeout=120)
+        for a in adapters:
+            lo = _post(c, model=a.model.name, budget="0").json()
+            hi = _post(c, model=a.model.name, budget="1").json()
+            assert lo["flops_expected"] <= hi["flops_expected"] and hi["flops_expected"] == hi["flops_full"]
+            assert 0 < lo["predictions"][0]["probability"] <= 1 and lo["predictions"][0]["label"] in a.model.classes
