@@ -226,7 +226,8 @@ class ClassifierService(FamilyService):
         def finish(d: Decision, outputs: list[Items]) -> tuple[torch.Tensor, dict, float]:
             return a.answer(d.plan, outputs[0])
 
-        decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, lambda d: a.work(d.plan, x), finish)
+        decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, lambda d: a.work(d.plan, x), finish,
+                                                 inline=True)
         logits, rung_info, spent = await self.result(decision, future)
         plan: ClsPlan = decision.plan
         probs = torch.softmax(logits.float(), dim=-1)

@@ -37,6 +37,11 @@ from service.serving import FamilyService
 
 log = logging.getLogger("anytime.sr")
 
+# Small requests are decoded and planned on the event loop: it takes well under a
+# millisecond, less than the hop to a worker thread and back.
+INLINE_DECODE_BYTES = 128 * 1024
+INLINE_PLAN_PATCHES = 64  # about 230x230 LR
+
 # Rung colours of explain=true maps (bicubic grey, then blue -> green -> red by width).
 RUNG_COLOURS = [(128, 128, 128), (66, 133, 244), (52, 168, 83), (234, 67, 53), (251, 188, 4), (171, 71, 188)]
 
@@ -215,8 +220,9 @@ class ArmService(FamilyService):
             img = imageio.decode(upload.data, s.max_input_pixels)
             return img, m.analyse(img.rgb_u8, tiling)
 
-        try:
-            img, analysis = await asyncio.to_thread(decode_and_analyse)
+        try:  # small bodies decode faster than a hop to a thread and back
+            img, analysis = decode_and_analyse() if len(upload.data) <= INLINE_DECODE_BYTES else \
+                await asyncio.to_thread(decode_and_analyse)
         except imageio.ImageError as exc:
             raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
 
@@ -241,7 +247,7 @@ class ArmService(FamilyService):
 
         decision, job, future = await self.admit(self.ladder(analysis, objective), ask, t0,
                                                  rt.cost.predict_overhead(out_px), None if explain else prepare,
-                                                 finish)
+                                                 finish, inline=len(analysis.positions) <= INLINE_PLAN_PATCHES)
         plan: Plan = decision.plan
         label = f"rung:{m.rungs[fixed_rung].name}" if fixed_rung is not None else "best" if parsed == "best" \
             else f"{round(decision.budget, 4):g}"
