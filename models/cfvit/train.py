@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     y_val = val_set.labels[:1000]
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    start, elapsed, resumed_from, log, paused_total = 0, 0.0, [], [], 0.0
+    start, elapsed, resumed_from, log, paused_total, cpu_before = 0, 0.0, [], [], 0.0, 0.0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)  # our own file, written below
         if st["argv"] != argv:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         rng.bit_generator.state = st["rng"]
         gen.set_state(st["gen"])
         start, elapsed, resumed_from, log = st["step"], st["elapsed"], st["resumed_from"], st["log"]
-        paused_total = st.get("paused", 0.0)
+        paused_total, cpu_before = st.get("paused", 0.0), st.get("cpu", 0.0)
         if start < args.steps:
             resumed_from = resumed_from + [start]
             print(f"resumed at step {start}", flush=True)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "argv": argv,
                     "rng": rng.bit_generator.state, "gen": gen.get_state(),
                     "elapsed": elapsed + time.time() - t0 - paused, "paused": paused_total + paused,
-                    "resumed_from": resumed_from, "log": log}, tmp)
+                    "cpu": cpu_before + time.process_time() - c0, "resumed_from": resumed_from, "log": log}, tmp)
         tmp.replace(state_path)
 
     macs = count_macs(cfg)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.fine_seq_len}, MACs {macs.coarse / 1e6:.1f}M coarse + {macs.fine_increment / 1e6:.1f}M fine; "
           f"data {args.data} ({len(x_train)} train, {len(val_set.labels)} val); selection from step {sel_step}",
           flush=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model.train()
     run = {"loss": [], "ce": [], "kl": [], "acc_c": [], "acc_f": []}
     last = start
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopped after step {done} (state in {state_path})", flush=True)
             return
     train_seconds = elapsed + (time.time() - t0 - paused if last > start else 0.0)
+    cpu_seconds = cpu_before + (time.process_time() - c0 if last > start else 0.0)
     if last > start:
         save_state(last)
 
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             "drop_path": args.drop_path, "seed": args.seed, "threads": args.threads,
             "resumed_from": resumed_from,
             "wall_clock_s": round(train_seconds, 1), "paused_for_benchmarks_s": round(paused_total + paused, 1),
+            "cpu_time_s": round(cpu_seconds, 1),
             "eval_wall_clock_s": round(eval_seconds, 1),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, "
                        f"{args.threads} thread(s), shared 2-core host",
