@@ -34,7 +34,7 @@ GLYPH_FONTS := fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-free
    fonts-crosextra-carlito fonts-ebgaramond fonts-linuxlibertine fonts-sil-gentiumplus \
    fonts-sil-charis fonts-cardo fonts-vollkorn fonts-oldstandard fonts-goudybookletter \
    fonts-yrsa-rasa fonts-century-catalogue fonts-prociono fonts-paratype fonts-linex fonts-junicode \
-   fonts-arkpandora fonts-noto-core fonts-noto-mono fonts-adf-accanthis fonts-adf-baskervald \
+   fonts-arkpandora fonts-noto-mono fonts-noto-core fonts-adf-accanthis fonts-adf-baskervald \
    fonts-adf-berenis fonts-adf-gillius fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris \
    fonts-adf-mekanus fonts-adf-oldania fonts-adf-romande fonts-adf-switzera fonts-adf-tribun \
    fonts-adf-universalis fonts-adf-verana fonts-cantarell fonts-open-sans fonts-roboto-unhinted \
@@ -45,9 +45,8 @@ GLYPH_FONTS := fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-free
    fonts-firacode fonts-jetbrains-mono fonts-anonymous-pro fonts-mononoki fonts-monoid \
    fonts-courier-prime fonts-agave fonts-hermit fonts-3270 fonts-fantasque-sans fonts-ocr-a \
    fonts-ocr-b fonts-comic-neue fonts-dkg-handwriting fonts-dancingscript fonts-kristi \
-   fonts-isabella fonts-femkeklaver fonts-humor-sans fonts-breip fonts-klaudia-berenika \
-   fonts-lobster fonts-lobstertwo fonts-ecolier-court fonts-blankenburg fonts-dustin \
-   fonts-oflb-euterpe
+   fonts-isabella fonts-femkeklaver fonts-breip fonts-klaudia-berenika fonts-lobster \
+   fonts-lobstertwo fonts-ecolier-court fonts-blankenburg fonts-dustin
 
 data:
 	apt-get install -y mate-backgrounds plasma-workspace-wallpapers

@@ -102,21 +102,25 @@ def test_render_is_deterministic(one_font):
     assert render(one_font, "g", np.random.default_rng(1), 48).shape == (48, 48, 3)
 
 
-def test_generate_shapes_prefix_and_workers(one_font):
+def test_generate_shapes_prefix_and_workers(one_font, monkeypatch):
     from models.glyphs.data import generate
 
     ff = F.FontFile(one_font, "Test", "Regular", "test")
     groups = [F.DesignGroup("g", "train", ("Test",), (ff,))]
-    imgs, labels, fams, files = generate(groups, 120, 24, seed=3, workers=1)
-    assert imgs.shape == (120, 24, 24, 3) and imgs.dtype == np.uint8
-    assert labels.shape == (120,) and labels.dtype == np.int64
+    n = len(CLASSES) + 6
+    imgs, labels, fams, files = generate(groups, n, 24, seed=3, workers=1)
+    assert imgs.shape == (n, 24, 24, 3) and imgs.dtype == np.uint8
+    assert labels.shape == (n,) and labels.dtype == np.int64
     assert labels.min() >= 0 and labels.max() < len(CLASSES)
-    assert fams == ["Test"] * 120 and files == [one_font] * 120
+    assert fams == ["Test"] * n and files == [one_font] * n
     # Every block of len(classes) samples holds each class once.
     assert sorted(labels[: len(CLASSES)]) == list(range(len(CLASSES)))
-    small = generate(groups, 30, 24, seed=3, workers=1)
-    assert np.array_equal(small[0], imgs[:30]) and np.array_equal(small[1], labels[:30])
-    again = generate(groups, 30, 24, seed=3, workers=2)
+    small = generate(groups, 12, 24, seed=3, workers=1)
+    assert np.array_equal(small[0], imgs[:12]) and np.array_equal(small[1], labels[:12])
+    from models.glyphs import data as D
+
+    monkeypatch.setattr(D, "CHUNK", 4)  # three chunks over two worker processes
+    again = generate(groups, 12, 24, seed=3, workers=2)
     assert np.array_equal(again[0], small[0])
 
 
@@ -141,11 +145,11 @@ def test_load_split_caches_and_slices(index, tmp_path, monkeypatch):
     monkeypatch.setattr(F, "DATA_DIR", tmp_path)
     (tmp_path / "glyphs").mkdir()  # the font index is read from the patched dir: put it there
     (tmp_path / "glyphs" / f"fonts-{index['key']}.json").write_text(json.dumps(index))
-    ds = D.load_split("test", size=16, n=2 * len(CLASSES))
-    assert ds.images.shape == (2 * len(CLASSES), 16, 16, 3) and ds.images.dtype == np.uint8
+    ds = D.load_split("test", size=16, n=len(CLASSES))
+    assert ds.images.shape == (len(CLASSES), 16, 16, 3) and ds.images.dtype == np.uint8
     assert ds.labels.dtype == np.int64 and ds.classes == CLASSES
     assert len(ds.families) == len(ds) and set(ds.families) <= {f for g in ds.source["groups"].values() for f in g}
-    assert np.bincount(ds.labels, minlength=len(CLASSES)).tolist() == [2] * len(CLASSES)
+    assert np.bincount(ds.labels, minlength=len(CLASSES)).tolist() == [1] * len(CLASSES)
     assert ds.source["generator_version"] == D.GENERATOR_VERSION and ds.source["seed"] == D.SEEDS["test"]
     cached = list((tmp_path / "glyphs").glob("test-16px-*.npz"))
     assert len(cached) == 1

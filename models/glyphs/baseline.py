@@ -58,7 +58,7 @@ def coarse(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
 
 
 def train(images: np.ndarray, labels: np.ndarray, n_classes: int, epochs: float = 4.0, batch: int = 128,
-          lr: float = 0.2, width: int = 16, view_coarse: bool = False, seed: int = 0,
+          lr: float = 0.1, width: int = 16, view_coarse: bool = False, seed: int = 0,
           log_every: int = 100) -> SmallCNN:
     """SGD with momentum, one-cycle learning rate, label smoothing 0.1; deterministic for a seed."""
     torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--epochs", type=float, default=4.0)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--n-train", type=int, default=DEFAULT_N["train"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--seed", type=int, default=0)

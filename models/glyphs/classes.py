@@ -1,19 +1,20 @@
-"""The class set: 0-9, A-Z, a-z with the case pairs merged whose lower case is a scaled copy
-of the upper case.
+"""The class set: 0-9, A-Z, a-z with eight case pairs merged (c o p s v w x z into their
+capitals), 54 classes.
 
-Samples are scaled to fit the canvas (as a cropped character is), so the size that tells
-``c`` from ``C`` in running text is gone; keeping such pairs apart would only add label
-noise, not fine detail.  Which pairs to merge was measured over the installed fonts
-(``python -m models.glyphs.fonts --case-pairs``; docs/DATA_GLYPHS.md): a pair is merged when
-its lower and upper case differ, after fitting both to the same box, by less than the
-closest different-letter pairs do in most fonts.  Pairs that differ in shape (a/A, b/B,
-i/I, l/L, ...) stay apart, and the digit/letter confusions (0/O, 1/l/I, 5/S, 2/Z, 8/B, 6/b,
-9/g/q) are kept on purpose: they are the fine detail a coarse view loses.
+Samples are scaled to fit the canvas, as a cropped character is, so the size that tells
+``c`` from ``C`` in running text is gone.  Which pairs that leaves indistinguishable was
+measured, not assumed: ``python -m models.glyphs.case_pairs`` trains the baseline CNN on
+all 62 characters as classes and counts, per letter, the val samples of either case taken
+for the other case (docs/DATA_GLYPHS.md has the table).  C O P S V W X Z are swapped about
+25-33% of the time (50% would be a coin flip), the next pair (U/u, whose u has a stem) 17%
+and the rest 12% or less, so those eight are merged: keeping them apart would only add
+label noise, not fine detail.  The digit/letter confusions (0/O/Q, 1/l/I/i, 5/S, 2/Z, 8/B,
+6/b, 9/g/q) stay separate on purpose: they are the fine detail a coarse view loses.
 """
 
 from __future__ import annotations
 
-# Lower case letters folded into their upper case class.
+# Lower case letters folded into their capital's class.
 MERGED_LOWER = "copsvwxz"
 
 DIGITS = "0123456789"
@@ -22,9 +23,9 @@ LOWER = "abcdefghijklmnopqrstuvwxyz"
 
 
 def class_chars() -> list[str]:
-    """The characters of each class, in label order: each string is one class (the first
-    character is its name; a merged class holds the upper and the lower case)."""
-    out = [d for d in DIGITS]
+    """The characters of each class, in label order: one string per class, its first
+    character the class name (a merged class holds the capital and the lower case)."""
+    out = list(DIGITS)
     out += [u + u.lower() if u.lower() in MERGED_LOWER else u for u in UPPER]
     out += [c for c in LOWER if c not in MERGED_LOWER]
     return out

@@ -20,6 +20,7 @@ existing group.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from models.glyphs.classes import ALL_CHARS, CLASS_CHARS
 
 DATA_DIR = Path(os.environ.get("ANYTIME_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
-INDEX_VERSION = 2  # bump when vetting or grouping changes: invalidates the cached index
+INDEX_VERSION = 3  # bump when vetting or grouping changes: invalidates the cached index
 FONT_EXTS = (".ttf", ".otf", ".pfb")
 RENDER_PX = 64  # font size of the vetting renders and of the glyph masks
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -50,6 +51,7 @@ class FontPackage:
     kind: str
     licence: str
     dirs: tuple[str, ...]
+    files: tuple[str, ...] = ("*",)  # file name patterns, for directories shared by packages
 
 
 _F = "/usr/share/fonts/"
@@ -57,7 +59,8 @@ _T = "/usr/share/texmf/fonts/opentype/public/"
 
 PACKAGES: tuple[FontPackage, ...] = (
     # serif
-    FontPackage("fonts-dejavu-core", "sans/serif/mono", "Bitstream Vera licence", (_F + "truetype/dejavu",)),
+    FontPackage("fonts-dejavu-core", "sans/serif/mono", "Bitstream Vera licence", (_F + "truetype/dejavu",),
+                tuple(f"DejaVu{n}.ttf" for n in ("Sans", "Sans-Bold", "SansMono", "SansMono-Bold", "Serif", "Serif-Bold"))),
     FontPackage("fonts-dejavu-extra", "sans/serif/mono", "Bitstream Vera licence", (_F + "truetype/dejavu",)),
     FontPackage("fonts-liberation2", "sans/serif/mono", "OFL-1.1", (_F + "truetype/liberation2",)),
     FontPackage("fonts-freefont-ttf", "sans/serif/mono", "GPL-3+ with font exception", (_F + "truetype/freefont",)),
@@ -66,8 +69,8 @@ PACKAGES: tuple[FontPackage, ...] = (
     FontPackage("fonts-texgyre", "serif/sans/mono/script", "GUST Font License", (_T + "tex-gyre",)),
     FontPackage("fonts-lmodern", "serif/sans/mono", "GUST Font License", (_T + "lm",)),
     FontPackage("fonts-croscore", "sans/serif/mono", "OFL-1.1", (_F + "truetype/croscore",)),
-    FontPackage("fonts-crosextra-caladea", "serif", "Apache-2.0", (_F + "truetype/crosextra",)),
-    FontPackage("fonts-crosextra-carlito", "sans", "OFL-1.1", (_F + "truetype/crosextra",)),
+    FontPackage("fonts-crosextra-caladea", "serif", "Apache-2.0", (_F + "truetype/crosextra",), ("Caladea-*",)),
+    FontPackage("fonts-crosextra-carlito", "sans", "OFL-1.1", (_F + "truetype/crosextra",), ("Carlito-*",)),
     FontPackage("fonts-ebgaramond", "serif", "OFL-1.1", (_F + "opentype/ebgaramond",)),
     FontPackage("fonts-linuxlibertine", "serif/sans", "GPL-2+ with font exception, OFL-1.1",
                 (_F + "opentype/linux-libertine",)),
@@ -84,9 +87,10 @@ PACKAGES: tuple[FontPackage, ...] = (
     FontPackage("fonts-linex", "serif/sans/script", "GPL-2+", (_F + "truetype/linex",)),
     FontPackage("fonts-junicode", "serif", "OFL-1.1", (_F + "opentype/junicode",)),
     FontPackage("fonts-arkpandora", "sans/serif", "Bitstream Vera licence", (_F + "truetype/arkpandora",)),
+    FontPackage("fonts-noto-mono", "mono", "OFL-1.1", (_F + "truetype/noto",), ("NotoMono-*", "NotoSansMono-*")),
     FontPackage("fonts-noto-core", "sans/serif", "OFL-1.1", (_F + "truetype/noto",)),
-    FontPackage("fonts-noto-mono", "mono", "OFL-1.1", (_F + "truetype/noto",)),
-    *(FontPackage(f"fonts-adf-{n}", "serif/sans", "GPL-2+ with font exception", (_F + "truetype/adf",))
+    *(FontPackage(f"fonts-adf-{n}", "serif/sans", "GPL-2+ with font exception", (_F + "truetype/adf",),
+                  (n.capitalize() + "*",))
       for n in ("accanthis", "baskervald", "berenis", "gillius", "ikarius", "irianis", "libris", "mekanus",
                 "oldania", "romande", "switzera", "tribun", "universalis", "verana")),
     # sans
@@ -105,9 +109,10 @@ PACKAGES: tuple[FontPackage, ...] = (
     FontPackage("fonts-jura", "sans", "GPL-3 or OFL-1.1", (_F + "opentype/jura",)),
     FontPackage("fonts-play", "sans", "OFL-1.1", (_F + "truetype/play",)),
     FontPackage("fonts-yanone-kaffeesatz", "sans", "OFL-1.1", (_F + "opentype/yanone-kaffeesatz",)),
-    FontPackage("fonts-averia-gwf", "sans/serif", "OFL-1.1", (_F + "truetype/averia-gwf",)),
-    FontPackage("fonts-averia-sans-gwf", "sans", "OFL-1.1", (_F + "truetype/averia-gwf",)),
-    FontPackage("fonts-averia-serif-gwf", "serif", "OFL-1.1", (_F + "truetype/averia-gwf",)),
+    FontPackage("fonts-averia-gwf", "sans/serif", "OFL-1.1", (_F + "truetype/averia-gwf",), ("AveriaGWF-*",)),
+    FontPackage("fonts-averia-sans-gwf", "sans", "OFL-1.1", (_F + "truetype/averia-gwf",), ("AveriaSansGWF-*",)),
+    FontPackage("fonts-averia-serif-gwf", "serif", "OFL-1.1", (_F + "truetype/averia-gwf",),
+                ("AveriaSerifGWF-*",)),
     FontPackage("fonts-tuffy", "sans", "public domain", (_F + "truetype/tuffy",)),
     FontPackage("fonts-go", "sans/mono", "BSD-3-Clause", (_F + "fonts-go",)),
     FontPackage("fonts-millimetre", "sans", "OFL-1.1", (_F + "opentype/millimetre",)),
@@ -136,7 +141,6 @@ PACKAGES: tuple[FontPackage, ...] = (
     FontPackage("fonts-kristi", "script", "OFL-1.1", (_F + "truetype/kristi",)),
     FontPackage("fonts-isabella", "script", "LGPL-2+", (_F + "truetype/isabella",)),
     FontPackage("fonts-femkeklaver", "handwriting", "CC-BY-SA-3.0", (_F + "truetype/femkeklaver",)),
-    FontPackage("fonts-humor-sans", "handwriting", "OFL-1.1", (_F + "truetype/humor-sans",)),
     FontPackage("fonts-breip", "handwriting", "OFL-1.0", (_F + "truetype/breip",)),
     FontPackage("fonts-klaudia-berenika", "serif/script", "OFL-1.1", (_F + "truetype/klaudia-berenika",)),
     FontPackage("fonts-lobster", "script", "OFL-1.1", (_F + "opentype/lobster",)),
@@ -145,7 +149,6 @@ PACKAGES: tuple[FontPackage, ...] = (
     # display
     FontPackage("fonts-blankenburg", "blackletter", "OFL-1.1", (_F + "truetype/blankenburg",)),
     FontPackage("fonts-dustin", "display", "GPL-2+", (_F + "truetype/dustin",)),
-    FontPackage("fonts-oflb-euterpe", "display", "OFL-1.1", (_F + "truetype/euterpe",)),
 )
 INSTALL_HINT = "apt-get install -y " + " ".join(p.name for p in PACKAGES) + "   (or: make data)"
 
@@ -158,11 +161,13 @@ EXCLUDED_FAMILIES: dict[str, str] = {
     "Abecedario_punt-guiada": "dotted copybook glyphs with guide lines",
     "Abecedario_punt-pautada": "dotted copybook glyphs with ruled lines",
     "Abecedario_punteada": "dotted tracing glyphs",
+    "It wasn't me": "several letters drawn unlike themselves (Q as M)",
 }
-# Symbol, math, ornament and small-caps families by name, so they are not even rendered
-# (Noto's fonts for other scripts are rejected by the glyph check instead).
+# Symbol, math, ornament, small-caps, titling (capitals only) and inverted (white on a
+# black box) families by name, so they are not even rendered (Noto's fonts for other
+# scripts are rejected by the glyph check instead; the checks in ``vet`` catch the rest).
 EXCLUDED_NAME = re.compile(r"Symbol|Dingbat|Math|Music|Emoji|Icons|Keyboard|Initials|PHON|Braille|Halflings"
-                           r"|D050000L|Smallcaps|Caps\b|\bSC\b", re.IGNORECASE)
+                           r"|D050000L|Smallcaps|Caps\b|\bSC\b|Titling|ADF Style|Inverted", re.IGNORECASE)
 # Words that name a width, weight, optical size or companion of a design, not a design.
 _STYLE_WORDS = {
     "mono", "monospace", "condensed", "semi-condensed", "semicondensed", "narrow", "wide", "extended",
@@ -200,6 +205,11 @@ CLONE_THRESHOLD = 0.11  # mean relative difference of two families' fitted glyph
 ALLOWED_ALIKE = {frozenset(p) for p in ("Il", "1l", "1I", "0O", "0o", "1i", "il", "Ii", "Jj", "Kk", "Pp", "Yy",
                                         "Ll", "Ij", "Jl", "9g", "qg", "6b", "5S", "5s", "nu", "dp", "bq")}
 ALIKE_THRESHOLD = 0.03  # relative difference of two characters' fitted masks
+# Lower case letters whose shape differs from the capital's in every text font; if they
+# are, at the median, this close to their capitals, the font has small caps for lower case.
+SMALL_CAPS_LETTERS = "abdeghnqrty"
+SMALL_CAPS_THRESHOLD = 0.15  # text fonts: 0.21 (Millimetre Extrablack) and up; small caps 0.11-0.21
+MAX_INK = 0.78  # mean ink of the glyph boxes: black weights reach 0.74, inverted (boxed) fonts 0.81
 NOTDEF_PROBES = ("\U0010fffd", "\U000f0000", "\ue000")
 
 
@@ -264,33 +274,20 @@ def assign_splits(groups: Iterable[str]) -> dict[str, str]:
     return {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(ranked)}
 
 
-def package_dirs(packages: Sequence[FontPackage] = PACKAGES) -> dict[str, str]:
-    """Font directory -> the first package that lists it."""
-    out: dict[str, str] = {}
-    for p in packages:
-        for d in p.dirs:
-            out.setdefault(d, p.name)
-    return out
-
-
-def scan(dirs: dict[str, str] | None = None) -> list[tuple[Path, str]]:
-    """(font file, package) under the package directories, sorted, symlinks resolved and
-    duplicates dropped."""
-    dirs = package_dirs() if dirs is None else dirs
-    seen: set[Path] = set()
-    out = []
-    for d, pkg in sorted(dirs.items()):
-        root = Path(d)
-        if not root.is_dir():
-            continue
-        for p in sorted(root.rglob("*")):
-            if p.suffix.lower() not in FONT_EXTS or not p.is_file():
+def scan(packages: Sequence[FontPackage] = PACKAGES) -> list[tuple[Path, str]]:
+    """(font file, package) for the packages' files, sorted, symlinks resolved, each file
+    once (claimed by the first package whose directory and name pattern match it)."""
+    owner: dict[Path, str] = {}
+    for pkg in packages:
+        for d in pkg.dirs:
+            root = Path(d)
+            if not root.is_dir():
                 continue
-            real = p.resolve()
-            if real not in seen:
-                seen.add(real)
-                out.append((real, pkg))
-    return out
+            for p in sorted(root.rglob("*")):
+                if (p.suffix.lower() in FONT_EXTS and p.is_file()
+                        and any(fnmatch.fnmatchcase(p.name, pat) for pat in pkg.files)):
+                    owner.setdefault(p.resolve(), pkg.name)
+    return sorted(owner.items())
 
 
 @lru_cache(maxsize=64)
@@ -333,7 +330,7 @@ def vet(path: str, chars: str = ALL_CHARS) -> tuple[str | None, np.ndarray | Non
     except OSError as e:
         return f"unreadable: {e}", None
     notdefs = [glyph_mask(font, p) for p in NOTDEF_PROBES]
-    masks = []
+    masks, raw = [], []
     for ch in chars:
         m = glyph_mask(font, ch)
         if m.size == 0 or m.max() < 128:
@@ -341,10 +338,17 @@ def vet(path: str, chars: str = ALL_CHARS) -> tuple[str | None, np.ndarray | Non
         if any(m.shape == nd.shape and np.array_equal(m, nd) for nd in notdefs):
             return f"{ch!r} renders as .notdef", None
         masks.append(fit(m))
+        raw.append(m)
     fitted = np.stack(masks)
     same = alike_pairs(fitted, chars)
     if same:
         return "renders alike: " + " ".join(same[:8]), None
+    if all(c in chars and c.upper() in chars for c in SMALL_CAPS_LETTERS):
+        d = [float(relative_distance(fitted[chars.index(c)], fitted[chars.index(c.upper())])) for c in SMALL_CAPS_LETTERS]
+        if np.median(d) < SMALL_CAPS_THRESHOLD:
+            return f"small caps or capitals for lower case (median distance {np.median(d):.2f})", None
+    if np.mean([m.mean() / 255.0 for m in raw]) > MAX_INK:
+        return "glyphs fill their boxes (inverted or boxed)", None
     return None, fitted
 
 
@@ -387,7 +391,7 @@ def vet_all(files: list[tuple[Path, str]], log: bool = False
         if family in EXCLUDED_FAMILIES:
             reason = EXCLUDED_FAMILIES[family]
         elif EXCLUDED_NAME.search(family) or EXCLUDED_NAME.search(style):
-            reason = "symbol, math, ornament or small-caps family"
+            reason = "excluded by name (symbol, math, ornament, small caps, titling or inverted)"
         elif (family, style) in seen:
             reason = "same family and style as another file"
         else:
@@ -470,10 +474,10 @@ def _index_key(files: list[tuple[Path, str]]) -> str:
     return h.hexdigest()[:16]
 
 
-def font_index(dirs: dict[str, str] | None = None, cache: bool = True, log: bool = False) -> dict:
+def font_index(packages: Sequence[FontPackage] = PACKAGES, cache: bool = True, log: bool = False) -> dict:
     """The vetted, grouped and split fonts, cached as JSON under the data directory (the
     key covers the files, their sizes and dates, the class characters and INDEX_VERSION)."""
-    files = scan(dirs)
+    files = scan(packages)
     key = _index_key(files)
     path = DATA_DIR / "glyphs" / f"fonts-{key}.json"
     if cache and path.exists():
@@ -500,11 +504,11 @@ def groups_of(index: dict, split: str | None = None) -> list[DesignGroup]:
 MIN_GROUPS = 3
 
 
-def split_groups(split: str, dirs: dict[str, str] | None = None) -> list[DesignGroup]:
+def split_groups(split: str, packages: Sequence[FontPackage] = PACKAGES) -> list[DesignGroup]:
     """The design groups of one split; raises, with the install hint, when too few fonts."""
     if split not in SPLIT_FRACTIONS:
         raise ValueError(f"unknown split {split!r}; use train, val or test")
-    groups = groups_of(font_index(dirs), split)
+    groups = groups_of(font_index(packages), split)
     if len(groups) < MIN_GROUPS:
         raise FileNotFoundError(f"only {len(groups)} usable font design group(s) in split {split!r}; "
                                 f"install the fonts: {INSTALL_HINT}")
