@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         path = folder / "manifest.json"
         manifest = json.loads(path.read_text())
         manifest["latency_cpu"] = {
-            "command": "python -m models.pssnet.bench " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "command": "python -m models.pssnet.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "threads": args.threads, "repeats": args.repeats, "statistic": "median ms per forward call",
             "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "note": "shared machine: other jobs may have been running", "date": time.strftime("%Y-%m-%d"),

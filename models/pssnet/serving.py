@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ from models.pssnet.nets import subnet_flops, subnet_params
 class PssRung:
     """One operating point.  ``flops`` in MFLOPs as PSS-Net counts them (MACs / 1e6, pool and
     FC included); ``accuracy`` is top-1 on the held-out test split and ``val_accuracy`` on
-    val, from the manifest (None where not measured, e.g. an official checkpoint)."""
+    val, from the manifest (None where not measured, e.g. an official checkpoint).
+    ``dominated``: a cheaper rung is at least as accurate on val, so a planner may skip it."""
 
     index: int
     name: str
@@ -46,6 +47,7 @@ class PssRung:
     accuracy: float | None
     val_accuracy: float | None
     pool: dict
+    dominated: bool = False  # a cheaper rung has at least this val accuracy (False when unmeasured)
 
 
 def _read_class_names(path: str | Path | None, n: int) -> list[str]:
@@ -140,6 +142,12 @@ class PssNetModel:
             nets.append(fold_bn(dense.eval()))
             rungs.append(PssRung(i, rung, cfg.to_dict(), round(subnet_flops(spec, cfg), 4), subnet_params(spec, cfg),
                                  cfg.resolution, acc.get("test"), acc.get("val"), dict(pool)))
+        best_val = -1.0
+        for i, r in enumerate(rungs):  # judged on val, so that test stays a held-out number
+            if r.val_accuracy is not None:
+                if r.val_accuracy <= best_val:
+                    rungs[i] = replace(r, dominated=True)
+                best_val = max(best_val, r.val_accuracy)
         return cls(name, spec, classes, rungs, nets, pre, stats, supernet, manifest)
 
     def export_bundle(self, out_dir: str | Path) -> Path:
@@ -174,6 +182,12 @@ class PssNetModel:
             return self._nets[rung_index](batch)
 
     __call__ = forward
+
+    def rung_for_flops(self, budget_mflops: float) -> PssRung:
+        """The largest rung whose FLOPs fit the budget (the smallest rung if none does):
+        B7's "largest target <= the current budget"."""
+        fitting = [r for r in self.rungs if r.flops <= budget_mflops]
+        return fitting[-1] if fitting else self.rungs[0]
 
     def rung_by_name(self, name: str) -> PssRung:
         for r in self.rungs:
