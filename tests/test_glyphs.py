@@ -158,3 +158,11 @@ def test_load_split_caches_and_slices(index, tmp_path, monkeypatch):
     assert np.array_equal(part.images, ds.images[:10])
     with pytest.raises(ValueError):
         D.load_split("training")
+
+
+def test_missing_fonts_raise_with_the_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "DATA_DIR", tmp_path)
+    nowhere = [F.FontPackage("fonts-none", "sans", "OFL-1.1", (str(tmp_path / "no-such-dir"),))]
+    assert F.scan(nowhere) == []
+    with pytest.raises(FileNotFoundError, match="apt-get install"):
+        F.split_groups("train", packages=nowhere)

@@ -7,7 +7,7 @@ loses when it is handed a coarse view; the second shows what the coarse view its
 carries, which is the fair measure of the information lost (a coarse-to-fine model's first
 stage sees such a view).
 
-    python -m models.glyphs.baseline            # about 5 minutes on one core
+    python -m models.glyphs.baseline            # about 3.5 CPU-minutes (one thread), plus generation once
     python -m models.glyphs.baseline --json runs/glyphs-baseline.json
 """
 

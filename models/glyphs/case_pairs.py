@@ -6,7 +6,7 @@ set, uncached), trains the baseline CNN, and reports for each letter the share o
 and lower case val samples predicted as the other case.  Pairs that a model confuses about
 as often as a coin flip are merged in ``classes.MERGED_LOWER``.
 
-    python -m models.glyphs.case_pairs     # about 3 minutes on 2 cores
+    python -m models.glyphs.case_pairs     # about 2 CPU-minutes
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import re
 import sys
@@ -122,7 +123,10 @@ def generate(groups: Sequence[F.DesignGroup], n: int, size: int = 32, seed: int 
     if nw == 1 or len(chunks) == 1:
         consume(map(_render_chunk, tasks))
     else:
-        with ProcessPoolExecutor(nw) as ex:
+        # fork: the workers need no re-import of the caller's script (spawn would re-run an
+        # unguarded one); they share nothing mutable with the parent.
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(nw, mp_context=ctx) as ex:
             consume(ex.map(_render_chunk, tasks))
     labels = np.array([p[0] for p in planned], np.int64)
     return images, labels, [flat[p[1]].family for p in planned], [p[2] for p in planned]

@@ -538,10 +538,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--no-cache", action="store_true", help="vet again instead of reading the cached index")
     args = ap.parse_args(list(argv) if argv is not None else None)
     index = font_index(cache=not args.no_cache, log=True)
-    if not index["groups"]:
-        print(f"no usable fonts; install them: {INSTALL_HINT}")
-        return
     print(summary(index))
+    if any(len(groups_of(index, s)) < MIN_GROUPS for s in SPLIT_FRACTIONS):
+        print(f"too few usable fonts for the splits; install them: {INSTALL_HINT}")
     if args.rejected:
         for p, r in sorted(index["rejected"].items()):
             print(f"  {p}: {r}")

@@ -1,8 +1,9 @@
 """One augmented glyph sample, deterministic given its random generator.
 
 A sample is a character cropped out of "text": the glyph, scaled so its longer side fills
-55-92% of the canvas (so size says nothing about the class), rotated, sheared and stretched
-a little, often thinned or thickened, drawn in a colour over a flat, gradient, noise or
+30-90% of the canvas (log-uniform: size says nothing about the class, and the small glyphs
+are what a half-resolution view cannot read), rotated, sheared and stretched a little, often
+thinned or thickened, drawn in a colour over a flat, gradient, noise or
 stripe background, with its neighbours in the line (and in the lines above and below)
 cut by the canvas edges, distractor strokes behind or in front, and then blurred, noised
 or JPEG-compressed.  The geometry is kept mild enough that the classes stay readable
