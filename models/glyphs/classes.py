@@ -8,8 +8,9 @@ all 62 characters as classes and counts, per letter, the val samples of either c
 for the other case (docs/DATA_GLYPHS.md has the table).  C O P S V W X Z were the eight most
 swapped in both runs made (19-34% and 24-33%; 50% would be a coin flip), the next ones J/j
 and U/u (whose u has a stem) 12-17%, the rest 11% or less, so those eight are merged:
-keeping them apart would only add label noise, not fine detail.  The digit/letter confusions (0/O/Q, 1/l/I/i, 5/S, 2/Z, 8/B,
-6/b, 9/g/q) stay separate on purpose: they are the fine detail a coarse view loses.
+keeping them apart would only add label noise, not fine detail.  The digit/letter
+confusions (0/O/Q, 1/l/I/i, 5/S, 2/Z, 8/B, 6/b, 9/g/q) stay separate on purpose: they are
+the fine detail a coarse view loses.
 """
 
 from __future__ import annotations

@@ -3,18 +3,19 @@
 Fonts come only from the Debian packages in ``PACKAGES`` (their directories, not every
 font on the machine), so the set is the same wherever those packages are installed and a
 stray font elsewhere cannot change a split.  Every file is vetted: each character of the
-class set must render non-empty and unlike the font's .notdef box, and characters of
-different classes must not render alike (that rejects caps-only, small-caps and symbol
-fonts, whose ``a`` is an ``A`` or a box).  A few families pass those checks and are still
-wrong for the task (Greek letters on Latin keys, ruled school-copybook lines); they are in
-``EXCLUDED_FAMILIES`` with the reason.
+class set must render non-empty and unlike the font's .notdef box, characters of different
+classes must not render alike, lower case must not be small capitals and glyphs must not
+fill their boxes (that rejects other scripts, symbol, caps-only, small-caps and inverted
+fonts).  A few families pass those checks and are still wrong for the task (Greek letters
+on Latin keys, ruled school-copybook lines); they are in ``EXCLUDED_FAMILIES`` with the
+reason.
 
 The split unit is a *design group*, not a file or a raw family name: families whose names
 differ only in width, weight, optical size or a Mono/Display suffix are one group, and so
-are families that render alike (metric clones such as Nimbus Sans, TeX Gyre Heros and
-FreeSans, or Carlito and Lato), so a test design is never seen in training under another
-name.  Groups go to train / val / test by a hash of their name: adding a package moves no
-existing group.
+are clones and forks (``LINEAGES``: Nimbus Sans, TeX Gyre Heros and FreeSans; Carlito and
+Lato; ...) and families that render alike, so a test design is never seen in training under
+another name.  Groups are ranked by a hash of their name and cut 15% test / 15% val / 70%
+train (``assign_splits``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ _T = "/usr/share/texmf/fonts/opentype/public/"
 PACKAGES: tuple[FontPackage, ...] = (
     # serif
     FontPackage("fonts-dejavu-core", "sans/serif/mono", "Bitstream Vera licence", (_F + "truetype/dejavu",),
-                tuple(f"DejaVu{n}.ttf" for n in ("Sans", "Sans-Bold", "SansMono", "SansMono-Bold", "Serif", "Serif-Bold"))),
+                tuple(f"DejaVu{n}.ttf" for n in ("Sans", "Sans-Bold", "SansMono", "SansMono-Bold", "Serif",
+                                                 "Serif-Bold"))),
     FontPackage("fonts-dejavu-extra", "sans/serif/mono", "Bitstream Vera licence", (_F + "truetype/dejavu",)),
     FontPackage("fonts-liberation2", "sans/serif/mono", "OFL-1.1", (_F + "truetype/liberation2",)),
     FontPackage("fonts-freefont-ttf", "sans/serif/mono", "GPL-3+ with font exception", (_F + "truetype/freefont",)),
@@ -344,7 +346,8 @@ def vet(path: str, chars: str = ALL_CHARS) -> tuple[str | None, np.ndarray | Non
     if same:
         return "renders alike: " + " ".join(same[:8]), None
     if all(c in chars and c.upper() in chars for c in SMALL_CAPS_LETTERS):
-        d = [float(relative_distance(fitted[chars.index(c)], fitted[chars.index(c.upper())])) for c in SMALL_CAPS_LETTERS]
+        d = [float(relative_distance(fitted[chars.index(c)], fitted[chars.index(c.upper())]))
+             for c in SMALL_CAPS_LETTERS]
         if np.median(d) < SMALL_CAPS_THRESHOLD:
             return f"small caps or capitals for lower case (median distance {np.median(d):.2f})", None
     if np.mean([m.mean() / 255.0 for m in raw]) > MAX_INK:
@@ -528,7 +531,8 @@ def summary(index: dict, verbose: bool = True) -> str:
     for r in index["rejected"].values():
         r = r.split(":")[0].split(" for ")[0].split(" renders as")[0].replace("'", "")
         reasons[r] = reasons.get(r, 0) + 1
-    lines.append(f"rejected {len(index['rejected'])} files: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    lines.append(f"rejected {len(index['rejected'])} files: "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
     return "\n".join(lines)
 
 
