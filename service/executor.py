@@ -152,7 +152,8 @@ class Executor:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started (shut down during warm-up): nothing to join
+            self._thread.join(timeout)
         left = not self._thread.is_alive()
         with self._cv:  # anything the worker did not get to
             while self._queue:
