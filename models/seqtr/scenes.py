@@ -6,10 +6,12 @@ of which (the target) is described by an English expression that refers to it *u
 
 Why it is built the way it is:
 
-* **Exact ground truth.** Every object is one polygon (a circle is a 48-gon) drawn with
-  Pillow's ``ImageDraw.polygon``; its mask is the same call on a blank canvas, so the mask *is*
-  the set of drawn pixels, the box is tight on the mask, and ``polygon`` is what SeqTR's mask
-  head has to trace.  Objects never overlap, so no occlusion bookkeeping is needed.
+* **Exact ground truth.** Every object is one polygon (a circle is a 48-gon), rasterised with
+  :func:`models.seqtr.raster.polygon_to_mask` - the rasteriser that turns a *predicted*
+  polygon into a mask at evaluation (pycocotools semantics: pixels >= 50 % covered) - and the
+  image is painted through that mask, so the mask *is* the set of drawn pixels, a perfect
+  predicted polygon scores IoU 1, the box is tight on the mask, and ``polygon`` is what
+  SeqTR's mask head has to trace.  Objects never overlap: no occlusion bookkeeping.
 * **Hard distractors.** Every scene holds the target, a distractor of the same shape (other
   colour), one of the same colour (other shape) and, half of the time, a "twin" of the same
   colour and shape, so neither colour nor shape alone identifies the target and the model has
@@ -45,7 +47,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1  # bump on any change that alters pixels, expressions or split rules
+from models.seqtr.raster import polygon_to_mask
+
+GENERATOR_VERSION = 2  # bump on any change that alters pixels, expressions or split rules
 SEEDS = {"train": 11_000, "val": 22_000, "test": 33_000}
 HELD_OUT_FRACTION = 0.25  # share of val/test samples phrased with held-out templates (default)
 
@@ -345,10 +349,16 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
 
 
 def rasterise(polygon: Sequence[tuple[float, float]], h: int, w: int) -> np.ndarray:
-    """The pixels Pillow fills for ``polygon`` (the rasteriser the scenes are drawn with)."""
-    im = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(im).polygon([tuple(p) for p in polygon], fill=1)
-    return np.asarray(im, dtype=bool)
+    """The pixels of ``polygon``: the scenes are painted through exactly this mask, and it is the
+    rasteriser evaluation applies to predicted polygons (pixels >= 50 % covered)."""
+    return polygon_to_mask(polygon, h, w)
+
+
+def raster_key() -> str:
+    """A fingerprint of the rasteriser (part of the cache name: a change there changes every mask)."""
+    import hashlib
+    polys = [shape_polygon(sh, 20.3, 17.8, r, 0.1) for sh in SHAPES for r in (5.7, 13.2)]
+    return hashlib.sha1(b"".join(np.packbits(rasterise(p, 40, 40)).tobytes() for p in polys)).hexdigest()[:8]
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -640,9 +650,10 @@ def load_arrays(split: str, n: int, seed: int | None = None, size: int = 128,
     seed = SEEDS[split] if seed is None else int(seed)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     held = {None: "d", True: "y", False: "n"}[held_out_phrasings]
-    stem = f"{split}-s{seed}-{size}px-g{GENERATOR_VERSION}-h{held}"
+    stem = f"{split}-s{seed}-{size}px-g{GENERATOR_VERSION}-r{raster_key()}-h{held}"
     source = {"generator": "models.seqtr.scenes", "generator_version": GENERATOR_VERSION, "split": split,
               "seed": seed, "n": n, "size": size, "held_out_phrasings": held_out_phrasings,
+              "raster_key": raster_key(),
               "held_out_fraction": HELD_OUT_FRACTION if held_out_phrasings is None and split != "train" else None}
     found = sorted((p for p in cache_dir.glob(stem + "-n*.npz") if int(p.stem.rsplit("-n", 1)[1]) >= n),
                    key=lambda p: int(p.stem.rsplit("-n", 1)[1])) if cache_dir.is_dir() else []
