@@ -1,0 +1,99 @@
+"""The SeqTR training command and metrics (models/seqtr/train.py, evaluate.py), on a few steps:
+a loadable bundle with its manifest, resuming, --init from another bundle, evaluate()'s keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.seqtr import scenes
+from models.seqtr import train as T
+from models.seqtr.evaluate import evaluate, load, predict
+
+torch.set_num_threads(1)
+
+FAST = ["--n-train", "48", "--n-val", "6", "--n-test", "6", "--batch", "4", "--eval-every", "2", "--log-every", "1",
+        "--pause-file", ""]
+
+
+@pytest.fixture(scope="module")
+def det_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("seqtr-train")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ANYTIME_DATA_DIR", str(root / "data"))
+    argv = ["--task", "det", "--name", "t-det", "--out", str(root / "run"), "--weights-dir", str(root / "w"),
+            "--steps", "3", *FAST]
+    assert T.main(argv + ["--stop-after", "2"]) is None  # interrupted: state saved at step 2
+    st = torch.load(root / "run" / "train_state.pt", weights_only=False)
+    assert st["step"] == 2
+    out = T.main(argv)  # the same command resumes and finishes
+    mp.undo()
+    assert out == root / "w" / "t-det"
+    return out
+
+
+def test_bundle_and_manifest(det_bundle: Path) -> None:
+    assert (det_bundle / "model.safetensors").exists()
+    m = json.loads((det_bundle / "manifest.json").read_text())
+    tr = m["training"]
+    assert tr["resumed_from"] == [2] and tr["steps"] == 3
+    assert tr["command"].startswith("python -m models.seqtr.train --task det")
+    assert m["data"]["generator_version"] == scenes.GENERATOR_VERSION
+    assert m["data"]["train"]["seed"] == scenes.SEEDS["train"] and m["data"]["test"]["seed"] == scenes.SEEDS["test"]
+    s = m["metrics"]["summary"]
+    for k in ("acc50", "miou_box", "acc50_held_out_phrasings", "wrong_expression_rate"):
+        assert 0.0 <= s[k] <= 1.0
+    assert m["config"]["task"] == "det" and m["vocab_words"][3:] == scenes.vocabulary_words()
+    assert m["unknown_test_words"] == ["which"]
+
+
+def test_loaded_bundle_evaluates(det_bundle: Path) -> None:
+    model, vocab, manifest = load(det_bundle)
+    assert vocab.words()[3:] == scenes.vocabulary_words()
+    samples = scenes.generate("test", 5, workers=1)
+    res = evaluate(model, samples, vocab, latency_images=2)
+    for k in ("n", "acc50", "miou_box", "seen", "held_out", "by_phrasing", "by_kind", "wrong_expression",
+              "latency_ms", "primary"):
+        assert k in res
+    assert res["n"] == 5 and res["primary"]["metric"] == "acc50"
+    assert sum(v["n"] for v in res["by_phrasing"].values()) == 5
+    assert 0 <= res["wrong_expression"]["rate"] <= 1 and res["latency_ms"]["single_median"] > 0
+    p = predict(model, vocab, [samples[0].image], [samples[0].expression])[0]
+    x1, y1, x2, y2 = p.box
+    assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 128
+
+
+def test_segm_from_det(det_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANYTIME_DATA_DIR", str(tmp_path / "data"))
+    out = T.main(["--task", "segm", "--name", "t-segm", "--out", str(tmp_path / "run"), "--weights-dir",
+                  str(tmp_path / "w"), "--steps", "1", "--init", str(det_bundle), "--num-points", "8", *FAST])
+    m = json.loads((out / "manifest.json").read_text())
+    init = m["training"]["init"]
+    assert init["copied"] > 50  # encoder, fusion, transformer
+    assert any("seq_positional_encoding" in k for k in init["skipped"])  # 5 det positions vs 2N+1
+    assert 0.0 <= m["metrics"]["summary"]["miou_mask"] <= 1.0
+    model, vocab, _ = load(out)
+    res = evaluate(model, scenes.generate("val", 3, workers=1), vocab, latency_images=0)
+    assert res["primary"]["metric"] == "miou_mask" and "acc50_mask" in res
+
+
+def test_targets_and_lr() -> None:
+    s = scenes.generate("train", 2, workers=1)
+    arrays = scenes.SceneArrays(np.stack([x.image for x in s]), [x.expression for x in s],
+                                np.array([x.box for x in s], np.float32), np.full((2, 48, 2), np.nan, np.float32),
+                                np.array([len(x.polygon) for x in s], np.int16), [x.phrasing for x in s],
+                                np.array([False, False]), {})
+    for k, x in enumerate(s):
+        arrays.polygons[k, : len(x.polygon)] = x.polygon
+    det = T.make_targets(arrays, "det", 128, 12)
+    assert det.shape == (2, 5) and (det[:, 4] == 128).all()
+    assert det[0, 0] == int(s[0].box[0]) and det[0, 3] == min(int(s[0].box[3]), 127)
+    seg = T.make_targets(arrays, "segm", 128, 12)
+    assert seg.shape == (2, 25) and (seg[:, -1] == 128).all()
+    assert T.lr_at(0, 100, 10, 1e-3, 0) == pytest.approx(1e-4)
+    assert T.lr_at(10, 100, 10, 1e-3, 0) == pytest.approx(1e-3)
+    assert T.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
