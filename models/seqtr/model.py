@@ -58,6 +58,9 @@ class SeqTRConfig:
     max_token: int = 15
     long_side: int = 640
     size_divisor: int = 32
+    # Run the CNN in channels-last memory format (a speed choice only: same numbers up to
+    # float rounding; ~15 % faster CPU training of the tiny model).
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.dark_widths = tuple(self.dark_widths)
@@ -130,7 +133,7 @@ def seqtr_tiny(task: str = "det", vocab_size: int = 64, num_points: int = 12, ma
     pool is an identity) gives an 8x8 memory at 128 px: 4x4 is too coarse to place 12
     contour points.  The learned 32-d embedding replaces frozen GloVe; dropout is 0
     because the synthetic data is unlimited (and dropout masks cost ~20 % of a CPU step).
-    A batch-32 training step takes ~0.12 s on one contended CPU thread (docs/SEQTR.md).
+    A batch-32 training step costs ~0.11 s of CPU time on one thread (docs/SEQTR.md).
     """
     cfg = dict(vocab_size=vocab_size, word_dim=32, gru_hidden=64, freeze_embedding=False,
                dark_stem=8, dark_widths=(16, 24, 32, 48, 64), dark_blocks=(1, 1, 1, 1, 1),
@@ -138,7 +141,7 @@ def seqtr_tiny(task: str = "det", vocab_size: int = 64, num_points: int = 12, ma
                fuse_bot2mid=16, fuse_mid2top=32, fuse_top_mid=64,
                d_model=64, heads=4, ffn=256, enc_layers=2, dec_layers=2, dropout=0.0, gn_groups=32,
                num_bin=num_bin, task=task, num_points=num_points, max_token=max_token,
-               long_side=128, size_divisor=16)
+               long_side=128, size_divisor=16, channels_last=True)
     cfg.update(overrides)
     return SeqTRConfig(**cfg)
 
@@ -190,8 +193,11 @@ class DarkNet53(nn.Module):
         layers += [DarknetBlock(w[4], cfg.dark_head_blocks, shortcut=False),
                    ConvModule(w[4], cfg.dark_head_mid, 1), ConvModule(cfg.dark_head_mid, w[4], 3)]
         self.darknet = nn.ModuleList(layers)
+        self.channels_last = cfg.channels_last
 
     def forward(self, img: Tensor) -> list[Tensor]:
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
         outs, x = [], img
         for i, m in enumerate(self.darknet):
             x = m(x)
