@@ -59,11 +59,14 @@ class PssNetAdapter:
 
     def __init__(self, model) -> None:
         self.model = model
-        self.rungs = sorted(model.rungs, key=lambda r: r.flops)
+        every = sorted(model.rungs, key=lambda r: r.flops)
+        # The ladder the planner climbs: rungs measurably better than every cheaper one (on
+        # val).  Dominated rungs stay servable by name (rung=...).
+        self.rungs = [r for r in every if not r.dominated] or every
         self.flops_full = float(self.rungs[-1].flops)
-        self.keys = [r.index for r in self.rungs]
-        self.key_names = {r.index: r.name for r in self.rungs}
-        self._by_name = {r.name: r for r in self.rungs}
+        self.keys = [r.index for r in every]
+        self.key_names = {r.index: r.name for r in every}
+        self._by_name = {r.name: r for r in every}
 
     def example(self, key: int, n: int) -> torch.Tensor:
         return torch.randn(n, 3, self.model.input_size, self.model.input_size)
@@ -108,7 +111,8 @@ class PssNetAdapter:
     def describe(self) -> dict:
         return {"family": self.family, "rungs": [
             {"index": r.index, "name": r.name, "flops": r.flops, "params": r.params, "accuracy": r.accuracy,
-             "cfg": r.cfg} for r in self.rungs]}
+             "val_accuracy": r.val_accuracy, "on_ladder": r in self.rungs, "cfg": r.cfg}
+            for r in sorted(self.model.rungs, key=lambda r: r.flops)]}
 
 
 class CfVitAdapter:

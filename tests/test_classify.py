@@ -40,6 +40,8 @@ class FakeRung:
     params: int
     accuracy: float
     cfg: dict
+    val_accuracy: float | None = None
+    dominated: bool = False
 
 
 class FakePssNet:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.pssnet.nets import SubnetConfig, SupernetSpec, subnet_flops, subnet_params
-from models.pssnet.serving import PssNetModel
+from models.pssnet.serving import DOMINANCE_MARGIN, PssNetModel
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "pssnet" / "weights" / "pss-mbv1-glyphs"
 
@@ -38,6 +38,18 @@ def test_manifest_is_consistent_with_the_model(bundle) -> None:
     assert model.rungs[0].name == "min" and model.rungs[-1].name == "max"
     assert model.rungs[0].flops <= 0.35 * model.rungs[-1].flops
     assert model.rungs[-1].accuracy > model.rungs[0].accuracy
+
+
+def test_the_served_ladder_gains_accuracy_with_flops_on_held_out_data(bundle) -> None:
+    """Rungs join the ladder on val (DOMINANCE_MARGIN above every cheaper one); on the
+    held-out test split, which played no part in that choice, accuracy must rise with FLOPs."""
+    _, model = bundle
+    ladder = [r for r in model.rungs if not r.dominated]
+    assert len(ladder) >= 3 and ladder[0].name == "min"
+    assert ladder[0].flops <= 0.35 * ladder[-1].flops
+    for cheaper, dearer in zip(ladder, ladder[1:]):
+        assert dearer.flops > cheaper.flops and dearer.val_accuracy >= cheaper.val_accuracy + DOMINANCE_MARGIN
+        assert dearer.accuracy > cheaper.accuracy, (cheaper.name, dearer.name)
 
 
 def test_bundled_model_reproduces_its_test_accuracy(bundle) -> None:

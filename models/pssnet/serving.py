@@ -36,7 +36,9 @@ class PssRung:
     """One operating point.  ``flops`` in MFLOPs as PSS-Net counts them (MACs / 1e6, pool and
     FC included); ``accuracy`` is top-1 on the held-out test split and ``val_accuracy`` on
     val, from the manifest (None where not measured, e.g. an official checkpoint).
-    ``dominated``: a cheaper rung is at least as accurate on val, so a planner may skip it."""
+    ``dominated``: on val it is not measurably better than a cheaper rung (by less than
+    ``DOMINANCE_MARGIN``), so the planner skips it: paying more FLOPs for a difference within
+    sampling noise buys nothing a client could rely on."""
 
     index: int
     name: str
@@ -47,7 +49,12 @@ class PssRung:
     accuracy: float | None
     val_accuracy: float | None
     pool: dict
-    dominated: bool = False  # a cheaper rung has at least this val accuracy (False when unmeasured)
+    dominated: bool = False  # not DOMINANCE_MARGIN above every cheaper rung on val (False when unmeasured)
+
+
+# About the standard error of the accuracy difference of two subnets on 5000 val images
+# (sqrt(p(1-p)/n) is 0.6 points at p = 0.8; paired errors make the difference's error smaller).
+DOMINANCE_MARGIN = 0.005
 
 
 def _read_class_names(path: str | Path | None, n: int) -> list[str]:
@@ -142,12 +149,13 @@ class PssNetModel:
             nets.append(fold_bn(dense.eval()))
             rungs.append(PssRung(i, rung, cfg.to_dict(), round(subnet_flops(spec, cfg), 4), subnet_params(spec, cfg),
                                  cfg.resolution, acc.get("test"), acc.get("val"), dict(pool)))
-        best_val = -1.0
+        best_val = None
         for i, r in enumerate(rungs):  # judged on val, so that test stays a held-out number
             if r.val_accuracy is not None:
-                if r.val_accuracy <= best_val:
+                if best_val is not None and r.val_accuracy < best_val + DOMINANCE_MARGIN:
                     rungs[i] = replace(r, dominated=True)
-                best_val = max(best_val, r.val_accuracy)
+                else:
+                    best_val = r.val_accuracy
         return cls(name, spec, classes, rungs, nets, pre, stats, supernet, manifest)
 
     def export_bundle(self, out_dir: str | Path) -> Path:

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=1000, help="val accuracy of max/min net (0: never)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these supernet weights (a bundle folder or its model.safetensors)")
     ap.add_argument("--name", default=None, help="bundle name in the manifest (default: the --out folder name)")
     args = ap.parse_args(argv)
     command = "python -m models.pssnet.train " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -162,6 +164,16 @@ def main(argv: list[str] | None = None) -> None:
     grid = TargetGrid("flops", *args.grid) if args.grid else DEMO_GRIDS[args.model]
     augment = Augment.demo(spec.input_size)
     net = PssSupernet(spec)
+    init_record = None
+    if args.init:
+        from safetensors.torch import load_file
+
+        init_dir = args.init if args.init.is_dir() else args.init.parent
+        net.load_state_dict(load_file(str(init_dir / "model.safetensors")), strict=True)
+        earlier = init_dir / "manifest.json"
+        init_record = {"weights": str(args.init),
+                       "training": json.loads(earlier.read_text()).get("training") if earlier.exists() else None}
+        print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.SGD(param_groups(net, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
     iters_per_epoch = len(train_set.labels) // args.batch
     total = iters_per_epoch * args.epochs
@@ -300,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             "wall_clock_s": {"train": round(train_seconds, 1), "calibrate_and_evaluate": round(final_seconds, 1)},
             "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d"),
+            "init_from": init_record,
         },
     }
     path = save_bundle(args.out, net, stats, manifest)
