@@ -1,6 +1,8 @@
 """The HTTP app: wiring of models, runtime, planner, metrics and the routes.
 
     POST /superresolve   ARM x4 super-resolution (service/sr.py)
+    POST /classify       PSS-Net and CF-ViT classification (service/classify.py)
+    POST /ground         SeqTR visual grounding, boxes and masks (service/ground.py)
     GET  /v1/models      rungs, FLOPs, measured quality and the live cost model
     GET  /v1/policy      the planner's view: policy, load, queue, predicted wait
     GET  /healthz        live (answers during warm-up)
@@ -32,6 +34,8 @@ from service.middleware import RequestContext
 from service.planner import Planner
 from service.classify import CfVitAdapter, ClassifierService, PssNetAdapter
 from service.classify import router as classify_router
+from service.ground import GroundService, SeqTRAdapter
+from service.ground import router as ground_router
 from service.sr import ArmService
 
 log = logging.getLogger("anytime")
@@ -56,9 +60,20 @@ def load_classifiers(settings: Settings) -> list:
     return adapters
 
 
+def load_grounders(settings: Settings) -> list[SeqTRAdapter]:
+    """The configured /ground models (one per task), as runtime adapters."""
+    if not settings.seqtr_checkpoints:
+        return []
+    from models.seqtr.serving import SeqTRGrounder
+
+    return [SeqTRAdapter(SeqTRGrounder.from_checkpoint(path, token_to_ix=settings.seqtr_token_to_ix,
+                                                       max_token=settings.seqtr_max_token, device=settings.device),
+                         settings.seqtr_long_sides) for path in settings.seqtr_checkpoints]
+
+
 def create_app(settings: Settings | None = None, model: ArmSR | None = None,
-               classifiers: list | None = None) -> FastAPI:
-    """``model`` / ``classifiers`` (adapters) replace the configured ones (tests)."""
+               classifiers: list | None = None, grounders: list | None = None) -> FastAPI:
+    """``model`` / ``classifiers`` / ``grounders`` (adapters) replace the configured ones (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
     planner = Planner(settings)
@@ -66,7 +81,9 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     arm = ArmService(model, settings, metrics, planner)
     classify = [ClassifierService(a, settings, metrics, planner)
                 for a in (load_classifiers(settings) if classifiers is None else classifiers)]
-    services = [arm, *classify]
+    ground = [GroundService(a, settings, metrics, planner)
+              for a in (load_grounders(settings) if grounders is None else grounders)]
+    services = [arm, *classify, *ground]
 
     def on_sample(r: LoadReading) -> None:
         metrics.cpu.labels("system").set(r.cpu_system)
@@ -115,6 +132,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     app.include_router(arm.router())
     if classify:
         app.include_router(classify_router(classify))
+    if ground:
+        app.include_router(ground_router(ground))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:

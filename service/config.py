@@ -25,6 +25,12 @@ def bundled(family: str) -> Path | None:
     found = sorted((REPO_ROOT / "models" / family / "weights").glob("*/model.safetensors"))
     return found[0] if found else None
 
+
+def bundled_all(family: str) -> list[Path]:
+    """Every bundled weight folder of a family (models/<family>/weights/*/), by name."""
+    return [p.parent for p in sorted((REPO_ROOT / "models" / family / "weights").glob("*/model.safetensors"))]
+
+
 Policy = Literal["adaptive", "full", "smallest"]
 
 
@@ -49,6 +55,15 @@ class Settings(BaseSettings):
     class_names: Path | None = Field(None, description="class names file (one per line) for official classifiers")
     pssnet_calibration: Path | None = Field(None, description="image folder to recalibrate BatchNorm of an "
                                             "official PSS-Net checkpoint's subnets (it has no usable statistics)")
+    seqtr_checkpoints: list[Path] = Field(default_factory=lambda: bundled_all("seqtr"), description="SeqTR models "
+                                          "for /ground (one per task): our bundle folders or official .pth files "
+                                          "(JSON list in the environment; [] to serve none)")
+    seqtr_token_to_ix: Path | None = Field(None, description="token_to_ix.pkl of the dataset an official SeqTR "
+                                           "checkpoint was trained on (its vocabulary)")
+    seqtr_max_token: int | None = Field(None, ge=1, le=128, description="words an official SeqTR checkpoint reads "
+                                        "(15 RefCOCO/RefCOCO+, 20 RefCOCOg/ReferItGame/Flickr30k); ours: the manifest")
+    seqtr_long_sides: list[int] | None = Field(None, description="input-resolution ladder for /ground (long side "
+                                               "in px, e.g. [384, 512, 640]); none: the model's own size only")
 
     # --- planning policy ----------------------------------------------------------------
     policy: Policy = Field("adaptive", description="adaptive: budget from deadline and load; full / smallest: "
@@ -83,6 +98,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_input_pixels: int = Field(1_000_000, gt=0, description="largest accepted input image (width x height), "
                                   "checked from the header before decoding; the output has 16x as many pixels")
+    max_expression_chars: int = Field(256, ge=1, description="longest referring expression /ground accepts")
+    ground_batch_max: int = Field(8, ge=1, description="most /ground requests in one forward pass (SeqTR "
+                                  "images are large: its batches are small)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 504")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG responses (speed vs size)")
     jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG and WebP responses")
@@ -93,7 +111,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
 
     @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "pssnet_calibration", "arm_table",
-                     mode="before")
+                     "seqtr_token_to_ix", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v in ("", "none") else v

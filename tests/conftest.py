@@ -57,4 +57,4 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 
 # Settings that keep the start-up calibration short in tests.
 FAST_START = {"calibration_repeats": 1, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
-              "pssnet_checkpoint": None, "cfvit_checkpoint": None}
+              "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": []}

@@ -74,7 +74,28 @@ class SeqTRGrounder:
     def from_official(cls, path: str | Path, token_to_ix_path: str | Path, max_token: int = 15,
                       which: str = "state_dict") -> "SeqTRGrounder":
         model, vocab, info = load_official(path, token_to_ix_path, which=which, max_token=max_token)
-        return cls(model, vocab, max_token, info)
+        return cls(model, vocab, max_token, {"name": f"seqtr-{model.cfg.task}-{Path(path).stem}", **info})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, token_to_ix: str | Path | None = None, max_token: int | None = None,
+                        device: str = "cpu") -> "SeqTRGrounder":
+        """Our bundle (a folder, or its model.safetensors), or an official ``.pth`` (which
+        needs the ``token_to_ix.pkl`` of its dataset, and ``max_token`` unless it is 15)."""
+        path = Path(path)
+        if path.is_dir() or path.suffix == ".safetensors":
+            g = cls.from_bundle(path if path.is_dir() else path.parent)
+            if max_token is not None:
+                g.max_token = max_token
+        else:
+            if token_to_ix is None:
+                raise ValueError(f"{path} is an official SeqTR checkpoint: its vocabulary (the dataset's "
+                                 "token_to_ix.pkl) is needed too (seqtr_token_to_ix)")
+            g = cls.from_official(path, token_to_ix, max_token or 15)
+        return g.to(device)
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or f"seqtr-{self.task}")
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -102,10 +123,12 @@ class SeqTRGrounder:
         return self
 
     # -- inference --------------------------------------------------------------------
-    def prepare(self, image: np.ndarray | Image.Image, expression: str) -> GroundingItem:
-        """Resize/pad the image and encode the text; raises EmptyExpression for wordless text."""
+    def prepare(self, image: np.ndarray | Image.Image, expression: str,
+                long_side: int | None = None) -> GroundingItem:
+        """Resize/pad the image (long side ``long_side``, default the model's) and encode the
+        text; raises EmptyExpression for wordless text."""
         ids = self.vocab.encode(expression, self.max_token)
-        return GroundingItem(prepare(image, self.long_side, self.size_divisor), ids, expression,
+        return GroundingItem(prepare(image, long_side or self.long_side, self.size_divisor), ids, expression,
                              self.vocab.unknown_words(expression))
 
     @torch.inference_mode()
@@ -135,9 +158,10 @@ class SeqTRGrounder:
         text = torch.tensor([it.text_ids for it in items], dtype=torch.long)
         tokens, scores = self.model.generate(img.to(dev), mask.to(dev), text.to(dev))
         tokens, scores = tokens.cpu().tolist(), scores.float().cpu().tolist()
-        return [self._postprocess(it, t, s) for it, t, s in zip(items, tokens, scores)]
+        return [self.postprocess(it, t, s) for it, t, s in zip(items, tokens, scores)]
 
-    def _postprocess(self, item: GroundingItem, tokens: list[int], score: float) -> Grounding:
+    def postprocess(self, item: GroundingItem, tokens: list[int], score: float) -> Grounding:
+        """Tokens -> coordinates in the item's original pixels (own padded size, own scale)."""
         p = item.prepared
         ph, pw = p.pad_shape
         h, w = p.orig_shape
