@@ -97,3 +97,13 @@ def test_targets_and_lr() -> None:
     assert T.lr_at(0, 100, 10, 1e-3, 0) == pytest.approx(1e-4)
     assert T.lr_at(10, 100, 10, 1e-3, 0) == pytest.approx(1e-3)
     assert T.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+
+
+def test_init_from_train_state(det_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANYTIME_DATA_DIR", str(tmp_path / "data"))
+    state = det_bundle.parent.parent / "run" / "train_state.pt"
+    model = T.SeqTR(T.seqtr_tiny("det", vocab_size=len(scenes.vocabulary_words()) + 3, max_token=15))
+    info = T.init_from(model, state)
+    assert info["weights"] == "ema" and info["step"] == 3 and not info["skipped"]
+    src = torch.load(state, weights_only=False)["ema"]
+    assert all(torch.equal(v, src[k]) for k, v in model.state_dict().items())

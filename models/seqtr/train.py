@@ -16,7 +16,8 @@ The recipe is the official one, shrunk:
 
 ``--init <bundle>`` starts a model from another bundle's weights wherever names and shapes
 agree (a segm model from the det model: encoder, fusion, transformer; the det-length sequence
-positions are not reused), so the mask model does not relearn grounding from scratch.
+positions are not reused), so the mask model does not relearn grounding from scratch;
+``--init runs/<run>/train_state.pt`` does the same from another run's state (its EMA).
 
     python -m models.seqtr.train --task det --name seqtr-tiny-scenes-det --steps 12000
 
@@ -109,18 +110,30 @@ def augment(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Ten
     return ((x - mean) * c + mean + off).clamp_(0, 255)
 
 
-def init_from(model: SeqTR, bundle: Path) -> dict:
-    """Copy every tensor of ``bundle`` whose name and shape match; returns what was (not) copied."""
-    from models.seqtr.evaluate import load
+def init_from(model: SeqTR, source: Path) -> dict:
+    """Copy every tensor of ``source`` whose name and shape match; returns what was (not) copied.
 
-    src_model, src_vocab, _ = load(bundle)
-    src = src_model.state_dict()
+    ``source`` is a bundle directory or another run's ``train_state.pt`` (its EMA weights when
+    it has them), e.g. to continue from a run on an earlier scene generator."""
+    info: dict = {"from": str(source)}
+    if source.is_file():
+        st = torch.load(source, weights_only=False)  # our own training state
+        src = st["ema"] if st.get("ema") is not None else st["model"]
+        info.update({"weights": "ema" if st.get("ema") is not None else "raw", "step": st["step"],
+                     "command": "python -m models.seqtr.train " + shlex.join(st["argv"]),
+                     "wall_clock_s": round(st["elapsed"], 1), "init": st.get("init")})
+    else:
+        from models.seqtr.evaluate import load
+
+        src_model, src_vocab, manifest = load(source)
+        src = src_model.state_dict()
+        info.update({"vocab": src_vocab.words(), "command": manifest.get("training", {}).get("command")})
     dst = model.state_dict()
     copied = [k for k, v in src.items() if k in dst and dst[k].shape == v.shape]
-    skipped = sorted(set(dst) - set(copied))
     dst.update({k: src[k] for k in copied})
     model.load_state_dict(dst)
-    return {"from": str(bundle), "copied": len(copied), "skipped": skipped, "vocab": src_vocab.words()}
+    info.update({"copied": len(copied), "skipped": sorted(set(dst) - set(copied))})
+    return info
 
 
 def machine() -> str:
@@ -161,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enc-layers", type=int, default=None)
     ap.add_argument("--dec-layers", type=int, default=None)
     ap.add_argument("--ffn", type=int, default=None)
-    ap.add_argument("--init", type=Path, default=None, help="bundle to initialise from (e.g. the det model)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="bundle directory or train_state.pt to initialise from (e.g. the det model)")
     ap.add_argument("--seed", type=int, default=6666)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=250)
