@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         r["time_fraction_b1"] = r["ms_per_image_b1"] / full["ms_per_image_b1"]
         r["time_fraction_b32"] = r["ms_per_image_b32"] / full["ms_per_image_b32"]
 
-    print(f"{model.name} on {split.source} ({args.split}, {len(y)} images); MACs coarse {model.flops_coarse / 1e6:.2f}M, "
+    src = split.source if isinstance(split.source, str) else \
+        f"{split.source.get('dataset', '?')}, generator {split.source.get('generator_version', '?')}"
+    print(f"{model.name} on {src} ({args.split}, {len(y)} images); MACs coarse {model.flops_coarse / 1e6:.2f}M, "
           f"all-fine {model.flops_full / 1e6:.2f}M; {args.threads} thread(s)")
     print("| eta | exit rate | MACs / all-fine | top-1 | ms/img b=1 | ms/img b=32 | time / all-fine b=1 | b=32 |")
     print("|---|---|---|---|---|---|---|---|")

@@ -38,7 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from models.cfvit import data
-from models.cfvit.checkpoint import save_ours
+from models.cfvit.checkpoint import load_ours, save_ours
 from models.cfvit.evaluate import best_saving, evaluate_split, predict
 from models.cfvit.model import CONFIGS, CfVisionTransformer, count_macs
 from models.common.progress import progress
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=Path("/tmp/anytime-quiet"),
                     help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this step (tests)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from the weights of this bundle (a fresh optimiser and schedule: a second "
+                         "training phase; its configuration must match)")
     return ap
 
 
@@ -127,6 +130,16 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     model = CfVisionTransformer(cfg)
+    init_record = None
+    if args.init is not None:
+        earlier = load_ours(args.init)
+        if earlier.config.to_dict() != cfg.to_dict():
+            raise SystemExit(f"--init {args.init}: its configuration differs from this run's")
+        model.load_state_dict(earlier.model.state_dict())
+        init_record = {"bundle": str(args.init), "training": earlier.meta.get("training"),
+                       "evaluation_test": {k: earlier.meta.get("evaluation", {}).get("test", {}).get(k)
+                                           for k in ("accuracy_coarse_only", "accuracy_all_fine")}}
+        print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     sel_step = int(round(args.selection_from * args.steps))
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 {"max_shift": args.max_shift, "jitter": args.jitter, "flips": False},
             "drop_path": args.drop_path, "seed": args.seed, "threads": args.threads,
             "resumed_from": resumed_from,
+            "init_from": init_record,
             "wall_clock_s": round(train_seconds, 1), "paused_for_benchmarks_s": round(paused_total + paused, 1),
             "cpu_time_s": round(cpu_seconds, 1),
             "eval_wall_clock_s": round(eval_seconds, 1),
