@@ -407,3 +407,39 @@ def test_training_runs_and_resumes(tmp_path, monkeypatch):
     assert len(man["evaluation"]["val"]["eta_curve"]) == 22
     sm = CfVitModel.from_checkpoint(tmp_path / "weights" / "t" / "model.safetensors")
     assert sm.curve == man["evaluation"]["val"]["eta_curve"]
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled CF-ViT demo weights not built")
+def test_bundled_demo_trades_flops_for_accuracy_on_held_out_fonts():
+    """Re-measures the demo's claim on the held-out test fonts: coarse-only is clearly worse
+    than all-fine, and the eta the manifest names saves >= 35 % of the all-fine MACs within
+    0.5 points of all-fine accuracy."""
+    from models.cfvit import data
+    from models.cfvit.evaluate import best_saving
+
+    man = json.loads(BUNDLED.with_name("manifest.json").read_text())
+    try:
+        test = data.load("glyphs", "test")
+    except Exception as e:  # the glyph images are rendered locally (make data), never committed
+        pytest.skip(f"glyph test split unavailable: {e}")
+    if test.source.get("font_index_key") != man["data"]["test"]["source"].get("font_index_key"):
+        pytest.skip("the glyph data changed since training")
+    sm = CfVitModel.from_checkpoint(BUNDLED)
+    x = data.to_tensor(test.images, sm.config.mean, sm.config.std)
+    y = torch.from_numpy(test.labels)
+    point = best_saving(man["evaluation"]["test"]["eta_curve"], man["evaluation"]["test"]["accuracy_all_fine"])
+
+    def run(eta: float) -> tuple[float, float]:
+        right, spent = 0, 0.0
+        for i in range(0, len(x), 500):
+            logits, exited, _ = sm.forward(x[i:i + 500], torch.full((len(x[i:i + 500]),), eta))
+            right += int((logits.argmax(-1) == y[i:i + 500]).sum())
+            spent += float(sm.flops_for(exited).sum())
+        return right / len(x), spent / (len(x) * sm.flops_full)
+
+    coarse, _ = run(0.0)
+    fine, _ = run(1.01)
+    acc, frac = run(point["eta"])
+    assert fine - coarse > 0.05
+    assert frac <= 0.65 and fine - acc <= 0.005
+    assert acc == pytest.approx(point["accuracy"], abs=0.002)
