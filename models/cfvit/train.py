@@ -42,6 +42,7 @@ from models.cfvit.checkpoint import load_ours, save_ours
 from models.cfvit.evaluate import best_saving, evaluate_split, predict
 from models.cfvit.model import CONFIGS, CfVisionTransformer, count_macs
 from models.common.progress import progress
+from models.common.quiet import add_pause_argument, pause_while
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -99,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=1000, help="quick val accuracy every N steps (0: never)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only (tests)")
-    ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=Path("/tmp/anytime-quiet"),
-                    help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
+    add_pause_argument(ap)
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this step (tests)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from the weights of this bundle (a fresh optimiser and schedule: a second "
@@ -185,13 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     last = start
     paused = 0.0
     for step in progress(range(start, args.steps), total=args.steps, initial=start, desc="train"):
-        if args.pause_file and args.pause_file.exists():
-            tp = time.time()
-            print(f"{args.pause_file} exists: pausing", flush=True)
-            while args.pause_file.exists():
-                time.sleep(30)
-            paused += time.time() - tp
-            print(f"resuming after {time.time() - tp:.0f}s", flush=True)
+        paused += pause_while(args.pause_file)
         lr = lr_at(step, args.steps, warmup, args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from models.common.progress import progress
+from models.common.quiet import QUIET_FILE, pause_while
 from models.pssnet.calibrate import bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import save_bundle
 from models.pssnet.data import Augment, DemoSplit, batches, calibration_batches, load_demo_split, normalise
@@ -57,7 +58,6 @@ from models.pssnet.nets import (
 )
 from models.pssnet.pools import DEMO_GRIDS, Pools, StructureSampler, TargetGrid, flops_metric, schedule
 
-QUIET_FILE = Path("/tmp/anytime-quiet")
 
 
 def param_groups(net: PssSupernet, weight_decay: float) -> list[dict]:
@@ -107,15 +107,6 @@ def retained(net: PssSupernet, pools: Pools) -> list[Rung]:
                 rungs.append(Rung(f"{kind[0]}{target}", cfg, {"type": kind, "target": target, "score": score,
                                                               "pool_entries": len(pools.pools[kind][target])}))
     return sorted(rungs, key=lambda r: subnet_flops(spec, r.cfg))
-
-
-def wait_while_quiet(save: callable) -> None:
-    if QUIET_FILE.exists():
-        save()
-        print(f"{QUIET_FILE} exists: pausing", file=sys.stderr, flush=True)
-        while QUIET_FILE.exists():
-            time.sleep(30)
-        print("resuming", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         if QUIET_FILE.exists():
             train_seconds += time.time() - t_seg
             t_seg = time.time()
-            wait_while_quiet(lambda: save_state(it))
+            pause_while(QUIET_FILE, before=lambda: save_state(it))
             t_seg = time.time()
         epoch = it // iters_per_epoch
         p_e, t_e = schedule(epoch, args.epochs), schedule(epoch, args.epochs)
