@@ -48,8 +48,12 @@ GLYPH_FONTS := fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-free
    fonts-isabella fonts-femkeklaver fonts-breip fonts-klaudia-berenika fonts-lobster \
    fonts-lobstertwo fonts-ecolier-court fonts-blankenburg fonts-dustin
 
+# ARM_PHOTOS is models/arm/data.py's PACKAGES (a test keeps them in step); the two Lomiri
+# packages feed the `train-ext` split only.
+ARM_PHOTOS := mate-backgrounds plasma-workspace-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04
+
 data:
-	apt-get install -y mate-backgrounds plasma-workspace-wallpapers
+	apt-get install -y $(ARM_PHOTOS)
 	apt-get install -y --no-install-recommends $(GLYPH_FONTS)
 
 # Rebuild the bundled ARM-FSRCNN from scratch (about an hour on 2 cores; needs `make data`).

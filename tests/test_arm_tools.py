@@ -47,6 +47,45 @@ def test_training_resumes_and_writes_weights_and_manifest(photo_dirs, tmp_path: 
     assert sr.shape == (160, 200, 3) and plan.flops_fraction <= 0.5
 
 
+def test_training_pauses_on_the_quiet_file_and_stops_after(photo_dirs, tmp_path: Path, capsys) -> None:
+    import threading
+    import time
+
+    quiet = tmp_path / "quiet"
+    quiet.write_text("")
+    threading.Timer(0.5, quiet.unlink).start()
+    out = tmp_path / "run"
+    t0 = time.time()
+    train.main(["--backbone", "fsrcnn", "--batch", "2", "--out", str(out), "--train-images", str(photo_dirs[0]),
+                "--val-images", str(photo_dirs[1]), "--iters", "6", "--stop-after", "3", "--log-every", "3",
+                "--threads", "1", "--pause-file", str(quiet)])
+    text = capsys.readouterr().out
+    assert "pausing" in text and "resuming" in text and "stopped at iteration 3 of 6" in text
+    assert time.time() - t0 >= 0.5
+    assert (out / "train_state.pt").exists() and not (out / "model.safetensors").exists()
+    train.main(["--backbone", "fsrcnn", "--batch", "2", "--out", str(out), "--train-images", str(photo_dirs[0]),
+                "--val-images", str(photo_dirs[1]), "--iters", "6", "--log-every", "3", "--threads", "1",
+                "--pause-file", ""])
+    assert "resumed at iteration 3" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["paused_for_benchmarks_s"] >= 0.5
+
+
+def test_data_splits_and_makefile_packages() -> None:
+    import re
+
+    from models.arm import data
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    block = re.search(r"ARM_PHOTOS :=(.*?)\n", text)
+    assert block and block.group(1).split() == list(data.PACKAGES) and "$(ARM_PHOTOS)" in text
+    train_ext = [p.name for p in data.split("train-ext")]
+    train, val = [p.name for p in data.split("train")], [p.name for p in data.split("val")]
+    assert train_ext[:len(train)] == train and train_ext[len(train):] == list(data.EXTRA_PHOTOS)
+    assert len(set(train_ext)) == len(train_ext) and set(train_ext).isdisjoint(val)
+    assert sorted(val) == sorted(data.VALIDATION)
+
+
 def test_download_verifies_sha256(official: Path, tmp_path: Path) -> None:
     got = download.download(tmp_path / "ckpt", ["fsrcnn"], mirror=str(official))
     assert sorted(p.name for p in got) == ["arm-fsrcnn.pth", "arm-fsrcnn.state"]

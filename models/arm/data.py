@@ -2,7 +2,9 @@
 
 Sources (see docs/DATA.md): Debian's ``mate-backgrounds`` and
 ``plasma-workspace-wallpapers`` photos (train and validation) and the colour photos
-bundled in the scikit-image wheel (test, a Set5/Set14-like set).  The wallpapers are
+bundled in the scikit-image wheel (test, a Set5/Set14-like set).  Split ``train-ext`` adds
+the 15 photographs of ``lomiri-wallpapers-16.04`` and ``lomiri-wallpapers-20.04`` to
+``train`` (validation and test are unchanged; docs/ARM.md says how they were chosen).  The wallpapers are
 JPEGs at quality ~70-75, so each is halved with MATLAB bicubic before use as ground
 truth; otherwise the model would learn to reproduce block artefacts.  LR images are
 MATLAB-bicubic x1/4 of the mod-4 cropped HR, as in ARM's protocol.  Prepared pairs are
@@ -27,12 +29,27 @@ MATE_PHOTOS = ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow",
                "RainDrops", "Storm", "TwoWings", "Wood", "YellowFlower")
 PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
                  "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "summer_1am")
+# lomiri-wallpapers-16.04 / -20.04 (Debian main, CC-BY / CC-BY-SA / CC0): the photographs
+# only, chosen by eye on a contact sheet; their renders and gradients (umang, Fossa,
+# Infinite-Sea, Painting-Colors, the 16.04 default) are left out, as are every image of
+# ukui-wallpapers, lomiri-wallpapers and gnome-backgrounds 43 (all renders).  No photo
+# here is a resized copy of another or of a train/val/test photo (grey 32x32 thumbnails
+# correlate at most 0.84 with any other).
+EXTRA_DIR = Path("/usr/share/backgrounds")
+EXTRA_PHOTOS = ("Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace",
+                "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi",
+                "analogpattern_by_Peter_Nerlich", "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi",
+                "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi",
+                "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt",
+                "sunset_by_Aitzol_Berasategi", "Kleiber_by_Lukas_Baubkus")
 VALIDATION = ("Garden", "Storm", "Kite", "FallenLeaf")  # the table is built on these only
 SKIMAGE_TEST = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                 "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
 
 DATA_DIR = Path(os.environ.get("ANYTIME_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
-INSTALL_HINT = ("apt-get install -y mate-backgrounds plasma-workspace-wallpapers; "
+PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "lomiri-wallpapers-16.04",
+            "lomiri-wallpapers-20.04")  # the Makefile's `data` target installs the same
+INSTALL_HINT = ("apt-get install -y " + " ".join(PACKAGES) + "; "
                 "pip install scikit-image")
 
 
@@ -50,7 +67,7 @@ def _plasma_path(name: str) -> Path:
 
 
 def split(name: str) -> list[Photo]:
-    """The photos of split ``train``, ``val`` or ``test``, in a fixed order."""
+    """The photos of split ``train``, ``train-ext``, ``val`` or ``test``, in a fixed order."""
     if name == "test":
         import skimage
 
@@ -62,7 +79,9 @@ def split(name: str) -> list[Photo]:
         return [p for p in wallpapers if p.name in VALIDATION]
     if name == "train":
         return [p for p in wallpapers if p.name not in VALIDATION]
-    raise ValueError(f"unknown split {name!r}; use train, val or test")
+    if name == "train-ext":
+        return split("train") + [Photo(n, EXTRA_DIR / f"{n}.jpg", True) for n in EXTRA_PHOTOS]
+    raise ValueError(f"unknown split {name!r}; use train, train-ext, val or test")
 
 
 def load_rgb(path: Path) -> np.ndarray:

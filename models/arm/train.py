@@ -9,6 +9,7 @@ weights, and the L1 loss updates them.  Adam (0.9, 0.99) with cosine annealing t
 
 Resumable: ``--out`` holds ``train_state.pt`` (weights, optimiser, schedule, sampler
 RNG), written every ``--save-every`` iterations; rerunning the same command continues.
+While ``--pause-file`` exists (someone is benchmarking) training sleeps between iterations.
 At the end the full-width weights are written as ``model.safetensors`` with a
 ``manifest.json`` that records the exact command and data split; ``build_table`` and
 ``evaluate`` then add the lookup table and the held-out metrics to it.
@@ -84,8 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deconv-lr-scale", type=float, default=1.0,
                     help="learning-rate factor for FSRCNN's output deconvolution (ARM: 1; the FSRCNN paper: 0.1)")
     ap.add_argument("--init", type=Path, default=None, help="start from these full-width weights")
-    ap.add_argument("--train-images", type=Path, default=None, help="HR image folder (default: our train split)")
+    ap.add_argument("--train-split", default="train", choices=["train", "train-ext"],
+                    help="our training split (models/arm/data.py): the 19 wallpapers, or those plus 15 Lomiri photos")
+    ap.add_argument("--train-images", type=Path, default=None, help="HR image folder (instead of --train-split)")
     ap.add_argument("--val-images", type=Path, default=None, help="HR image folder (default: our val split)")
+    ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=Path("/tmp/anytime-quiet"),
+                    help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this iteration")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -102,14 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         net.full.load_state_dict(load_full_state(args.init))
     opt = torch.optim.Adam(param_groups(net, lr0, args.deconv_lr_scale), lr=lr0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iters, eta_min=1e-7)
-    train_set = data.load_folder(args.train_images) if args.train_images else data.load_split("train")
+    train_set = data.load_folder(args.train_images) if args.train_images else data.load_split(args.train_split)
     val_set = data.load_folder(args.val_images) if args.val_images else data.load_split("val")
     sampler = data.PatchSampler([(hr, lr) for _, hr, lr in train_set], seed=args.seed)
     val_sampler = data.PatchSampler([(hr, lr) for _, hr, lr in val_set], seed=1234)
     val_batch = val_sampler.batch(256)
     probs = width_probabilities(args.backbone)
     width_rng = np.random.default_rng(args.seed + 1)
-    start = 0
+    start, elapsed, paused_total = 0, 0.0, 0.0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)  # our own file, written below
         net.full.load_state_dict(st["model"])
@@ -118,12 +124,14 @@ def main(argv: list[str] | None = None) -> None:
         sampler.rng.bit_generator.state = st["sampler_rng"]
         width_rng.bit_generator.state = st["width_rng"]
         start = st["iter"]
+        elapsed, paused_total = st.get("elapsed", 0.0), st.get("paused", 0.0)
         print(f"resumed at iteration {start}", flush=True)
 
     def save_state(it: int) -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": net.full.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "iter": it,
+                    "elapsed": elapsed + time.time() - t0 - paused, "paused": paused_total + paused,
                     "sampler_rng": sampler.rng.bit_generator.state,
                     "width_rng": width_rng.bit_generator.state}, tmp)
         tmp.replace(state_path)
@@ -131,9 +139,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"training ARM-{args.backbone}: widths {bb.widths}, width probabilities "
           f"{np.round(probs, 3).tolist()}, {args.iters} iterations of batch {args.batch}", flush=True)
     losses: list[float] = []
-    t0 = time.time()
+    t0, paused = time.time(), 0.0
+    stop = min(args.iters, args.stop_after) if args.stop_after else args.iters
     net.train()
-    for it in progress(range(start, args.iters), total=args.iters, initial=start, desc="train"):
+    for it in progress(range(start, stop), total=args.iters, initial=start, desc="train"):
+        if args.pause_file and args.pause_file.exists():
+            tp = time.time()
+            print(f"{args.pause_file} exists: pausing", flush=True)
+            while args.pause_file.exists():
+                time.sleep(10)
+            paused += time.time() - tp
+            print(f"resuming after {time.time() - tp:.0f}s", flush=True)
         width = bb.widths[width_rng.choice(len(bb.widths), p=probs)]
         lr_b, hr_b = (torch.from_numpy(a) for a in sampler.batch(args.batch))
         loss = F.l1_loss(net(lr_b, width), hr_b)
@@ -147,10 +163,15 @@ def main(argv: list[str] | None = None) -> None:
             val = validate(net, val_batch)
             print(f"iter {done}: l1 {np.mean(losses):.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"val PSNR {' / '.join(f'w{w} {p:.2f}' for w, p in val.items())} "
-                  f"({(time.time() - t0):.0f}s)", flush=True)
+                  f"({elapsed + time.time() - t0 - paused:.0f}s)", flush=True)
             losses.clear()
-        if done % args.save_every == 0 or done == args.iters:
+        if done % args.save_every == 0 or done == stop:
             save_state(done)
+    if stop < args.iters:
+        print(f"stopped at iteration {max(stop, start)} of {args.iters} (state saved; rerun without "
+              f"--stop-after to continue)", flush=True)
+        return
+    train_seconds = elapsed + time.time() - t0 - paused
 
     weights = args.out / "model.safetensors"
     save_file({k: v.detach().contiguous() for k, v in net.full.state_dict().items()}, str(weights))
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m models.arm.train " + shlex.join(sys.argv[1:] if argv is None else argv),
             "iterations": args.iters, "batch": args.batch, "lr": lr0, "seed": args.seed,
             "deconv_lr_scale": args.deconv_lr_scale,
+            "wall_clock_s": round(train_seconds, 1), "paused_for_benchmarks_s": round(paused_total + paused, 1),
+            "threads": args.threads,
             "width_probabilities": probs.tolist(),
             "data": {"train": [name for name, _, _ in train_set],
                      "val": [name for name, _, _ in val_set],
