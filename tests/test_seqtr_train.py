@@ -94,6 +94,12 @@ def test_targets_and_lr() -> None:
     assert det[0, 0] == int(s[0].box[0]) and det[0, 3] == min(int(s[0].box[3]), 127)
     seg = T.make_targets(arrays, "segm", 128, 12)
     assert seg.shape == (2, 25) and (seg[:, -1] == 128).all()
+    # rounding quantisation: the served (lower-bin-edge) vertices are within half a pixel
+    from models.seqtr.sequence import sample_contour, tokens_to_polygon
+    pts = sample_contour(arrays.polygon(0), 12)
+    dec = tokens_to_polygon(seg[0].tolist(), 128, 128, 128)
+    assert len(dec) == len(pts)
+    assert max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(dec, pts)) <= 0.5 + 1e-4
     assert T.lr_at(0, 100, 10, 1e-3, 0) == pytest.approx(1e-4)
     assert T.lr_at(10, 100, 10, 1e-3, 0) == pytest.approx(1e-3)
     assert T.lr_at(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
@@ -107,3 +113,12 @@ def test_init_from_train_state(det_bundle: Path, tmp_path: Path, monkeypatch) ->
     assert info["weights"] == "ema" and info["step"] == 3 and not info["skipped"]
     src = torch.load(state, weights_only=False)["ema"]
     assert all(torch.equal(v, src[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluate_cli(det_bundle: Path, tmp_path: Path, capsys) -> None:
+    from models.seqtr import evaluate as E
+
+    out = tmp_path / "r.json"
+    E.main(["--checkpoint", str(det_bundle), "--n", "3", "--held-out", "yes", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["n"] == 3 and res["held_out"]["n"] == 3 and res["data"]["held_out_phrasings"] is True

@@ -84,14 +84,22 @@ class EMA:
 
 
 def make_targets(pool: scenes.SceneArrays, task: str, num_bin: int, num_points: int) -> torch.Tensor:
-    """Token targets for every pool sample, against the (unpadded, 128 = padded) canvas."""
+    """Token targets for every pool sample, against the (unpadded = padded) canvas.
+
+    Coordinates are shifted by half a bin before :mod:`models.seqtr.sequence` floors them, i.e.
+    quantised by rounding: serving dequantises to the *lower* bin edge (official parity, brief
+    B5), so floor-quantised targets would make every predicted vertex half a bin up-left of the
+    truth.  Box corners here are whole pixels at 1-pixel bins, where both rules agree."""
     h, w = pool.images.shape[1:3]
+    hx, hy = 0.5 * w / num_bin, 0.5 * h / num_bin
     rows = []
     for i in range(len(pool)):
         if task == "det":
-            rows.append(box_targets(tuple(float(v) for v in pool.boxes[i]), w, h, num_bin))
+            x1, y1, x2, y2 = (float(v) for v in pool.boxes[i])
+            rows.append(box_targets((x1 + hx, y1 + hy, x2 + hx, y2 + hy), w, h, num_bin))
         else:
-            rows.append(polygon_targets(sample_contour(pool.polygon(i), num_points), w, h, num_bin, num_points))
+            pts = [(x + hx, y + hy) for x, y in sample_contour(pool.polygon(i), num_points)]
+            rows.append(polygon_targets(pts, w, h, num_bin, num_points))
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -222,6 +230,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     start, elapsed, paused_before, resumed_from, log = 0, 0.0, 0.0, [], []
+    history: list[dict] = []  # earlier command lines of this run (a resumed run may change e.g. --steps)
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)  # our own file, written below
         if st["argv"] != argv:
@@ -236,6 +245,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         start, elapsed, log = st["step"], st["elapsed"], st["log"]
         paused_before, resumed_from = st.get("paused", 0.0), st.get("resumed_from", [])
         init_info = st.get("init", init_info)
+        history = st.get("history", [])
+        if st["argv"] != argv:
+            history = history + [{"until_step": start, "command": "python -m models.seqtr.train " + shlex.join(st["argv"])}]
         if start < args.steps:
             resumed_from = resumed_from + [start]
             print(f"resumed at step {start}", flush=True)
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                     "optimizer": opt.state_dict(), "step": step, "argv": argv, "rng": rng.bit_generator.state,
                     "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "elapsed": wall(),
                     "paused": paused_before + paused, "resumed_from": resumed_from, "log": log,
-                    "init": init_info, "config": cfg.to_dict()}, tmp)
+                    "init": init_info, "history": history, "config": cfg.to_dict()}, tmp)
         tmp.replace(state_path)
 
     def quick_val(m: SeqTR) -> dict:
@@ -327,13 +339,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         save_state(done)
     train_seconds = wall()
     return finish(args, argv, name, cfg, vocab, model, ema, pool, val, log, train_seconds,
-                  paused_before + paused, resumed_from, init_info, nparams, warmup)
+                  paused_before + paused, resumed_from, init_info, nparams, warmup, history)
 
 
 def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Vocabulary, model: SeqTR,
            ema: EMA | None, pool: scenes.SceneArrays, val: list[scenes.Sample], log: list[dict],
            train_seconds: float, paused_seconds: float, resumed_from: list[int], init_info: dict | None,
-           nparams: int, warmup: int) -> Path:
+           nparams: int, warmup: int, history: list[dict] | None = None) -> Path:
     """Pick raw vs EMA weights on val, evaluate on held-out test scenes, write the bundle."""
     from models.seqtr.checkpoint import save_bundle
 
@@ -391,6 +403,7 @@ def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Voc
         },
         "training": {
             "command": "python -m models.seqtr.train " + shlex.join(argv),
+            "earlier_commands": history or [],
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "min_lr": args.min_lr, "warmup": warmup,
             "schedule": "linear warm-up, cosine decay",
             "optimizer": "Adam(betas=(0.9, 0.98), eps=1e-9, amsgrad=True, weight_decay=0)",
