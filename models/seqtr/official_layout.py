@@ -120,3 +120,40 @@ def synthesise_official_state_dict(task: str = "det", N: int = 12, vocab_size: i
     return {"state_dict": sd, "ema_state_dict": ema, "optimizer": {"state": {}, "param_groups": []},
             "scheduler": {"last_epoch": 59}, "lr": 5e-6, "epoch": 59,
             "d_acc": 81.2, "miou": 0.0, "best_d_acc": 81.2, "best_miou": 0.0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write a synthesised official-layout checkpoint and a matching ``token_to_ix.pkl``, so
+    the official loading path can be exercised end to end without the authors' files:
+
+        python -m models.seqtr.official_layout --out /tmp/seqtr-official
+        ANYTIME_SEQTR_CHECKPOINTS='["/tmp/seqtr-official/det_synthetic.pth"]' \\
+        ANYTIME_SEQTR_TOKEN_TO_IX=/tmp/seqtr-official/token_to_ix.pkl ANYTIME_SEQTR_LONG_SIDES='[320]' make serve
+    """
+    import argparse
+    import pickle
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for <task>_synthetic.pth and token_to_ix.pkl")
+    ap.add_argument("--task", choices=("det", "segm"), default="det")
+    ap.add_argument("--num-points", type=int, default=12, help="N of a segm checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--module-prefix", action="store_true", help="keys as saved under DDP ('module.')")
+    args = ap.parse_args(argv)
+    from models.seqtr.scenes import vocabulary_words
+
+    words = vocabulary_words()
+    token_to_ix = {"PAD": 0, "UNK": 1, "CLS": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = synthesise_official_state_dict(args.task, args.num_points, len(token_to_ix), args.seed, args.module_prefix)
+    path = args.out / f"{args.task}_synthetic.pth"
+    torch.save(ckpt, path)
+    with open(args.out / "token_to_ix.pkl", "wb") as f:
+        pickle.dump(token_to_ix, f)
+    print(f"wrote {path} ({len(ckpt['state_dict'])} tensors, random values) and {args.out / 'token_to_ix.pkl'} "
+          f"({len(token_to_ix)} entries)")
+
+
+if __name__ == "__main__":
+    main()
