@@ -93,7 +93,7 @@ class SeqTRAdapter:
         # FLOPs of a square image at each side (what the canvas costs; a wide image costs less)
         self.flops_by_side = {s: float(grounder.flops(self.canvas(s), self.canvas(s))["total"]) for s in sides}
         self.flops_full = self.flops_by_side[max(sides)]
-        measured = (grounder.info.get("evaluation") or {}).get("accuracy_by_long_side") or {}
+        measured = (grounder.info.get("metrics") or {}).get("accuracy_by_long_side") or {}
         self.accuracy_by_side = {int(k): v for k, v in measured.items()}
 
     def canvas(self, side: int) -> int:
@@ -163,7 +163,7 @@ class GroundService(FamilyService):
         g = self.grounder
         return {"name": self.name, "endpoint": self.endpoint, "family": self.family, "task": self.task,
                 "num_points": g.num_points, "max_token": g.max_token, "vocabulary_size": len(g.vocab),
-                "metrics": (g.info.get("evaluation") or {}).get("test"),
+                "metrics": (g.info.get("metrics") or {}).get("summary"),
                 "rungs": [{"name": self.adapter.key_names[s], "long_side": s, "flops": self.adapter.flops_by_side[s],
                            "expected_accuracy": self.adapter.accuracy_by_side.get(s)} for s in self.adapter.keys]}
 
