@@ -342,7 +342,7 @@ def test_polygon_back_to_original_pixels_not_distorted():
     assert item.prepared.pad_shape == (448, 640)
     sq = [(100, 100), (300, 100), (300, 400), (100, 400)]
     toks = [t for x, y in sq for t in (math.floor(x / 640 * 1000), math.floor(y / 448 * 1000))] + [1000]
-    gr = g._postprocess(item, toks, 0.5)
+    gr = g.postprocess(item, toks, 0.5)
     assert gr.mask.shape == (h, w)
     want = polygon_to_mask(sq, h, w)
     assert mask_iou(gr.mask, want) > 0.98
@@ -353,7 +353,7 @@ def test_polygon_back_to_original_pixels_not_distorted():
     # downscaled image: vertices divided by the scale factor
     big = g.prepare(np.zeros((1000, 700, 3), np.uint8), "w1")  # s = 0.64 -> 640 x 448
     assert big.prepared.img_shape == (640, 448) and big.prepared.pad_shape == (640, 448)
-    gr2 = g._postprocess(big, [500, 500, 750, 500, 750, 750, 1000, 0, 0], 0.5)
+    gr2 = g.postprocess(big, [500, 500, 750, 500, 750, 750, 1000, 0, 0], 0.5)
     assert gr2.mask.shape == (1000, 700)
     assert gr2.polygon[0] == pytest.approx((448 * 0.5 / 0.64, 640 * 0.5 / 0.64))
     assert rescale_polygon([(64.0, 32.0)], (0.64, 0.32)) == [(100.0, 100.0)]
@@ -365,7 +365,7 @@ def test_det_box_original_pixels_ordered_and_clipped():
     assert item.unknown_words == ["zebra"]
     p = item.prepared
     assert p.img_shape == (64, 128) and p.pad_shape == (64, 128)
-    gr = g._postprocess(item, [64, 32, 0, 127], 0.9)  # x2 < x1: reordered
+    gr = g.postprocess(item, [64, 32, 0, 127], 0.9)  # x2 < x1: reordered
     assert gr.box == pytest.approx((0.0, 12.5, 50.0, 49.609375))
     assert gr.mask is None and gr.polygon is None
 
