@@ -155,3 +155,19 @@ def test_arrays_cache(tmp_path, train_set: list[S.Sample]) -> None:
         assert tuple(a.boxes[i]) == s.box and a.polygon(i) == [(float(np.float32(x)), float(np.float32(y)))
                                                                for x, y in s.polygon]
         assert np.array_equal(a.mask(i), s.mask)
+
+
+def test_colour_decisive_pool(tmp_path, train_set: list[S.Sample]) -> None:
+    from dataclasses import replace
+
+    picked = [s for s in train_set if S.colour_decisive(s)]
+    assert 0 < len(picked) < len(train_set)
+    for s in picked:  # naming no colour would not pick the target alone
+        d = s.desc
+        alts = [replace(d, np=replace(d.np, colour=None))]
+        if d.landmark is not None:
+            alts.append(replace(d, landmark=replace(d.landmark, colour=None)))
+        assert any(S.resolve(a, s.objects, 128) != s.target for a in alts)
+    a = S.load_arrays("train", 20, cache_dir=tmp_path, workers=1, select="colour")
+    assert a.expressions == [s.expression for s in train_set[:20] if S.colour_decisive(s)]
+    assert a.source["select"] == "colour"

@@ -41,7 +41,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -632,8 +632,30 @@ def _to_arrays(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
             "held_out": np.array([s.held_out for s in samples], bool)}
 
 
-def _chunk_arrays(args: tuple[str, int, int, int, int, list[bool]]) -> dict[str, np.ndarray]:
-    return _to_arrays(_chunk(args))
+def colour_decisive(sample: Sample) -> bool:
+    """Does the expression name a colour that is *needed*: without it (in the target's or the
+    landmark's phrase) the description no longer picks the target alone?  A training pool of such
+    samples (``load_arrays(..., select="colour")``) puts more of the gradient on colour words."""
+    d = sample.desc
+    if d is None:
+        return False
+    size = sample.image.shape[0]
+    if d.np.colour is not None and resolve(replace(d, np=replace(d.np, colour=None)), sample.objects, size) != sample.target:
+        return True
+    return (d.landmark is not None and d.landmark.colour is not None
+            and resolve(replace(d, landmark=replace(d.landmark, colour=None)), sample.objects, size) != sample.target)
+
+
+SELECT = {"colour": colour_decisive}
+
+
+def _chunk_arrays(args: tuple[str, int, int, int, int, list[bool]], select: str | None = None) -> dict[str, np.ndarray]:
+    samples = _chunk(args)
+    return _to_arrays([x for x in samples if SELECT[select](x)] if select else samples)
+
+
+def _chunk_colour(args: tuple[str, int, int, int, int, list[bool]]) -> dict[str, np.ndarray]:
+    return _chunk_arrays(args, "colour")
 
 
 def default_cache_dir() -> Path:
@@ -642,22 +664,26 @@ def default_cache_dir() -> Path:
 
 def load_arrays(split: str, n: int, seed: int | None = None, size: int = 128,
                 held_out_phrasings: bool | None = None, cache_dir: Path | None = None,
-                workers: int | None = None) -> SceneArrays:
+                workers: int | None = None, select: str | None = None) -> SceneArrays:
     """``generate(split, n, ...)`` as :class:`SceneArrays`, cached as ``.npz`` under
     ``data/seqtr-scenes`` (git-ignored; ``ANYTIME_DATA_DIR`` moves ``data/``).  The file name
     carries everything the samples depend on, including :data:`GENERATOR_VERSION`; a cached
-    larger ``n`` is sliced (sample ``i`` does not depend on ``n``)."""
+    larger ``n`` is sliced (sample ``i`` does not depend on ``n``).
+
+    ``select="colour"`` keeps only the :func:`colour_decisive` ones of the ``n`` generated
+    samples (so fewer than ``n`` come back; only an exact ``n`` is reused from the cache)."""
     if split not in SEEDS:
         raise ValueError(f"split must be one of {sorted(SEEDS)}")
     seed = SEEDS[split] if seed is None else int(seed)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     held = {None: "d", True: "y", False: "n"}[held_out_phrasings]
-    stem = f"{split}-s{seed}-{size}px-g{GENERATOR_VERSION}-r{raster_key()}-h{held}"
+    stem = f"{split}-s{seed}-{size}px-g{GENERATOR_VERSION}-r{raster_key()}-h{held}" + (f"-{select}" if select else "")
     source = {"generator": "models.seqtr.scenes", "generator_version": GENERATOR_VERSION, "split": split,
               "seed": seed, "n": n, "size": size, "held_out_phrasings": held_out_phrasings,
-              "raster_key": raster_key(),
+              "raster_key": raster_key(), "select": select,
               "held_out_fraction": HELD_OUT_FRACTION if held_out_phrasings is None and split != "train" else None}
-    found = sorted((p for p in cache_dir.glob(stem + "-n*.npz") if int(p.stem.rsplit("-n", 1)[1]) >= n),
+    found = sorted((p for p in cache_dir.glob(stem + "-n*.npz")
+                    if (int(p.stem.rsplit("-n", 1)[1]) >= n if not select else p.stem.endswith(f"-n{n}"))),
                    key=lambda p: int(p.stem.rsplit("-n", 1)[1])) if cache_dir.is_dir() else []
     z = dict(np.load(found[0])) if found else {}  # the held-out flags are prefix-stable too
     if not z:
@@ -665,11 +691,13 @@ def load_arrays(split: str, n: int, seed: int | None = None, size: int = 128,
         if workers is None:
             workers = int(os.environ.get("ANYTIME_SCENE_WORKERS", "2")) if n >= 2000 else 1
         jobs = [(split, s0, seed, size, n, flags[s0:s0 + 500]) for s0 in range(0, n, 500)]
+        fn = {None: _chunk_arrays, "colour": _chunk_colour}[select]
         if workers <= 1:
-            parts = [_chunk_arrays(j) for j in jobs]
+            parts = [fn(j) for j in jobs]
         else:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-                parts = list(ex.map(_chunk_arrays, jobs))
+                parts = list(ex.map(fn, jobs))
+        parts = [p for p in parts if len(p["expressions"])]  # a selective chunk may keep nothing
         z = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else _to_arrays([])
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f"{stem}-n{n}.tmp.npz"

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
     ap.add_argument("--augment", type=float, default=0.15, help="contrast/brightness jitter strength (0: none)")
     ap.add_argument("--n-train", type=int, default=40000, help="size of the fixed pool of train scenes")
+    ap.add_argument("--colour-boost", type=float, default=0.0,
+                    help="share of every batch drawn from a pool of colour-decisive train scenes (see scenes.colour_decisive)")
+    ap.add_argument("--n-colour", type=int, default=40000,
+                    help="train scenes generated (seed train+1) to select the colour-decisive pool from")
     ap.add_argument("--n-val", type=int, default=300, help="val scenes for the periodic quick check")
     ap.add_argument("--n-test", type=int, default=1000, help="held-out test scenes for the final evaluation")
     ap.add_argument("--size", type=int, default=128, help="canvas side")
@@ -182,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enc-layers", type=int, default=None)
     ap.add_argument("--dec-layers", type=int, default=None)
     ap.add_argument("--ffn", type=int, default=None)
+    ap.add_argument("--gru-hidden", type=int, default=None, help="bi-GRU width (the fused map has twice as many channels)")
+    ap.add_argument("--word-dim", type=int, default=None)
+    ap.add_argument("--fuse-top-mid", type=int, default=None, help="fusion bottleneck before the language gate")
     ap.add_argument("--init", type=Path, default=None,
                     help="bundle directory or train_state.pt to initialise from (e.g. the det model)")
     ap.add_argument("--seed", type=int, default=6666)
@@ -206,7 +213,9 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     vocab = Vocabulary.from_words(scenes.vocabulary_words())
     overrides = {k: v for k, v in {"d_model": args.d_model, "enc_layers": args.enc_layers,
-                                   "dec_layers": args.dec_layers, "ffn": args.ffn}.items() if v is not None}
+                                   "dec_layers": args.dec_layers, "ffn": args.ffn, "gru_hidden": args.gru_hidden,
+                                   "word_dim": args.word_dim, "fuse_top_mid": args.fuse_top_mid}.items()
+                 if v is not None}
     cfg = seqtr_tiny(args.task, vocab_size=len(vocab), num_points=args.num_points, max_token=args.max_token,
                      num_bin=args.num_bin, long_side=args.size, **overrides)
     t_data = time.time()
@@ -218,6 +227,12 @@ def main(argv: list[str] | None = None) -> Path | None:
                          f"multiple of {cfg.size_divisor}")
     targets = make_targets(pool, args.task, cfg.num_bin, cfg.num_points)
     text = encode_all(vocab, pool.expressions, cfg.max_token)
+    boost = None
+    if args.colour_boost > 0:
+        boost = scenes.load_arrays("train", args.n_colour, seed=scenes.SEEDS["train"] + 1, size=args.size,
+                                   select="colour")
+        boost_targets = make_targets(boost, args.task, cfg.num_bin, cfg.num_points)
+        boost_text = encode_all(vocab, boost.expressions, cfg.max_token)
     data_seconds = time.time() - t_data
 
     torch.manual_seed(args.seed)
@@ -293,12 +308,17 @@ def main(argv: list[str] | None = None) -> Path | None:
         lr = lr_at(step, args.steps, warmup, args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = np.sort(rng.integers(0, len(pool), size=args.batch))
-        img = torch.from_numpy(pool.images[idx]).permute(0, 3, 1, 2).float()
+        nb = int(round(args.batch * args.colour_boost)) if boost is not None else 0
+        idx = np.sort(rng.integers(0, len(pool), size=args.batch - nb))
+        images, tg, tx = pool.images[idx], targets[idx], text[idx]
+        if nb:
+            jdx = np.sort(rng.integers(0, len(boost), size=nb))
+            images = np.concatenate([images, boost.images[jdx]])
+            tg, tx = torch.cat([tg, boost_targets[jdx]]), torch.cat([tx, boost_text[jdx]])
+        img = torch.from_numpy(images).permute(0, 3, 1, 2).float()
         img = augment(img, gen, args.augment)
         pad_mask = torch.zeros(img.shape[0], img.shape[2], img.shape[3], dtype=torch.bool)
-        tg = targets[idx]
-        logits = model(img, pad_mask, text[idx], tg)
+        logits = model(img, pad_mask, tx, tg)
         loss = seqtr_loss(logits, tg, args.task, cfg.num_bin, args.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,13 +359,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         save_state(done)
     train_seconds = wall()
     return finish(args, argv, name, cfg, vocab, model, ema, pool, val, log, train_seconds,
-                  paused_before + paused, resumed_from, init_info, nparams, warmup, history)
+                  paused_before + paused, resumed_from, init_info, nparams, warmup, history,
+                  boost.source | {"n_selected": len(boost), "share_of_batch": args.colour_boost} if boost else None)
 
 
 def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Vocabulary, model: SeqTR,
            ema: EMA | None, pool: scenes.SceneArrays, val: list[scenes.Sample], log: list[dict],
            train_seconds: float, paused_seconds: float, resumed_from: list[int], init_info: dict | None,
-           nparams: int, warmup: int, history: list[dict] | None = None) -> Path:
+           nparams: int, warmup: int, history: list[dict] | None = None, boost: dict | None = None) -> Path:
     """Pick raw vs EMA weights on val, evaluate on held-out test scenes, write the bundle."""
     from models.seqtr.checkpoint import save_bundle
 
@@ -381,6 +402,7 @@ def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Voc
             "raster_key": scenes.raster_key(), "canvas": args.size,
             "objects_per_scene": "4-7 (target + >= 3 distractors, incl. same shape and same colour)",
             "train": {**pool.source, "phrasings": "train templates only (T-*)"},
+            "train_colour_decisive": boost,
             "val": {"split": "val", "seed": scenes.SEEDS["val"], "n": len(val),
                     "held_out_fraction": scenes.HELD_OUT_FRACTION},
             "test": {"split": "test", "seed": scenes.SEEDS["test"], "n": args.n_test,
