@@ -33,6 +33,7 @@ from models.arm import data
 from models.arm.metrics import mse_to_db
 from models.arm.nets import Supernet, get_backbone, official_flops
 from models.common.progress import progress
+from models.common.quiet import add_pause_argument, pause_while
 
 
 def width_probabilities(backbone_name: str) -> np.ndarray:
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="our training split (models/arm/data.py): the 19 wallpapers, or those plus 15 Lomiri photos")
     ap.add_argument("--train-images", type=Path, default=None, help="HR image folder (instead of --train-split)")
     ap.add_argument("--val-images", type=Path, default=None, help="HR image folder (default: our val split)")
-    ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=Path("/tmp/anytime-quiet"),
-                    help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
+    add_pause_argument(ap)
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this iteration")
     args = ap.parse_args(argv)
 
@@ -143,13 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = min(args.iters, args.stop_after) if args.stop_after else args.iters
     net.train()
     for it in progress(range(start, stop), total=args.iters, initial=start, desc="train"):
-        if args.pause_file and args.pause_file.exists():
-            tp = time.time()
-            print(f"{args.pause_file} exists: pausing", flush=True)
-            while args.pause_file.exists():
-                time.sleep(10)
-            paused += time.time() - tp
-            print(f"resuming after {time.time() - tp:.0f}s", flush=True)
+        paused += pause_while(args.pause_file)
         width = bb.widths[width_rng.choice(len(bb.widths), p=probs)]
         lr_b, hr_b = (torch.from_numpy(a) for a in sampler.batch(args.batch))
         loss = F.l1_loss(net(lr_b, width), hr_b)

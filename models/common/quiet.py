@@ -8,7 +8,6 @@ the measurement sees a quiet CPU and the training loses nothing but time.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ def add_pause_argument(ap: argparse.ArgumentParser) -> None:
                     help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
 
 
-def pause_while(path: Path | None, before: Callable[[], None] | None = None, poll_s: float = 10.0) -> float:
+def pause_while(path: Path | None, before: Callable[[], None] | None = None, poll_s: float = 1.0) -> float:
     """Sleep while ``path`` exists; returns the seconds slept (0 when it does not exist).
     ``before`` runs once before sleeping (e.g. save the training state)."""
     if path is None or not path.exists():
@@ -30,9 +29,9 @@ def pause_while(path: Path | None, before: Callable[[], None] | None = None, pol
     if before is not None:
         before()
     t0 = time.time()
-    print(f"{path} exists: pausing", file=sys.stderr, flush=True)
+    print(f"{path} exists: pausing", flush=True)
     while path.exists():
         time.sleep(poll_s)
     slept = time.time() - t0
-    print(f"resuming after {slept:.0f}s", file=sys.stderr, flush=True)
+    print(f"resuming after {slept:.0f}s", flush=True)
     return slept
