@@ -95,10 +95,10 @@ def test_targets_and_lr() -> None:
     seg = T.make_targets(arrays, "segm", 128, 12)
     assert seg.shape == (2, 25) and (seg[:, -1] == 128).all()
     # rounding quantisation: the served (lower-bin-edge) vertices are within half a pixel
-    from models.seqtr.sequence import sample_contour, tokens_to_polygon
-    pts = sample_contour(arrays.polygon(0), 12)
+    from models.seqtr.sequence import tokens_to_polygon
+    pts = T.contour_points(arrays.polygon(0), 12)
     dec = tokens_to_polygon(seg[0].tolist(), 128, 128, 128)
-    assert len(dec) == len(pts)
+    assert len(dec) == len(pts) == 12
     assert max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(dec, pts)) <= 0.5 + 1e-4
     assert T.lr_at(0, 100, 10, 1e-3, 0) == pytest.approx(1e-4)
     assert T.lr_at(10, 100, 10, 1e-3, 0) == pytest.approx(1e-3)
@@ -122,3 +122,17 @@ def test_evaluate_cli(det_bundle: Path, tmp_path: Path, capsys) -> None:
     E.main(["--checkpoint", str(det_bundle), "--n", "3", "--held-out", "yes", "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["n"] == 3 and res["held_out"]["n"] == 3 and res["data"]["held_out_phrasings"] is True
+
+
+def test_contour_points_keep_the_shape() -> None:
+    from models.seqtr.raster import mask_iou
+
+    for shape in scenes.SHAPES:
+        poly = scenes.shape_polygon(shape, 60.3, 50.7, 14.2, 0.1)
+        pts = T.contour_points(poly, 12)
+        assert len(pts) == 12
+        if len(poly) <= 12:
+            assert all(p in pts for p in poly)  # every vertex kept, in order
+            assert [p for p in pts if p in poly] == poly
+        iou = mask_iou(scenes.rasterise(pts, 128, 128), scenes.rasterise(poly, 128, 128))
+        assert iou > (0.99 if len(poly) <= 12 else 0.9)

@@ -83,6 +83,36 @@ class EMA:
                 v.copy_(src[k])
 
 
+def contour_points(polygon: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
+    """Exactly ``n`` points tracing ``polygon``, in its order: the official GT rule
+    (:func:`models.seqtr.sequence.sample_contour`, every ceil(len/n)-th point) when the polygon
+    has >= n vertices (a 48-gon circle -> 12 points), else every vertex plus points spread
+    evenly along the edges (in proportion to their length).
+
+    Why: the official contour comes from a dense ``findContours`` outline, so it nearly always
+    fills all N slots; our exact polygons have 3-10 vertices, and with the unused slots as EOS
+    the tiny model never learnt to stop (it emitted 12 points for a 4-vertex square, the extra
+    ones wandering off).  Points on the edges leave the polygon, and so its mask, unchanged."""
+    pts = [(float(x), float(y)) for x, y in polygon]
+    if len(pts) >= n:
+        got = sample_contour(pts, n)
+        return got if len(got) == n else got + pts[len(pts) - (n - len(got)):]  # ceil may leave < n
+    k = len(pts)
+    lengths = [math.dist(pts[i], pts[(i + 1) % k]) for i in range(k)]
+    extra = n - k
+    share = [extra * ln / sum(lengths) for ln in lengths]
+    count = [int(v) for v in share]
+    for i in sorted(range(k), key=lambda i: share[i] - count[i], reverse=True)[: extra - sum(count)]:
+        count[i] += 1
+    out: list[tuple[float, float]] = []
+    for i in range(k):
+        (x0, y0), (x1, y1) = pts[i], pts[(i + 1) % k]
+        out.append((x0, y0))
+        out += [(x0 + (x1 - x0) * j / (count[i] + 1), y0 + (y1 - y0) * j / (count[i] + 1))
+                for j in range(1, count[i] + 1)]
+    return out
+
+
 def make_targets(pool: scenes.SceneArrays, task: str, num_bin: int, num_points: int) -> torch.Tensor:
     """Token targets for every pool sample, against the (unpadded = padded) canvas.
 
@@ -98,7 +128,7 @@ def make_targets(pool: scenes.SceneArrays, task: str, num_bin: int, num_points: 
             x1, y1, x2, y2 = (float(v) for v in pool.boxes[i])
             rows.append(box_targets((x1 + hx, y1 + hy, x2 + hx, y2 + hy), w, h, num_bin))
         else:
-            pts = [(x + hx, y + hy) for x, y in sample_contour(pool.polygon(i), num_points)]
+            pts = [(x + hx, y + hy) for x, y in contour_points(pool.polygon(i), num_points)]
             rows.append(polygon_targets(pts, w, h, num_bin, num_points))
     return torch.tensor(rows, dtype=torch.long)
 
