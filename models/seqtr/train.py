@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.common.quiet import add_pause_argument, pause_while
 from models.seqtr import scenes
 from models.seqtr.evaluate import evaluate, format_summary
 from models.seqtr.model import SeqTR, seqtr_loss, seqtr_tiny
@@ -52,7 +53,6 @@ from models.seqtr.sequence import box_targets, polygon_targets, sample_contour
 from models.seqtr.text import Vocabulary
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-QUIET_FILE = Path("/tmp/anytime-quiet")
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -226,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--eval-every", type=int, default=1000, help="quick val every N steps (0: never)")
     ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--pause-file", type=lambda v: Path(v) if v else None, default=QUIET_FILE,
-                    help="while this file exists (someone is benchmarking), training sleeps ('' to never pause)")
+    add_pause_argument(ap)
     ap.add_argument("--stop-after", type=int, default=None, help="stop (state saved) after this step (tests)")
     return ap
 
@@ -327,14 +326,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     last_t, last_step = time.time(), start
     done = start
     for step in range(start, args.steps):
-        if args.pause_file and args.pause_file.exists():
-            tp = time.time()
-            print(f"{args.pause_file} exists: pausing", flush=True)
-            while args.pause_file.exists():
-                time.sleep(20)
-            paused += time.time() - tp
-            last_t += time.time() - tp
-            print(f"resuming after {time.time() - tp:.0f}s", flush=True)
+        slept = pause_while(args.pause_file)
+        paused += slept
+        last_t += slept
         lr = lr_at(step, args.steps, warmup, args.lr, args.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
