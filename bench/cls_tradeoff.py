@@ -45,7 +45,7 @@ def pssnet_rows(checkpoint: Path, n1: int, rounds: int) -> dict:
     test = load_split("test")
     x = torch.stack([model.preprocess(img) for img in test.images])
     y = torch.from_numpy(test.labels)
-    ladder = [r for r in model.rungs if not r.dominated] or list(model.rungs)
+    ladder = model.ladder
     top = max(r.flops for r in ladder)
     rows = {r.index: {"rung": r.name, "flops_m": r.flops, "flops_fraction": r.flops / top, "params": r.params,
                       "resolution": r.resolution, "val_top1": r.val_accuracy, "on_ladder": r in ladder}

@@ -60,9 +60,9 @@ class PssNetAdapter:
     def __init__(self, model) -> None:
         self.model = model
         every = sorted(model.rungs, key=lambda r: r.flops)
-        # The ladder the planner climbs: rungs measurably better than every cheaper one (on
-        # val).  Dominated rungs stay servable by name (rung=...).
-        self.rungs = [r for r in every if not r.dominated] or every
+        # The planner climbs the model's ladder (rungs measurably better on val than every
+        # cheaper one); dominated rungs stay servable by name (rung=...).
+        self.rungs = sorted(model.ladder, key=lambda r: r.flops)
         self.flops_full = float(self.rungs[-1].flops)
         self.keys = [r.index for r in every]
         self.key_names = {r.index: r.name for r in every}

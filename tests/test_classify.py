@@ -57,6 +57,10 @@ class FakePssNet:
                       for i, (n, f, acc) in enumerate([("min", 30.0, 0.6), ("f60", 60.0, 0.7), ("max", 100.0, 0.8)])]
         self.batches: list[tuple[int, int]] = []
 
+    @property
+    def ladder(self) -> list[FakeRung]:
+        return [r for r in self.rungs if not r.dominated]
+
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         im = Image.fromarray(rgb).resize((16, 16))
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)

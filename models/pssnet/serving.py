@@ -191,6 +191,12 @@ class PssNetModel:
 
     __call__ = forward
 
+    @property
+    def ladder(self) -> list[PssRung]:
+        """The rungs a planner climbs: those not dominated on val (all of them when nothing
+        was measured), by FLOPs."""
+        return [r for r in self.rungs if not r.dominated] or list(self.rungs)
+
     def rung_for_flops(self, budget_mflops: float) -> PssRung:
         """The largest rung whose FLOPs fit the budget (the smallest rung if none does):
         B7's "largest target <= the current budget"."""
