@@ -34,17 +34,24 @@ class LinearCost:
 
     @classmethod
     def fit(cls, samples: list[tuple[float, float]]) -> LinearCost:
-        """Least squares on (units, seconds), both coefficients kept non-negative."""
+        """Repeated-median (Siegel) line on (units, seconds), both coefficients non-negative.
+
+        Each sample's median slope to the others, then the median of those, and the
+        median residual as the intercept: one sample stalled by a co-tenant (calibration
+        often runs with a single repeat) cannot make a rung look free per item, as least
+        squares could (with 4 batch sizes or more; start-up uses 1, 8, 32 and the maximum).
+        """
         n = np.array([s[0] for s in samples], dtype=np.float64)
         t = np.array([s[1] for s in samples], dtype=np.float64)
         if len(set(n.tolist())) < 2:
             return cls(0.0, float(t.mean() / max(n.mean(), 1e-12)))
-        slope, icpt = np.polyfit(n, t, 1)
+        dn, dt = n[None, :] - n[:, None], t[None, :] - t[:, None]
+        per_sample = [np.median(dt[k][dn[k] != 0] / dn[k][dn[k] != 0]) for k in range(len(n))]
+        slope = max(float(np.median(per_sample)), 0.0)
+        icpt = float(np.median(t - slope * n))
         if icpt < 0:  # through the origin instead
-            return cls(0.0, float((n * t).sum() / (n * n).sum()))
-        if slope < 0:
-            return cls(float(t.mean()), 0.0)
-        return cls(float(icpt), float(slope))
+            return cls(0.0, float(np.median(t / np.maximum(n, 1e-12))))
+        return cls(icpt, slope)
 
 
 def time_call(fn: Callable[[], object], repeats: int) -> float:

@@ -223,7 +223,7 @@ def test_metrics_policy_and_models_show_the_runtime(client: TestClient) -> None:
     pol = client.get("/v1/policy").json()
     assert pol["policy"] == "adaptive" and pol["load"]["cores"] >= 1
     cm = client.get("/v1/models").json()["models"][0]["cost_model"]
-    assert set(cm["rungs"]) == {"0", "1", "2", "3"} and all(v["per_item_ms"] > 0 for v in cm["rungs"].values())
+    assert set(cm["rungs"]) == {"0", "1", "2", "3"} and all(v["per_item_ms"] > 0 for v in cm["rungs"].values()), cm
 
 
 def test_auth_and_drain(bundled_model) -> None:

@@ -73,7 +73,7 @@ def test_sigterm_lets_in_flight_work_finish_then_exits() -> None:
     assert result == {"status": 200, "size": (1600, 1600)}  # in-flight work finished
     # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-    log = proc.stdout.read().decode()
+    log = bench_server.output(proc)
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any("draining" in rec["msg"] for rec in lines)
     served = [rec for rec in lines if rec.get("path") == "/superresolve"]

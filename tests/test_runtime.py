@@ -23,6 +23,14 @@ def test_linear_fit_recovers_fixed_and_per_item_cost() -> None:
     assert LinearCost.fit([(1, 0.5), (10, 0.1)]).per_unit_s == 0.0  # never negative
 
 
+def test_one_stalled_calibration_sample_does_not_make_a_rung_free() -> None:
+    """A co-tenant stall on the batch-of-1 run (seen on CI) drove least squares to a negative
+    slope, i.e. a per-item cost of zero; the robust fit keeps the true slope."""
+    samples = [(1, 0.0021 + 0.2), (8, 0.0091), (32, 0.0331), (64, 0.0651)]
+    c = LinearCost.fit(samples)
+    assert c.per_unit_s == pytest.approx(0.001, rel=0.05) and c.fixed_s < 0.01
+
+
 def _model(per_item: float = 0.001) -> CostModel:
     cm = CostModel(max_batch=16, alpha=0.5)
     cm.rungs = {"a": LinearCost(0.0, per_item), "b": LinearCost(0.0, 2 * per_item)}
