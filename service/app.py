@@ -29,6 +29,7 @@ from models.arm.pipeline import ArmSR
 from service import errors
 from service.config import Settings
 from service.load import LoadMonitor, LoadReading, available_cores
+from service.memory import keep_freed_memory
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.planner import Planner
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads or available_cores())
+        if settings.keep_freed_memory:
+            keep_freed_memory()
         monitor.start()
         warmup = asyncio.create_task(start_in_turn())  # one calibration at a time: each is timed alone
         log.info("serving %s (%s) with %d torch threads, policy %s", model.name, settings.arm_checkpoint,

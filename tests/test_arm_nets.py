@@ -53,6 +53,24 @@ def test_subpixel_form_of_the_deconvolution_is_the_same_function(h: int, w: int)
         SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 9, stride=4, padding=3))  # output is not 4x
 
 
+@pytest.mark.parametrize("k,s,p,op", [(9, 4, 3, 1), (4, 2, 1, 0), (8, 4, 2, 0), (6, 2, 2, 0), (5, 3, 1, 0),
+                                      (3, 1, 1, 0)])
+def test_subpixel_kernel_is_the_smallest_that_holds_every_tap(k: int, s: int, p: int, op: int) -> None:
+    """Same function for other kernel/stride/padding combinations, and no all-zero border
+    in the rewritten kernel (FSRCNN's 9x9 stride 4 once became 5x5 where 3x3 suffices)."""
+    torch.manual_seed(2)
+    deconv = torch.nn.ConvTranspose2d(5, 2, k, stride=s, padding=p, output_padding=op)
+    sub = SubPixelDeconv(deconv)
+    x = torch.randn(2, 5, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), deconv(x), rtol=0, atol=1e-5)
+    w = sub.conv.weight.abs().sum(dim=(0, 1))  # (taps, taps)
+    assert w[0].sum() > 0 or w[-1].sum() > 0, "a zero top and bottom row: the kernel is larger than needed"
+    assert w[:, 0].sum() > 0 or w[:, -1].sum() > 0
+    if (k, s, p) == (9, 4, 3):
+        assert sub.conv.kernel_size == (3, 3)
+
+
 def test_carn_concat_slice_takes_first_k_of_concatenation() -> None:
     """At width w, c1 sees cat[c0 (w), b1 (w)] and must use weight[:w, :2w] of the
     (64, 128) full weight, not [0:w] + [64:64+w]."""

@@ -1,0 +1,63 @@
+"""Milliseconds per forward pass of each ARM rung at each batch size, in this process.
+
+    python -m bench.arm_forward --checkpoint PATH [--sizes 1 8 25 128] [--rounds 15]
+                                [--malloc default|keep] [--threads 2]
+
+Every round runs every (rung, batch size) once, in the same order as the server meets
+them (small and large batches mixed), and the table gives the median over rounds, so
+slow drifts of a shared machine spread over every cell.  ``--malloc keep`` applies
+``service.memory.keep_freed_memory`` first (what the server does by default); compare it
+with ``default`` to see what glibc's page-returning costs on this host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from models.arm.pipeline import ArmSR
+from service.memory import keep_freed_memory
+
+
+def measure(model: ArmSR, sizes: list[int], rounds: int) -> dict[tuple[int, int], float]:
+    x = torch.rand(max(sizes), 3, 32, 32)
+    times: dict[tuple[int, int], list[float]] = {}
+    for rnd in range(rounds + 1):  # round 0 warms up (primitive creation), untimed
+        for rung in range(len(model.rungs)):
+            for n in sizes:
+                t0 = time.perf_counter()
+                model.run_patches(rung, x[:n])
+                if rnd:
+                    times.setdefault((rung, n), []).append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 8, 25, 32, 64, 128])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--malloc", choices=("default", "keep"), default="keep")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if min(args.sizes) < 1:
+        ap.error("batch sizes must be >= 1")
+    torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.malloc == "keep" else False
+    model = ArmSR.from_checkpoint(args.checkpoint)
+    ms = measure(model, args.sizes, args.rounds)
+    print(f"{model.name}, {args.threads} threads, malloc {args.malloc} (in effect: {kept}), "
+          f"median of {args.rounds} rounds, ms per forward pass")
+    print("| rung | " + " | ".join(f"n={n}" for n in args.sizes) + " | ms/patch at the largest |")
+    print("|---|" + "---|" * (len(args.sizes) + 1))
+    for r in model.rungs:
+        cells = " | ".join(f"{ms[r.index, n]:.2f}" for n in args.sizes)
+        print(f"| {r.name} | {cells} | {ms[r.index, max(args.sizes)] / max(args.sizes):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
