@@ -53,7 +53,8 @@ def eval_transform(img: np.ndarray, img_size: int, crop_pct: float, mean, std) -
     """(H, W, 3) uint8 RGB -> normalised float32 tensor (3, S, S)."""
     img = _as_rgb(img)
     img = center_crop(resize_short_side(img, int(img_size / crop_pct)), img_size)
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    # A copy: the crop may be a read-only view of a decoded buffer, which torch must not wrap.
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, order="C")).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s

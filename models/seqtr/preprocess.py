@@ -66,7 +66,8 @@ def prepare(image: np.ndarray | Image.Image, long_side: int = 640, size_divisor:
     a = to_rgb_array(image)
     h, w = a.shape[:2]
     nh, nw = rescale_size(h, w, long_side)
-    x = torch.from_numpy(a).permute(2, 0, 1).float()
+    # torch.tensor copies: ``a`` may be a read-only view of a decoded buffer.
+    x = torch.tensor(a, dtype=torch.uint8).permute(2, 0, 1).float()
     if (nh, nw) != (h, w):
         x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)[0]
         x = x.round().clamp_(0, 255)  # cv2 returns uint8
