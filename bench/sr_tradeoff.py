@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from models.arm import data, dispatch, tiling
 from models.arm.metrics import patch_mse, psnr_rgb, psnr_y
 from models.arm.pipeline import ArmSR, Plan
+from service.costmodel import CostModel
 
 BUDGETS = (0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 ETA_KS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -47,11 +49,14 @@ def true_patch_errors(model: ArmSR, lr: np.ndarray, hr: np.ndarray, pos: np.ndar
     return np.stack(cols, axis=1)
 
 
-def settings(model: ArmSR, budgets: tuple[float, ...] = BUDGETS) -> list[tuple[str, dict]]:
+def settings(model: ArmSR, budgets: tuple[float, ...] = BUDGETS, time_slack_db: float = 0.0) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = [(r.name if r.index else "bicubic", {"mode": "fixed", "rung": r.index})
                                     for r in model.rungs]
     for b in budgets:
         rows.append((f"ARM b={b:.2f} mse", {"mode": "budget", "budget": b, "objective": "mse"}))
+        if time_slack_db > 0:
+            rows.append((f"ARM b={b:.2f} mse, fastest within {time_slack_db:g} dB",
+                         {"mode": "budget", "budget": b, "objective": "mse", "time_slack_db": time_slack_db}))
         rows.append((f"ARM b={b:.2f} psnr_sum", {"mode": "budget", "budget": b, "objective": "psnr_sum"}))
         rows.append((f"paper b={b:.2f}", {"mode": "budget", "budget": b, "objective": "psnr_sum",
                                           "interpolate": False}))
@@ -62,7 +67,7 @@ def settings(model: ArmSR, budgets: tuple[float, ...] = BUDGETS) -> list[tuple[s
 
 
 def run_setting(model: ArmSR, lr: np.ndarray, hr: np.ndarray, kw: dict, repeats: int,
-                oracle_err: np.ndarray | None) -> dict:
+                oracle_err: np.ndarray | None, seconds: Callable[[np.ndarray], float] | None = None) -> dict:
     lr_f = lr.astype(np.float32) / 255
     times = []
     for _ in range(repeats):
@@ -72,6 +77,10 @@ def run_setting(model: ArmSR, lr: np.ndarray, hr: np.ndarray, kw: dict, repeats:
             sol = dispatch.min_error_under_budget(oracle_err, model.cost, kw["budget"])
             plan.rungs = sol.rungs
             plan.flops = float(model.cost[sol.rungs].sum())
+        elif "time_slack_db" in kw:
+            a = model.analyse(lr)
+            plan = model.faster_within(a, model.choose(a, mode="budget", budget=kw["budget"], objective="mse"),
+                                       seconds, kw["time_slack_db"])
         else:
             plan = model.plan(lr, **kw)
         out = model.run(plan, lr_f)
@@ -80,6 +89,21 @@ def run_setting(model: ArmSR, lr: np.ndarray, hr: np.ndarray, kw: dict, repeats:
     return {"psnr_rgb": psnr_rgb(sr, hr), "psnr_y": psnr_y(sr, hr), "flops_fraction": plan.flops_fraction,
             "predicted_psnr": plan.predicted_psnr, "seconds": statistics.median(times),
             "rung_counts": plan.rung_counts(len(model.rungs))}
+
+
+def host_seconds(model: ArmSR, repeats: int = 5) -> Callable[[np.ndarray], float]:
+    """Predicted forward seconds of a rung assignment, from this host's timings (the
+    server's cost model, calibrated the same way: fixed + per patch, batches up to 64)."""
+    cost = CostModel(max_batch=64)
+    x = torch.rand(64, 3, tiling.PATCH, tiling.PATCH)
+    for r in model.rungs:
+        cost.calibrate_rung(r.index, lambda n, r=r: model.run_patches(r.index, x[:n]), (1, 8, 32, 64), repeats)
+
+    def seconds(rungs: np.ndarray) -> float:
+        counts = np.bincount(rungs, minlength=len(model.rungs)).tolist()
+        return cost.predict((r, c) for r, c in enumerate(counts) if c)
+
+    return seconds
 
 
 def rung_times(model: ArmSR, batch: int = 64, repeats: int = 5) -> dict[str, float]:
@@ -105,13 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per image and setting (median)")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-slack-db", type=float, default=0.05,
+                    help="also run the server's time-aware choice (fastest plan within this many dB; 0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     model = ArmSR.from_checkpoint(args.checkpoint, table=args.table)
     images = data.load_folder(args.images) if args.images else data.load_split("test")
-    rows = settings(model, tuple(args.budgets))
+    rows = settings(model, tuple(args.budgets), args.time_slack_db)
+    seconds = host_seconds(model) if args.time_slack_db > 0 else None
     per_image: dict[str, list[dict]] = {name: [] for name, _ in rows}
     for name_img, hr, lr in images:
         oracle_err = None  # images smaller than a patch have no oracle (no HR for the padding)
@@ -121,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, kw in rows:
             if kw["mode"] == "oracle" and oracle_err is None:
                 continue
-            per_image[name].append(run_setting(model, lr, hr, kw, args.repeats, oracle_err))
+            per_image[name].append(run_setting(model, lr, hr, kw, args.repeats, oracle_err, seconds))
         print(f"  {name_img} done", flush=True)
 
     summary = []

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
                            "every request at the top / bottom rung with no deadline shedding (what a "
                            "conventional server does; for comparison)")
     allow_policy_override: bool = Field(True, description="let a request pick ?policy= (benchmarks)")
+    arm_time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="ARM: among plans within this many dB of "
+                                     "the best predicted quality at the budget, serve the one predicted fastest "
+                                     "(0: always the best predicted quality)")
     default_budget: float = Field(0.65, ge=0.0, le=1.0, description="budget when a request gives neither "
                                   "budget nor deadline")
     default_deadline_ms: float | None = Field(None, gt=0, description="deadline for requests that give none "

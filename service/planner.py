@@ -55,6 +55,9 @@ class Ladder(Generic[P]):
     top: Callable[[], P]
     bottom: Callable[[], P]
     flops_fraction: Callable[[P], float]
+    # The chosen budget plan, possibly swapped for one as good that is predicted faster
+    # (ARM: fewer, fuller batches); never slower, never above the plan's FLOPs budget.
+    refine: Callable[[P], P] | None = None
 
 
 @dataclass
@@ -97,6 +100,8 @@ class Planner:
         deadline_s = deadline_ms / 1000 if deadline_ms is not None else None
 
         def done(plan: P, how: str, budget: float | None = None) -> Decision[P]:
+            if ladder.refine is not None and how in ("explicit", "default", "deadline"):
+                plan = ladder.refine(plan)
             return Decision(plan, policy, how, ladder.flops_fraction(plan) if budget is None else budget,
                             ladder.seconds(plan), overhead_s, wait_s, deadline_s)
 

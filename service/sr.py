@@ -122,7 +122,13 @@ class ArmService(FamilyService):
                       seconds=lambda p: self.runtime.cost.predict(self.work_counts(p)),
                       top=lambda: m.choose(a, mode="fixed", rung=top),
                       bottom=lambda: m.choose(a, mode="fixed", rung=0),
-                      flops_fraction=lambda p: p.flops_fraction)
+                      flops_fraction=lambda p: p.flops_fraction,
+                      refine=lambda p: m.faster_within(a, p, self.plan_seconds, self.settings.arm_time_slack_db))
+
+    def plan_seconds(self, rungs: np.ndarray) -> float:
+        """Predicted forward seconds of a rung assignment on this host (fixed cost per batch included)."""
+        counts = np.bincount(rungs, minlength=len(self.model.rungs))
+        return self.runtime.cost.predict((r, int(c)) for r, c in enumerate(counts.tolist()) if c)
 
     # --- work around the network: stitch + encode, calibrated at start-up -----------------
 

@@ -61,6 +61,41 @@ def test_eta_for_budget_fits_and_mse_objective_is_no_worse(seed: int, n: int, b:
     assert ours.lp_bound <= err[np.arange(n), rungs].sum() + 1e-9
 
 
+def _batch_seconds(rungs: np.ndarray) -> float:
+    """Seconds with a fixed cost per rung batch, as on a CPU (FSRCNN-like ratios, in ms)."""
+    fixed, per = np.array([0.25, 1.0, 1.1, 1.2]), np.array([0.045, 0.18, 0.29, 0.37])
+    counts = np.bincount(rungs, minlength=4)
+    return float(sum(fixed[k] + per[k] * c for k, c in enumerate(counts) if c))
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 60), b=st.floats(0, 1), slack=st.floats(0, 0.2))
+def test_fastest_within_keeps_budget_and_slack_and_is_never_slower(seed: int, n: int, b: float,
+                                                                    slack: float) -> None:
+    err = _errors(seed, n)
+    opt = dispatch.min_error_under_budget(err, COST, b).rungs
+    fast = dispatch.fastest_within(err, COST, b, _batch_seconds, slack)
+    assert COST[fast].sum() <= b * COST[-1] * n * (1 + 1e-9)
+    e_opt, e_fast = err[np.arange(n), opt].sum(), err[np.arange(n), fast].sum()
+    assert 10 * np.log10(e_fast / e_opt) <= slack + 1e-9
+    assert _batch_seconds(fast) <= _batch_seconds(opt)
+    if slack == 0:
+        assert e_fast <= e_opt * (1 + 1e-12)
+
+
+def test_fastest_within_folds_a_straggler_rung_into_its_neighbour() -> None:
+    """24 patches where w36 and w56 are nearly equal and one where w56 is a hair better: the
+    optimum opens a w56 batch for one patch; within 0.05 dB it is served at w36 with the rest."""
+    err = np.tile([100.0, 60.0, 40.0, 39.9], (25, 1))
+    err[0] = [100.0, 60.0, 40.0, 39.0]
+    b = (24 * COST[2] + COST[3]) / (25 * COST[3])  # room for exactly that one w56 patch
+    opt = dispatch.min_error_under_budget(err, COST, b).rungs
+    assert np.bincount(opt, minlength=4).tolist() == [0, 0, 24, 1]
+    fast = dispatch.fastest_within(err, COST, b, _batch_seconds, 0.05)
+    assert np.bincount(fast, minlength=4).tolist() == [0, 0, 25, 0]
+    assert _batch_seconds(fast) < _batch_seconds(opt) - 1.0
+
+
 def test_zero_and_full_budget() -> None:
     err = _errors(3, 50)
     assert (dispatch.min_error_under_budget(err, COST, 0.0).rungs == 0).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -196,10 +197,27 @@ class ArmSR:
             info["eta_k"] = eta
         else:
             raise ValueError(f"unknown mode {mode!r}")
+        return self._plan(a, rungs, budget if mode == "budget" else None, info)
+
+    def _plan(self, a: Analysis, rungs: np.ndarray, budget: float | None, info: dict) -> Plan:
         rungs = np.asarray(rungs, dtype=np.int64)
         n = len(a.positions)
-        return Plan(a.positions, rungs, a.scores, mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
-                    float(self.cost[-1] * n), a.lr_hw, a.out_hw, a.tiling, budget if mode == "budget" else None, info)
+        return Plan(a.positions, rungs, a.scores, a.pred_mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
+                    float(self.cost[-1] * n), a.lr_hw, a.out_hw, a.tiling, budget, info)
+
+    def faster_within(self, a: Analysis, plan: Plan, seconds: Callable[[np.ndarray], float],
+                      slack_db: float) -> Plan:
+        """``plan`` (a budget plan of the ``mse`` objective) or, if one is predicted faster, the
+        plan of the same FLOPs budget within ``slack_db`` of its predicted quality that takes
+        the fewest ``seconds(rungs)`` (``dispatch.fastest_within``).  Other plans pass
+        through: a fixed rung or the paper's rule is what its caller asked for."""
+        if plan.budget is None or plan.info.get("objective") != "mse" or slack_db <= 0:
+            return plan
+        rungs = dispatch.fastest_within(a.pred_mse, self.cost, plan.budget, seconds, slack_db)
+        if np.array_equal(rungs, plan.rungs):
+            return plan
+        info = {**plan.info, "time_slack_db": slack_db, "predicted_s_saved": seconds(plan.rungs) - seconds(rungs)}
+        return self._plan(a, rungs, plan.budget, info)
 
     def plan(self, lr_u8: np.ndarray, *, tiling_mode: tiling.Tiling = "full", interpolate: bool | None = None,
              **choose_kw) -> Plan:
