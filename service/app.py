@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
@@ -29,7 +28,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.arm.pipeline import ArmSR
 from service import errors
 from service.config import Settings
-from service.lane import ComputeLane
 from service.load import LoadMonitor, LoadReading, available_cores
 from service.memory import keep_freed_memory
 from service.metrics import Metrics
@@ -80,15 +78,11 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     settings = settings or Settings()
     metrics = Metrics()
     planner = Planner(settings)
-    # Only the compute lane may run torch with several threads (service/lane.py): this
-    # thread loads the models single-threaded and never starts an OpenMP team.
-    torch.set_num_threads(1)
     model = model or ArmSR.from_checkpoint(settings.arm_checkpoint, table=settings.arm_table, device=settings.device)
-    lane = ComputeLane(settings.torch_threads or available_cores())
-    arm = ArmService(model, settings, metrics, planner, lane=lane)
-    classify = [ClassifierService(a, settings, metrics, planner, lane=lane)
+    arm = ArmService(model, settings, metrics, planner)
+    classify = [ClassifierService(a, settings, metrics, planner)
                 for a in (load_classifiers(settings) if classifiers is None else classifiers)]
-    ground = [GroundService(a, settings, metrics, planner, lane=lane)
+    ground = [GroundService(a, settings, metrics, planner)
               for a in (load_grounders(settings) if grounders is None else grounders)]
     services = [arm, *classify, *ground]
 
@@ -117,17 +111,13 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        torch.set_num_threads(settings.torch_threads or available_cores())
         if settings.keep_freed_memory:
             keep_freed_memory()
-        # Request steps (decode, preprocess) run on these threads: one torch thread each, so
-        # that none of them starts an OpenMP team beside the lane's.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
-            max_workers=settings.request_threads, thread_name_prefix="request",
-            initializer=torch.set_num_threads, initargs=(1,)))
         monitor.start()
         warmup = asyncio.create_task(start_in_turn())  # one calibration at a time: each is timed alone
         log.info("serving %s (%s) with %d torch threads, policy %s", model.name, settings.arm_checkpoint,
-                 lane.threads, settings.policy)
+                 torch.get_num_threads(), settings.policy)
         yield
         warmup.cancel()
         begin_drain()
@@ -135,7 +125,6 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             if not svc.runtime.executor.shutdown(settings.drain_timeout_s):
                 log.warning("%s: queued work did not finish within %.0f s", svc.name, settings.drain_timeout_s)
         monitor.stop()
-        lane.shutdown()
 
     app = FastAPI(title="Anytime Serve", version=VERSION, lifespan=lifespan,
                   description="Adaptive-compute inference: every request is served at the rung its deadline and "

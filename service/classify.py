@@ -31,7 +31,6 @@ from service.body import IMAGE_REQUEST_BODY, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
 from service.executor import Items
-from service.lane import ComputeLane
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner
 from service.runtime import FamilyRuntime
@@ -190,12 +189,11 @@ class ClassifierService(FamilyService):
 
     endpoint = "/classify"
 
-    def __init__(self, adapter, settings: Settings, metrics: Metrics, planner: Planner,
-                 lane: ComputeLane | None = None) -> None:
+    def __init__(self, adapter, settings: Settings, metrics: Metrics, planner: Planner) -> None:
         self.adapter, self.model = adapter, adapter.model
         self.family = adapter.family
         runtime = FamilyRuntime(self.model.name, adapter.forward, adapter.keys, adapter.example, settings, metrics,
-                                adapter.key_names, units=adapter.units, lane=lane)
+                                adapter.key_names, units=adapter.units)
         super().__init__(runtime, settings, metrics, planner)
 
     def ladder(self) -> Ladder[ClsPlan]:

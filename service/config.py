@@ -42,8 +42,6 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = Field("cpu", description="torch device for the models: cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="0: one per available core")
-    request_threads: int = Field(4, ge=1, description="threads for request steps off the event loop (decode, "
-                                 "preprocess); each uses one torch thread")
     keep_freed_memory: bool = Field(True, description="keep freed memory mapped (glibc mallopt) instead of "
                                    "page-faulting every batch's activations in again; the resident size stays at its peak")
     log_format: Literal["json", "text"] = Field("json", description="json: one structured line per event")

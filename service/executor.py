@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from service.costmodel import CostModel
-from service.lane import ComputeLane
 
 log = logging.getLogger("anytime.executor")
 
@@ -95,12 +94,8 @@ class Executor:
     def __init__(self, name: str, forward: Forward, cost: CostModel, max_queue: int = 64,
                  max_batch: int = 128, max_wait_s: float = 0.0,
                  on_batch: Callable[[Hashable, int, float], None] | None = None,
-                 units: Callable[[Hashable, Items, Items], float] | None = None,
-                 lane: ComputeLane | None = None) -> None:
+                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
         self.name, self.forward, self.cost = name, forward, cost
-        # Where batches run: the server's one compute lane (service/lane.py), or this
-        # executor's own worker thread when there is none (a lone executor in tests).
-        self.lane = lane
         # Work units a forward pass did, for the cost model: items by default; a family whose
         # cost depends on the outputs (CF-ViT: exited rows cost less) counts its own.
         self.units = units
@@ -209,8 +204,6 @@ class Executor:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        if self.lane is not None:
-            torch.set_num_threads(1)  # this thread only schedules; a team of its own would slow the lane
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -227,10 +220,7 @@ class Executor:
                 else:
                     live.append(job)
             try:
-                if self.lane is not None:
-                    self.lane.call(self._run, live)
-                else:
-                    self._run(live)
+                self._run(live)
             except Exception as exc:  # a failing batch fails its jobs, never the worker
                 log.exception("batch failed on %s", self.name)
                 for job in live:

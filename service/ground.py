@@ -38,7 +38,6 @@ from service.classify import parse_budget
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
 from service.executor import Items
-from service.lane import ComputeLane
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner
 from service.runtime import FamilyRuntime
@@ -147,13 +146,12 @@ class SeqTRAdapter:
 class GroundService(FamilyService):
     endpoint = "/ground"
 
-    def __init__(self, adapter: SeqTRAdapter, settings: Settings, metrics: Metrics, planner: Planner,
-                 lane: ComputeLane | None = None) -> None:
+    def __init__(self, adapter: SeqTRAdapter, settings: Settings, metrics: Metrics, planner: Planner) -> None:
         self.adapter, self.grounder = adapter, adapter.grounder
         self.family, self.task = adapter.family, adapter.task
         family_settings = settings.model_copy(update={"batch_max_items": settings.ground_batch_max})
         runtime = FamilyRuntime(adapter.name, adapter.forward, adapter.keys, adapter.example, family_settings,
-                                metrics, adapter.key_names, lane=lane)
+                                metrics, adapter.key_names)
         super().__init__(runtime, settings, metrics, planner)
 
     def ladder(self) -> Ladder[GroundPlan]:

@@ -19,7 +19,6 @@ import torch
 from service.config import Settings
 from service.costmodel import CostModel
 from service.executor import Executor, Forward, Items, Job, take
-from service.lane import ComputeLane
 from service.load import RateMeter
 from service.metrics import Metrics
 
@@ -29,15 +28,13 @@ log = logging.getLogger("anytime.runtime")
 class FamilyRuntime:
     def __init__(self, name: str, forward: Forward, keys: list[Hashable], example: Callable[[Hashable, int], Items],
                  settings: Settings, metrics: Metrics, key_names: dict[Hashable, str] | None = None,
-                 units: Callable[[Hashable, Items, Items], float] | None = None,
-                 lane: ComputeLane | None = None) -> None:
+                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
         self.name, self.keys, self.example, self.settings, self.metrics = name, keys, example, settings, metrics
         self.key_names = key_names or {k: str(k) for k in keys}
         self.forward = forward
         self.cost = CostModel(settings.batch_max_items, settings.ewma_alpha)
         self.executor = Executor(name, forward, self.cost, settings.max_queue, settings.batch_max_items,
-                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units,
-                                 lane=lane)
+                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units)
         self.ready = threading.Event()
         self.calibration_s = 0.0
         self.arrivals = RateMeter(settings.rate_window_s)

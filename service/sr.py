@@ -29,7 +29,6 @@ from service.body import IMAGE_REQUEST_BODY, read_image
 from service.config import Policy, Settings
 from service.errors import ApiError, doc
 from service.executor import Job
-from service.lane import ComputeLane
 from service.media import OFFERED, negotiate
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner
@@ -92,13 +91,12 @@ class ArmService(FamilyService):
     family = "arm"
     endpoint = "/superresolve"
 
-    def __init__(self, model: ArmSR, settings: Settings, metrics: Metrics, planner: Planner,
-                 lane: ComputeLane | None = None) -> None:
+    def __init__(self, model: ArmSR, settings: Settings, metrics: Metrics, planner: Planner) -> None:
         self.model = model
         runtime = FamilyRuntime(
             model.name, self.forward, [r.index for r in model.rungs],
             lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), settings, metrics,
-            {r.index: r.name for r in model.rungs}, lane=lane)
+            {r.index: r.name for r in model.rungs})
         super().__init__(runtime, settings, metrics, planner)
 
     def forward(self, rung: int, patches: torch.Tensor) -> torch.Tensor:
