@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import arm_forward
 from models.arm import data, dispatch, tiling
 from models.arm.metrics import patch_mse, psnr_rgb, psnr_y
-from models.arm.pipeline import ArmSR, Plan
+from models.arm.pipeline import ArmSR, rung_work
 from service.costmodel import CostModel
 
 BUDGETS = (0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
@@ -99,26 +100,13 @@ def host_seconds(model: ArmSR, repeats: int = 5) -> Callable[[np.ndarray], float
     for r in model.rungs:
         cost.calibrate_rung(r.index, lambda n, r=r: model.run_patches(r.index, x[:n]), (1, 8, 32, 64), repeats)
 
-    def seconds(rungs: np.ndarray) -> float:
-        counts = np.bincount(rungs, minlength=len(model.rungs)).tolist()
-        return cost.predict((r, c) for r, c in enumerate(counts) if c)
-
-    return seconds
+    return lambda rungs: cost.predict(rung_work(rungs))
 
 
 def rung_times(model: ArmSR, batch: int = 64, repeats: int = 5) -> dict[str, float]:
     """Median seconds per 32x32 patch at each rung, batched."""
-    x = torch.rand(batch, 3, tiling.PATCH, tiling.PATCH)
-    out = {}
-    for r in model.rungs:
-        model.run_patches(r.index, x)  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.run_patches(r.index, x)
-            ts.append(time.perf_counter() - t0)
-        out[r.name] = statistics.median(ts) / batch
-    return out
+    ms = arm_forward.measure(model, [batch], repeats)
+    return {r.name: ms[r.index, batch] / 1000 / batch for r in model.rungs}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from PIL import Image
 
-from models.arm.pipeline import Analysis, ArmSR, Plan
+from models.arm.pipeline import Analysis, ArmSR, Plan, rung_work
 from models.common.synthetic import synthetic_photo
 from service import imageio
 from service.body import IMAGE_REQUEST_BODY, read_image
@@ -109,15 +109,10 @@ class ArmService(FamilyService):
 
     # --- the ladder of one request --------------------------------------------------------
 
-    @staticmethod
-    def work_counts(plan: Plan) -> list[tuple[int, int]]:
-        rungs, counts = np.unique(plan.rungs, return_counts=True)
-        return list(zip(rungs.tolist(), counts.tolist()))
-
     def ladder(self, a: Analysis, objective: str) -> Ladder[Plan]:
         m, top = self.model, len(self.model.rungs) - 1
         return Ladder(at_budget=lambda b: m.choose(a, mode="budget", budget=b, objective=objective),
-                      seconds=lambda p: self.runtime.cost.predict(self.work_counts(p)),
+                      seconds=lambda p: self.plan_seconds(p.rungs),
                       top=lambda: m.choose(a, mode="fixed", rung=top),
                       bottom=lambda: m.choose(a, mode="fixed", rung=0),
                       flops_fraction=lambda p: p.flops_fraction,
@@ -125,8 +120,7 @@ class ArmService(FamilyService):
 
     def plan_seconds(self, rungs: np.ndarray) -> float:
         """Predicted forward seconds of a rung assignment on this host (fixed cost per batch included)."""
-        counts = np.bincount(rungs, minlength=len(self.model.rungs))
-        return self.runtime.cost.predict((r, int(c)) for r, c in enumerate(counts.tolist()) if c)
+        return self.runtime.cost.predict(rung_work(rungs))
 
     # --- work around the network: stitch + encode, calibrated at start-up -----------------
 

@@ -73,6 +73,12 @@ class Plan:
         return np.bincount(self.rungs, minlength=n_rungs).tolist()
 
 
+def rung_work(rungs: np.ndarray) -> list[tuple[int, int]]:
+    """(rung, patches) for every rung a plan uses: one forward pass (or more) each."""
+    used, counts = np.unique(rungs, return_counts=True)
+    return list(zip(used.tolist(), counts.tolist()))
+
+
 @dataclass
 class Analysis:
     """What planning needs from an image, whatever the budget."""
