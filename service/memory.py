@@ -4,11 +4,11 @@ glibc serves allocations above its mmap threshold (128 KiB at first, growing to 
 32 MiB) with fresh ``mmap`` pages and unmaps them on free, and trims the top of the heap
 when more than 128 KiB is free there.  A forward pass allocates and frees activations of
 megabytes (ARM-FSRCNN at 25 patches: about 6 MB per layer), so every request page-faults
-its whole working set in again: on our 2-core VM that made a batch of 128 patches at full
-width 97 ms instead of 51 ms, and a one-patch batch after a large one 4.5 ms instead of
-1.8 ms (``python -m bench.arm_forward --malloc default|keep``, docs/BENCHMARKS.md).  Raising both
-thresholds keeps the pages mapped and reused; the cost is that the resident size stays
-at its peak (for the bundled models, a few hundred MB at most).
+its whole working set in again.  On our 2-core VM a batch of 128 patches at full width
+took 68 ms instead of 50 ms (``python -m bench.arm_forward --malloc default|keep``, the
+tables in docs/BENCHMARKS.md; in other runs the gap was up to 97 vs 51 ms, and small batches
+gained little).  Raising both thresholds keeps the pages mapped and reused; the cost is
+that the resident size stays at its peak (for the bundled models, a few hundred MB at most).
 """
 
 from __future__ import annotations
