@@ -42,6 +42,8 @@ def rows_for(checkpoint: Path, sides: list[int] | None, n: int, batch: int) -> l
                     "held_out_acc50": res["held_out"].get("acc50"), "held_out_n": res["held_out"].get("n"),
                     "held_out_miou_mask": res["held_out"].get("miou_mask"),
                     "wrong_expression": res.get("wrong_expression", {}).get("rate"),
+                    "right_object": res["choice"]["right_object"],
+                    "iou_when_right": res["choice"].get("miou_mask_when_right", res["choice"]["miou_box_when_right"]),
                     "gflops": g.flops(ph, pw)["total"] / 1e9,
                     "ms_batched": res["latency_ms"]["batched_per_image"], "batch": batch,
                     "ms_single": res["latency_ms"]["single_median"]})
@@ -70,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"held-out test scenes (generator {scenes.GENERATOR_VERSION}), {args.threads} torch thread(s)\n")
     print("| model | task | long side | scenes | min distractors | Acc@0.5 | box mIoU | mask mIoU | Acc@0.5 held-out "
-          "phrasings | wrong expression moves to its object | GFLOPs | ms/image (batch {b}) | ms/request alone |"
+          "phrasings | wrong expression moves to its object | right object | its mask (segm) or box IoU | GFLOPs | ms/image (batch {b}) | ms/request alone |"
           .format(b=args.batch))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mask = "-" if r["miou_mask"] is None else f"{r['miou_mask']:.3f}"
         print(f"| {r['model']} | {r['task']} | {r['long_side']} | {r['n']} | {r['distractors_min']} | {pct(r['acc50'])} "
               f"| {r['miou_box']:.3f} | {mask} | {pct(r['held_out_acc50'])} (n={r['held_out_n']}) "
-              f"| {pct(r['wrong_expression'])} | {r['gflops']:.3f} | {r['ms_batched']:.2f} | {r['ms_single']:.2f} |")
+              f"| {pct(r['wrong_expression'])} | {pct(r['right_object'])} "
+              f"| {'-' if r['iou_when_right'] is None else format(r['iou_when_right'], '.3f')} | {r['gflops']:.3f} | {r['ms_batched']:.2f} | {r['ms_single']:.2f} |")
 
 
 if __name__ == "__main__":

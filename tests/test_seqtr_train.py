@@ -136,3 +136,102 @@ def test_contour_points_keep_the_shape() -> None:
             assert [p for p in pts if p in poly] == poly
         iou = mask_iou(scenes.rasterise(pts, 128, 128), scenes.rasterise(poly, 128, 128))
         assert iou > (0.99 if len(poly) <= 12 else 0.9)
+
+
+def test_referent_map_puts_the_box_area_on_its_cells() -> None:
+    # 8x8 grid of 16 px cells; a box covering all of cell (row 1, col 2) and half of (1, 3).
+    box = torch.tensor([[32.0, 16.0, 56.0, 32.0]])
+    m = T.referent_map(box, (8, 8), 16)
+    assert m.shape == (1, 64) and m.sum().item() == pytest.approx(1.0)
+    grid = m.view(8, 8)
+    assert grid[1, 2].item() == pytest.approx(2 / 3) and grid[1, 3].item() == pytest.approx(1 / 3)
+    assert grid.count_nonzero().item() == 2
+    # The loss is lowest when the head's softmax matches the map, and the cells are row-major
+    # like the encoder's flattened memory.
+    head = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    good = torch.zeros(1, 64, 2)
+    good[0, 8 * 1 + 2, 0], good[0, 8 * 1 + 3, 0] = 10 + np.log(2.0), 10.0
+    bad = torch.zeros(1, 64, 2)
+    bad[0, 0, 0] = 10.0
+    assert T.referent_loss(head, good, m) < T.referent_loss(head, bad, m)
+
+
+def test_colour_probe_starts_grey_and_learns_cell_colours() -> None:
+    probe = T.ColourProbe(c3=4, v=4)
+    img = torch.zeros(2, 3, 32, 32)
+    img[:, 0, :16] = 255.0  # top half red
+    c3 = torch.zeros(2, 4, 4, 4)
+    c3[:, 0, :2] = 1.0  # a feature that marks the red cells
+    v = torch.zeros(2, 4, 2, 2)
+    v[:, 0, :1] = 1.0
+    first = probe.loss(img, c3, v).item()
+    assert np.isfinite(first) and first < 50  # a grey guess, not a random one
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = probe.loss(img, c3, v)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01 * first
+
+
+def test_training_aids_run_and_are_recorded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANYTIME_DATA_DIR", str(tmp_path / "data"))
+    argv = ["--task", "det", "--name", "t-aux", "--out", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w"),
+            "--steps", "2", "--aux-weight", "1", "--colour-weight", "1", *FAST]
+    out = T.main(argv)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tr = manifest["training"]
+    assert tr["aux_referent_weight"] == 1 and tr["aux_colour_weight"] == 1
+    assert all(np.isfinite(e["aux_loss"]) and np.isfinite(e["colour_loss"]) for e in tr["log"])
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert st["aux_head"] is not None and st["colour_probe"] is not None
+    # the training-only heads are not part of the bundled model
+    model, _, _ = load(out)
+    assert set(model.state_dict()) == set(T.SeqTR(model.cfg).state_dict())
+
+
+def test_probe_reads_a_linear_attribute_and_runs_on_a_bundle(det_bundle: Path, capsys) -> None:
+    from models.seqtr import probe
+
+    rng = np.random.default_rng(0)
+    y = [str(v) for v in rng.integers(0, 3, 400)]
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    x[:, 0] += 4 * np.array([float(v) for v in y])  # attribute written on feature 0
+    assert probe.probe_accuracy(x, y) > 0.95
+    assert probe.probe_accuracy(x[:, 1:], y) < 0.6  # pure noise: near chance (1/3)
+    probe.main(["--checkpoint", str(det_bundle), "--n", "12", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| c3 |" in out and "| v |" in out and "majority class" in out
+
+
+def test_choice_metrics_tell_the_wrong_object_from_a_loose_box(det_bundle: Path, monkeypatch) -> None:
+    from models.seqtr import evaluate as E
+    from models.seqtr.serving import Grounding
+
+    samples = scenes.generate("test", 8)
+    model, vocab, _ = load(det_bundle)
+
+    def answering(pick):
+        def fake_predict(_m, _v, images, expressions, batch=64):
+            by_image = {id(s.image): s for s in samples}
+            return [Grounding(pick(by_image[id(im)]), None, None, [], 1.0) for im in images]
+        return fake_predict
+
+    monkeypatch.setattr(E, "predict", answering(lambda s: s.box))
+    res = E.evaluate(model, samples, vocab, wrong=False, latency_images=0)
+    assert res["choice"]["right_object"] == 1.0 and res["choice"]["miou_box_when_right"] == pytest.approx(1.0)
+    other = lambda s: s.objects[(s.target + 1) % len(s.objects)].box  # noqa: E731
+    monkeypatch.setattr(E, "predict", answering(other))
+    res = E.evaluate(model, samples, vocab, wrong=False, latency_images=0)
+    assert res["choice"]["right_object"] == 0.0 and res["acc50"] == 0.0
+
+    def loose(s):  # the right object, box shifted by half its width: IoU < 0.5 but still the best overlap
+        x1, y1, x2, y2 = s.box
+        d = (x2 - x1) / 2
+        return (x1 + d, y1, x2 + d, y2)
+    monkeypatch.setattr(E, "predict", answering(loose))
+    res = E.evaluate(model, samples, vocab, wrong=False, latency_images=0)
+    assert res["acc50"] == 0.0 and res["choice"]["right_object"] > 0.5

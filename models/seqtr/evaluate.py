@@ -12,6 +12,10 @@
   the same scene (:func:`models.seqtr.scenes.wrong_expression`); counted as a success when the
   prediction moves (IoU < 0.5 with the prediction for the true expression) *and* lands on that
   other object (IoU >= 0.5 with it).  A model that ignores the text scores ~0.
+* **Choice vs precision**: the share of samples whose predicted box overlaps the target more
+  than any other object of the scene (and by IoU > 0.3), and the mean box / mask IoU on those
+  samples.  It separates "picked the wrong object" from "outlined the right one badly", which
+  need different fixes (docs/SEQTR.md, "Training the demo").
 * **Latency** per image, batched and one at a time.
 
 Predictions *are* the serving path: :class:`models.seqtr.serving.SeqTRGrounder` (prepare: long
@@ -114,8 +118,10 @@ def evaluate(model_or_grounder: object, samples: Sequence[scenes.Sample], vocab:
     batched_ms = (time.perf_counter() - t0) * 1000 / max(1, len(samples))
     rows = []
     for s, p in zip(samples, preds):
+        overlaps = [box_iou(p.box, o.box) for o in s.objects]
         r = {"box_iou": box_iou(p.box, s.box), "phrasing": s.phrasing, "held_out": s.held_out,
-             "kind": s.desc.kind if s.desc else "?"}
+             "kind": s.desc.kind if s.desc else "?",
+             "right_object": int(np.argmax(overlaps)) == s.target and max(overlaps) > 0.3}
         if segm:
             r["mask_iou"] = mask_iou(p.mask if p.mask is not None else np.zeros_like(s.mask), s.mask)
         rows.append(r)
@@ -125,6 +131,12 @@ def evaluate(model_or_grounder: object, samples: Sequence[scenes.Sample], vocab:
     res["held_out"] = _summary([r for r in rows if r["held_out"]], segm)
     res["by_phrasing"] = _breakdown(rows, "phrasing", segm)
     res["by_kind"] = _breakdown(rows, "kind", segm)
+    right = [r for r in rows if r["right_object"]]
+    res["choice"] = {"right_object": len(right) / max(1, len(rows)),
+                     "miou_box_when_right": float(np.mean([r["box_iou"] for r in right])) if right else None,
+                     **({"miou_mask_when_right": float(np.mean([r["mask_iou"] for r in right])) if right else None}
+                        if segm else {}),
+                     "rule": "the predicted box overlaps the target more than any other object, with IoU > 0.3"}
     res["distractors"] = {"min": min((len(s.objects) - 1 for s in samples), default=0),
                           "mean": float(np.mean([len(s.objects) - 1 for s in samples])) if samples else 0.0}
     if wrong and samples:
