@@ -117,3 +117,19 @@ def test_bundled_manifest_records_its_provenance() -> None:
     results = manifest["metrics"]["results"]
     assert results["w56"]["psnr_rgb"] >= results["bicubic"]["psnr_rgb"] + 0.5
     assert np.isfinite(manifest["table"]["psnr_mean"]).all()
+
+
+def test_arm_forward_per_layer_times_every_leaf_of_every_subnet(capsys) -> None:
+    from bench import arm_forward
+    from tests.conftest import BUNDLED_ARM
+
+    model = ArmSR.from_checkpoint(BUNDLED_ARM)
+    names, table = arm_forward.per_layer(model, 2, rounds=2)
+    leaves = [n for n, m in model.subnets[0].named_modules() if not any(True for _ in m.children())]
+    assert names == leaves and "tail_conv.conv" in names  # the serving form's sub-pixel conv
+    assert sorted(table) == [r.index for r in model.rungs[1:]]
+    assert all(len(row) == len(names) and all(v > 0 for v in row) for row in table.values())
+    arm_forward.main(["--checkpoint", str(BUNDLED_ARM), "--sizes", "1", "--rounds", "1", "--per-layer", "2",
+                      "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "ms per leaf layer, batch of 2 patches" in out and "| w56 |" in out
