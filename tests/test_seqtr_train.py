@@ -235,3 +235,16 @@ def test_choice_metrics_tell_the_wrong_object_from_a_loose_box(det_bundle: Path,
     monkeypatch.setattr(E, "predict", answering(loose))
     res = E.evaluate(model, samples, vocab, wrong=False, latency_images=0)
     assert res["acc50"] == 0.0 and res["choice"]["right_object"] > 0.5
+
+
+def test_word_dropout_turns_words_into_unk_and_never_touches_padding() -> None:
+    from models.seqtr.text import PAD, UNK
+
+    text = torch.tensor([[5, 6, 7, 8, PAD, PAD]] * 400)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(T.drop_words(text, 0.0, gen), text)
+    out = T.drop_words(text, 0.25, gen)
+    assert torch.equal(out[:, 4:], text[:, 4:])  # PAD stays PAD
+    changed = out[:, :4] != text[:, :4]
+    assert bool((out[:, :4][changed] == UNK).all())
+    assert 0.2 < changed.float().mean().item() < 0.3

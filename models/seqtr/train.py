@@ -50,7 +50,7 @@ from models.seqtr.evaluate import evaluate, format_summary
 from models.seqtr.model import SeqTR, seqtr_loss, seqtr_tiny
 from models.seqtr.preprocess import prepare
 from models.seqtr.sequence import box_targets, polygon_targets, sample_contour
-from models.seqtr.text import Vocabulary
+from models.seqtr.text import PAD, UNK, Vocabulary
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -181,6 +181,18 @@ class ColourProbe(torch.nn.Module):
         return total
 
 
+def drop_words(text: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Each real word becomes UNK with probability ``p`` (PAD stays PAD).
+
+    Held-out phrasings contain a word training never shows (``which``), which reaches the
+    model as UNK; a model that has only seen UNK where the data put it misreads the rest of
+    the sentence.  Dropping known words to UNK teaches it that UNK carries nothing."""
+    if p <= 0:
+        return text
+    drop = (torch.rand(text.shape, generator=gen) < p) & (text != PAD)
+    return text.masked_fill(drop, UNK)
+
+
 def encode_all(vocab: Vocabulary, expressions: list[str], max_token: int) -> torch.Tensor:
     return torch.tensor([vocab.encode(e, max_token) for e in expressions], dtype=torch.long)
 
@@ -275,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "its one linear layer is not bundled)")
     ap.add_argument("--colour-weight", type=float, default=0.0,
                     help="weight of the auxiliary cell-colour reconstruction (ColourProbe; training only, not bundled)")
+    ap.add_argument("--word-dropout", type=float, default=0.0,
+                    help="probability that a training word is replaced by UNK (see drop_words)")
     ap.add_argument("--init", type=Path, default=None,
                     help="bundle directory or train_state.pt to initialise from (e.g. the det model)")
     ap.add_argument("--seed", type=int, default=6666)
@@ -416,7 +430,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         img = torch.from_numpy(images).permute(0, 3, 1, 2).float()
         img = augment(img, gen, args.augment)
         pad_mask = torch.zeros(img.shape[0], img.shape[2], img.shape[3], dtype=torch.bool)
-        mem = model.encode(img, pad_mask, tx)
+        mem = model.encode(img, pad_mask, drop_words(tx, args.word_dropout, gen))
         logits = model.decode(mem, tg[:, :-1])
         loss = seqtr_loss(logits, tg, args.task, cfg.num_bin, args.label_smoothing)
         if args.aux_weight > 0:
@@ -546,6 +560,7 @@ def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Voc
             "optimizer": "Adam(betas=(0.9, 0.98), eps=1e-9, amsgrad=True, weight_decay=0)",
             "clip": args.clip, "label_smoothing": args.label_smoothing, "ema": args.ema,
             "aux_referent_weight": args.aux_weight, "aux_colour_weight": args.colour_weight,
+            "word_dropout": args.word_dropout,
             "augment": {"contrast_brightness": args.augment, "flips": False},
             "init": init_info, "seed": args.seed, "threads": args.threads, "resumed_from": resumed_from,
             "wall_clock_s": round(train_seconds, 1), "paused_for_benchmarks_s": round(paused_seconds, 1),
