@@ -48,7 +48,6 @@ def per_layer(model: ArmSR, n: int, rounds: int) -> tuple[list[str], dict[int, l
     table: dict[int, list[float]] = {}
     for rung, net in enumerate(model.subnets, start=1):
         spans: dict[str, list[float]] = {}
-        order: list[str] = []
         start: dict[str, float] = {}
         hooks = []
         for name, mod in net.named_modules():
@@ -58,12 +57,11 @@ def per_layer(model: ArmSR, n: int, rounds: int) -> tuple[list[str], dict[int, l
             hooks.append(mod.register_forward_hook(
                 lambda _m, _i, _o, k=name: spans.setdefault(k, []).append(time.perf_counter() - start[k])))
         with torch.no_grad():
-            for rnd in range(rounds + 1):
-                if rnd == 1:
-                    spans.clear()
+            net(x)  # warm-up (primitive creation), untimed; it also gives the call order
+            order = list(spans)
+            spans.clear()
+            for _ in range(rounds):
                 net(x)
-                if rnd == 0:
-                    order = list(spans)
         for h in hooks:
             h.remove()
         names = names or order
@@ -102,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in model.rungs[1:]:
             row = table[r.index]
             print(f"| {r.name} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {sum(row):.2f} |")
+
 
 if __name__ == "__main__":
     main()

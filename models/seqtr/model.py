@@ -248,12 +248,16 @@ class SimpleFusion(nn.Module):
         self.top_project = nn.Sequential(ConvModule(cfg.mid2top + cfg.c5, cfg.top_mid, 3),
                                          ConvModule(cfg.top_mid, 2 * cfg.gru_hidden, 1))
 
-    def forward(self, feats: list[Tensor], y: Tensor) -> Tensor:
+    def visual(self, feats: list[Tensor]) -> Tensor:
+        """The visual half ``v`` of the fused map, before the language gate (the probe and the
+        colour loss of models/seqtr/probe.py and train.py read it)."""
         c3, c4, c5 = feats
         m = torch.cat([self.down_bot2mid(c3), c4], 1)
         t = torch.cat([self.down_mid2top(m), c5], 1)
-        v = self.top_project(t)
-        return torch.tanh(v) * torch.tanh(y)[:, :, None, None]
+        return self.top_project(t)
+
+    def forward(self, feats: list[Tensor], y: Tensor) -> Tensor:
+        return torch.tanh(self.visual(feats)) * torch.tanh(y)[:, :, None, None]
 
 
 # ------------------------------------------------------------------------ transformer

@@ -32,11 +32,8 @@ LEVELS = ("c3", "c4", "c5", "v")
 @torch.no_grad()
 def visual_maps(model: SeqTR, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """C3, C4, C5 and the pre-gate fused map ``v`` for a batch of RGB 0-255 images."""
-    c3, c4, c5 = model.vis_enc(images)
-    fu = model.fusion
-    mid = torch.cat([fu.down_bot2mid(c3), c4], 1)
-    v = fu.top_project(torch.cat([fu.down_mid2top(mid), c5], 1))
-    return {"c3": c3, "c4": c4, "c5": c5, "v": v}
+    feats = model.vis_enc(images)
+    return {"c3": feats[0], "c4": feats[1], "c5": feats[2], "v": model.fusion.visual(feats)}
 
 
 def object_features(model: SeqTR, samples: list[scenes.Sample], batch: int = 100

@@ -160,7 +160,7 @@ class ColourProbe(torch.nn.Module):
     fused map's visual half (before the language gate).
 
     A linear probe on the plain recipe's features decodes shape (79 %) and size (99.6 %) at an
-    object's cell but not its colour (27 %, chance 14 %), and most of its grounding errors are
+    object's cell but not its colour (27 %; the majority class is 15 %), and most of its grounding errors are
     the right shape of the wrong colour: nothing in the loss asked the backbone to keep colour
     until the language gate could use it.  Reconstructing the cell colours is that request."""
 
