@@ -9,16 +9,20 @@
     GET  /readyz         ready: calibrated and not draining (503 otherwise)
     GET  /metrics        Prometheus
 
-Models load when the app is created; the cost model is calibrated on a background
-thread when the server starts, and inference answers 503 until it is done.  On shutdown
-the app stops taking work (503), lets queued work finish, then stops the workers.
+Models load when the app is created.  Every family's batches run on one scheduler thread
+(service/executor.py), earliest deadline first, so that admission sees the whole machine;
+each family's cost model is calibrated on that thread when the server starts, one family
+after the other, and inference answers 503 until it is done.  On shutdown the app stops
+taking work (503), lets queued work finish, then stops the scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qs
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,7 +32,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.arm.pipeline import ArmSR
 from service import errors
 from service.config import Settings
-from service.load import LoadMonitor, LoadReading, available_cores
+from service.executor import Scheduler
+from service.load import LoadMonitor, LoadReading, LoopLag, available_cores
 from service.memory import keep_freed_memory
 from service.metrics import Metrics
 from service.middleware import RequestContext
@@ -37,6 +42,7 @@ from service.classify import CfVitAdapter, ClassifierService, PssNetAdapter
 from service.classify import router as classify_router
 from service.ground import GroundService, SeqTRAdapter
 from service.ground import router as ground_router
+from service.serving import Machine
 from service.sr import ArmService
 
 log = logging.getLogger("anytime")
@@ -72,18 +78,23 @@ def load_grounders(settings: Settings) -> list[SeqTRAdapter]:
                          settings.seqtr_long_sides) for path in settings.seqtr_checkpoints]
 
 
+def finite_ms(seconds: float) -> float | None:
+    return None if seconds == float("inf") else round(1000 * seconds, 3)
+
+
 def create_app(settings: Settings | None = None, model: ArmSR | None = None,
                classifiers: list | None = None, grounders: list | None = None) -> FastAPI:
     """``model`` / ``classifiers`` / ``grounders`` (adapters) replace the configured ones (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
-    planner = Planner(settings)
+    torch_threads = settings.torch_threads or available_cores()
+    machine = Machine(settings, metrics, Planner(settings),
+                      Scheduler(torch_threads, settings.request_timeout_s, settings.batch_max_wait_ms / 1000))
     model = model or ArmSR.from_checkpoint(settings.arm_checkpoint, table=settings.arm_table, device=settings.device)
-    arm = ArmService(model, settings, metrics, planner)
-    classify = [ClassifierService(a, settings, metrics, planner)
+    arm = ArmService(model, machine)
+    classify = [ClassifierService(a, machine)
                 for a in (load_classifiers(settings) if classifiers is None else classifiers)]
-    ground = [GroundService(a, settings, metrics, planner)
-              for a in (load_grounders(settings) if grounders is None else grounders)]
+    ground = [GroundService(a, machine) for a in (load_grounders(settings) if grounders is None else grounders)]
     services = [arm, *classify, *ground]
 
     def on_sample(r: LoadReading) -> None:
@@ -95,6 +106,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             metrics.gpu_memory.labels(str(g.device)).set(g.memory_used_bytes)
 
     monitor = LoadMonitor(settings.load_sample_s, on_sample)
+    machine.loop_lag = loop_lag = LoopLag()
 
     async def start_in_turn() -> None:
         for svc in services:
@@ -111,26 +123,34 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        torch.set_num_threads(settings.torch_threads or available_cores())
+        # Only the scheduler thread runs torch with torch_threads; the event loop and the
+        # request threads (decode, analyse, prepare) use one, so that no second OpenMP team
+        # competes with the scheduler's for the cores.
+        torch.set_num_threads(1)
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            max(4, available_cores() + 2), thread_name_prefix="request", initializer=torch.set_num_threads,
+            initargs=(1,)))
         if settings.keep_freed_memory:
             keep_freed_memory()
         monitor.start()
+        loop_lag.start()
         warmup = asyncio.create_task(start_in_turn())  # one calibration at a time: each is timed alone
-        log.info("serving %s (%s) with %d torch threads, policy %s", model.name, settings.arm_checkpoint,
-                 torch.get_num_threads(), settings.policy)
+        log.info("serving %s with %d torch threads on the scheduler, policy %s",
+                 ", ".join(s.name for s in services), torch_threads, settings.policy)
         yield
         warmup.cancel()
         begin_drain()
-        for svc in services:
-            if not svc.runtime.executor.shutdown(settings.drain_timeout_s):
-                log.warning("%s: queued work did not finish within %.0f s", svc.name, settings.drain_timeout_s)
+        if not await asyncio.to_thread(machine.scheduler.shutdown, settings.drain_timeout_s):
+            log.warning("queued work did not finish within %.0f s", settings.drain_timeout_s)
         monitor.stop()
+        loop_lag.stop()
 
     app = FastAPI(title="Anytime Serve", version=VERSION, lifespan=lifespan,
                   description="Adaptive-compute inference: every request is served at the rung its deadline and "
                               "the live load allow, and every response says which rung served it and what it cost.")
     app.state.settings, app.state.metrics, app.state.services = settings, metrics, services
     app.state.model, app.state.begin_drain, app.state.monitor = model, begin_drain, monitor
+    app.state.machine = machine
     errors.install(app)
     app.include_router(arm.router())
     if classify:
@@ -166,11 +186,15 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             "default_min_budget": settings.default_min_budget, "max_budget": settings.max_budget,
             "deadline_margin": settings.deadline_margin, "deadline_margin_ms": settings.deadline_margin_ms,
             "load": {"cpu_system": r.cpu_system, "cpu_process": r.cpu_process, "cores": r.cores,
-                     "torch_threads": torch.get_num_threads(), "gpus": [vars(g) for g in r.gpus]},
+                     "torch_threads": torch_threads, "gpus": [vars(g) for g in r.gpus]},
+            "scheduler": {"queue_depth": machine.scheduler.depth(),
+                          "predicted_wait_ms": round(1000 * machine.scheduler.predicted_wait(), 2)},
             "models": {s.name: {"queue_depth": s.runtime.executor.depth, "max_queue": settings.max_queue,
-                                      "predicted_wait_ms": round(1000 * s.runtime.executor.predicted_wait(), 2),
-                                      "slowdown": round(s.runtime.cost.slowdown, 4), "ready": s.runtime.ready.is_set(),
-                                      "draining": s.draining} for s in services},
+                                "arrival_rps": round(s.runtime.arrivals.rate(), 2),
+                                "mean_admitted_ms": round(1000 * s.runtime.mean_cost_s, 3),
+                                "share_ms": finite_ms(machine.share_s(s.runtime)),
+                                "slowdown": round(s.runtime.cost.slowdown, 4), "ready": s.runtime.ready.is_set(),
+                                "draining": s.draining} for s in services},
         }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -179,7 +203,42 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             s.runtime.refresh_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:
+        """The early shed of the service a POST would reach, before routing: None when it
+        fits, when the request is malformed (the route says what is wrong) or when the
+        service is not serving (the route answers 503)."""
+        if scope["method"] != "POST":
+            return None
+        candidates = [s for s in services if s.endpoint == scope["path"]]
+        if not candidates:
+            return None
+        query = parse_qs(scope["query_string"].decode("latin-1"))
+        try:
+            deadline_ms = float(query["deadline_ms"][0]) if "deadline_ms" in query else None
+        except ValueError:
+            return None
+        policy = query.get("policy", [None])[0]
+        if policy not in (None, "adaptive", "full", "smallest") or \
+                (deadline_ms is not None and not 0 < deadline_ms <= 600_000):
+            return None
+        model, task = query.get("model", [None])[0], query.get("task", ["box"])[0]
+        svc = next((s for s in candidates if s.name == model), None) if model else \
+            next((s for s in candidates if getattr(s, "task", task) == task), None)
+        if svc is None or svc.draining or not svc.runtime.ready.is_set():
+            return None
+        try:
+            svc.shed_early(t0, deadline_ms, policy)  # type: ignore[arg-type]
+        except errors.ApiError as exc:
+            svc.runtime.arrivals.tick(t0)
+            scope["state"]["model"] = svc.name
+            effective = deadline_ms if deadline_ms is not None else settings.default_deadline_ms
+            scope["state"]["deadline_at"] = t0 + effective / 1000 if effective is not None else None
+            return exc
+        return None
+
     endpoints = {p for p in (getattr(route, "path", None) for route in app.routes) if p} | \
         {s.endpoint for s in services}
-    app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints)
+    app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints, arrival_lag=loop_lag.recent,
+                       quick_shed=quick_shed,
+                       draining=lambda: any(s.draining for s in services))
     return app

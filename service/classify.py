@@ -26,15 +26,14 @@ import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from service import imageio
+from service import imageio, limits
 from service.body import IMAGE_REQUEST_BODY, read_image
-from service.config import Policy, Settings
+from service.config import Policy
 from service.errors import ApiError, doc
 from service.executor import Items
-from service.metrics import Metrics
-from service.planner import Ask, Decision, Ladder, Planner
+from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService
+from service.serving import FamilyService, Machine
 
 
 @dataclass
@@ -189,18 +188,21 @@ class ClassifierService(FamilyService):
 
     endpoint = "/classify"
 
-    def __init__(self, adapter, settings: Settings, metrics: Metrics, planner: Planner) -> None:
+    def __init__(self, adapter, machine: Machine) -> None:
         self.adapter, self.model = adapter, adapter.model
         self.family = adapter.family
-        runtime = FamilyRuntime(self.model.name, adapter.forward, adapter.keys, adapter.example, settings, metrics,
-                                adapter.key_names, units=adapter.units)
-        super().__init__(runtime, settings, metrics, planner)
+        runtime = FamilyRuntime(self.model.name, adapter.forward, adapter.keys, adapter.example, machine.settings,
+                                machine.metrics, adapter.key_names, units=adapter.units, scheduler=machine.scheduler)
+        super().__init__(runtime, machine)
 
     def ladder(self) -> Ladder[ClsPlan]:
         a, cost = self.adapter, self.runtime.cost
         return Ladder(at_budget=a.at_budget, top=a.top, bottom=a.bottom,
                       seconds=lambda p: sum(cost.predict_forward(k, u) for k, u in a.work_units(p)),
                       flops_fraction=lambda p: p.flops_fraction)
+
+    def floor_s(self) -> float:
+        return self.ladder().seconds(self.adapter.bottom())
 
     def describe(self) -> dict:
         return {"name": self.model.name, "endpoint": self.endpoint, "classes": len(self.model.classes),
@@ -211,18 +213,20 @@ class ClassifierService(FamilyService):
                      min_budget: float | None, policy: Policy | None, rung: str | None,
                      eta: float | None) -> JSONResponse:
         s, a = self.settings, self.adapter
-        self.open_for(t0, policy)
+        self.open_for(request, t0, deadline_ms, policy)
         pinned = a.pinned(rung, eta)
         explicit = parse_budget(budget)
         if top_k is None:
             top_k = min(5, len(self.model.classes))
         elif top_k > len(self.model.classes):
             raise ApiError(422, f"top_k={top_k} exceeds the {len(self.model.classes)} classes of {self.name}")
+        self.shed_early(t0, deadline_ms, policy)
         upload = await read_image(request, s.max_body_bytes)
         self.shed_early(t0, deadline_ms, policy)
         try:
             x = await asyncio.to_thread(lambda: self.model.preprocess(
-                imageio.decode(upload.data, s.max_input_pixels).rgb_u8))
+                imageio.decode(upload.data, s.max_input_pixels,
+                               limits.resize_pixels(s.max_resize_pixels, self.model)).rgb_u8))
         except imageio.ImageError as exc:
             raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
         ask = Ask(budget=explicit, deadline_ms=deadline_ms, min_budget=min_budget, policy=policy, fixed=pinned)
@@ -232,7 +236,7 @@ class ClassifierService(FamilyService):
 
         decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, lambda d: a.work(d.plan, x), finish,
                                                  inline=True)
-        logits, rung_info, spent = await self.result(decision, future)
+        logits, rung_info, spent = await self.result(request, decision, job, future)
         plan: ClsPlan = decision.plan
         probs = torch.softmax(logits.float(), dim=-1)
         p, idx = probs.topk(top_k)

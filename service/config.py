@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_input_pixels: int = Field(1_000_000, gt=0, description="largest accepted input image (width x height), "
                                   "checked from the header before decoding; the output has 16x as many pixels")
+    max_sr_patches: int = Field(1400, ge=1, description="most 32x32 LR patches one /superresolve image may "
+                                "make (what its compute and memory scale with), counted from the header before "
+                                "decoding; 1400 admits every image up to 1,000,000 pixels with sides up to 16:1 "
+                                "(1000x1000 makes 1296) and refuses strips such as 1x150000 (5357)")
+    max_resize_pixels: int = Field(4_194_304, ge=1, description="largest intermediate image /classify "
+                                   "pre-processing may make (the resize before the centre crop), computed from "
+                                   "the header before decoding; extreme aspect ratios are cropped before they are "
+                                   "resized, so with the bundled models it stays within max(input, 4 x resize^2)")
     max_expression_chars: int = Field(256, ge=1, description="longest referring expression /ground accepts")
     ground_batch_max: int = Field(8, ge=1, description="most /ground requests in one forward pass (SeqTR "
                                   "images are large: its batches are small)")
@@ -113,7 +121,11 @@ class Settings(BaseSettings):
     # --- security and lifecycle ---------------------------------------------------------
     auth_token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
     auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a token")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
+    drain_window_s: float = Field(5.0, ge=0, description="on SIGTERM, how long the server keeps accepting "
+                                  "connections (answering new work 503 with Connection: close, /readyz 503) so "
+                                  "load balancers move away before it stops listening; a second signal ends it")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, after the drain window, how long "
+                                   "in-flight work may finish")
 
     @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "pssnet_calibration", "arm_table",
                      "seqtr_token_to_ix", mode="before")

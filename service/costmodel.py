@@ -9,12 +9,22 @@ times two learned factors:
   co-located load steals the CPU or thermal limits bite, for all rungs at once.
 * a per-rung ratio with a slower EWMA, which corrects the calibration of one rung.
 
+The slowdown can only learn from work that runs.  Under overload every request may be
+shed, so nothing runs and a slowdown learnt at the peak would stay forever and keep
+shedding an idle server (seen: /classify refused at a 60 ms deadline "the floor needs
+93 ms" for a 5 ms model).  So once no forward pass has been observed for ``idle_grace_s``
+the slowdown (and the overhead ratio) decay toward the calibrated 1.0 with time constant
+``idle_tau_s``: what start-up calibration measured on an idle host is the best guess for a
+host that has gone quiet.  Under steady load passes come every few milliseconds and the
+decay never acts.
+
 Work done around the forward passes (stitching, encoding) is modelled the same way,
 linear in the output size.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -68,15 +78,41 @@ def time_call(fn: Callable[[], object], repeats: int) -> float:
 class CostModel:
     """Seconds per forward pass per rung key, and per request for the work around them."""
 
-    def __init__(self, max_batch: int, alpha: float = 0.2) -> None:
+    def __init__(self, max_batch: int, alpha: float = 0.2, idle_grace_s: float = 0.5,
+                 idle_tau_s: float = 0.5) -> None:
         self.max_batch, self.alpha = max_batch, alpha
+        self.idle_grace_s, self.idle_tau_s = idle_grace_s, idle_tau_s
         self.rungs: dict[Hashable, LinearCost] = {}
         self.rung_ratio: dict[Hashable, float] = {}
         self.overhead = LinearCost(0.0, 0.0)
-        self.overhead_ratio = 1.0
-        self.slowdown = 1.0
+        self._overhead_ratio = 1.0
+        self._slowdown = 1.0
+        self._last_observed = time.monotonic()
         self.observations = 0
         self._lock = threading.Lock()
+
+    # --- the learnt factors, decayed toward calibration while nothing runs ------------
+
+    def _idle_weight(self, now: float) -> float:
+        """How much of a learnt factor's distance from 1.0 is still believed at ``now``."""
+        idle = now - self._last_observed - self.idle_grace_s
+        return 1.0 if idle <= 0 else math.exp(-idle / self.idle_tau_s)
+
+    @property
+    def slowdown(self) -> float:
+        return 1.0 + (self._slowdown - 1.0) * self._idle_weight(time.monotonic())
+
+    @slowdown.setter
+    def slowdown(self, value: float) -> None:
+        self._slowdown, self._last_observed = value, time.monotonic()
+
+    @property
+    def overhead_ratio(self) -> float:
+        return 1.0 + (self._overhead_ratio - 1.0) * self._idle_weight(time.monotonic())
+
+    @overhead_ratio.setter
+    def overhead_ratio(self, value: float) -> None:
+        self._overhead_ratio = value
 
     # --- calibration ------------------------------------------------------------------
 
@@ -120,16 +156,18 @@ class CostModel:
             return
         with self._lock:
             a = self.alpha
-            self.slowdown += a * (seconds / (base * self.rung_ratio[key]) - self.slowdown)
-            self.rung_ratio[key] += (a / 4) * (seconds / (base * self.slowdown) - self.rung_ratio[key])
+            self._overhead_ratio = self.overhead_ratio  # settle any idle decay before learning on top of it
+            slowdown = self.slowdown
+            slowdown += a * (seconds / (base * self.rung_ratio[key]) - slowdown)
+            self.rung_ratio[key] += (a / 4) * (seconds / (base * slowdown) - self.rung_ratio[key])
             # Only the products slowdown x ratio are observed, so the split would drift; keep
             # the rung ratios' geometric mean at 1, so that ``slowdown`` is the host's factor
             # and each ratio a rung's relative correction.  Predictions are unchanged.
             g = float(np.exp(np.mean(np.log(list(self.rung_ratio.values())))))
             for k in self.rung_ratio:
                 self.rung_ratio[k] /= g
-            self.slowdown *= g
-            self.overhead_ratio /= g
+            self.slowdown = slowdown * g  # also marks the time of this observation
+            self._overhead_ratio /= g
             self.observations += 1
 
     def observe_overhead(self, units: float, seconds: float) -> None:
@@ -137,7 +175,8 @@ class CostModel:
         if base <= 0:
             return
         with self._lock:
-            self.overhead_ratio += self.alpha * (seconds / (base * self.slowdown) - self.overhead_ratio)
+            ratio = self.overhead_ratio
+            self._overhead_ratio = ratio + self.alpha * (seconds / (base * self.slowdown) - ratio)
 
     def snapshot(self) -> dict:
         """For GET /v1/models and /v1/policy."""

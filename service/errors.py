@@ -2,7 +2,10 @@
 
 Handlers turn our ApiError, FastAPI's validation errors, Starlette's HTTP errors and
 anything unexpected into that shape; the unexpected case is logged with its request id
-and answered 500 without internals.
+and answered 500 without internals.  A client that hangs up (during the upload, or while
+its request waits) is no error of ours: it is answered with status 499 (client closed
+request, as nginx counts it), which nobody reads but the access log and the metrics,
+and logged at info level without a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 log = logging.getLogger("anytime.errors")
 
@@ -23,6 +28,13 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.accepted, self.headers = status, message, accepted, headers or {}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request"
 
 
 class ErrorDetail(BaseModel):
@@ -67,6 +79,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(req: Request, exc: Exception) -> Response:
+        log.info("client closed the connection: %s", exc or "during the upload",
+                 extra={"request_id": getattr(req.state, "request_id", None)})
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:

@@ -1,24 +1,35 @@
-"""One worker per model family: a bounded FIFO queue, inference on a dedicated thread,
-micro-batching of work that shares a rung across concurrent requests.
+"""One scheduler for the whole machine: every family's forward passes run on one thread,
+earliest deadline first, and every admission decision sees all the work queued on it.
 
-A job is a request's forward work, a list of (rung key, items tensor), and optionally a
-``finish`` step (ARM: stitch and encode) that turns its outputs into the response.  When
-the worker frees up it takes the oldest job and merges the jobs queued behind it while
-the merged forward passes stay within ``max_batch`` items per rung and every merged job
-still finishes before its deadline (merging makes the first job wait for the others).
-Items of one rung from all merged jobs run as one batch; outputs go back to each job,
-whose ``finish`` then runs on the worker too.
+Why one thread.  All families share the same cores.  With one worker per family each
+planner saw only its own queue while the others' batches stole its CPU, so predictions
+were wrong exactly under mixed load (measured: /ground 8% in time with all three endpoints
+at capacity).  Running batches one at a time on one thread (Clockwork's lesson: execution
+whose time can be predicted, every choice in one place) makes the predicted wait of a new
+request the sum of predicted work ahead of it, across families.  The thread forms its own
+batches, so a request costs two hand-offs (submit, result), as with a worker per family.
 
-Finishing on the worker is deliberate: on a small CPU host the network and the encoder
-compete for the same cores, and a single server with one queue is what makes the
-predicted wait (everything ahead of a new job, including the rest of the batch now
-running) an honest number for the planner to budget against.  A job whose deadline has
-passed when it reaches the worker is dropped, not computed: its client has given up.
+Invariants (all under ``_cv``):
+
+* ``_queue`` holds the admitted jobs not yet started; ``_queued_s`` is the sum of their
+  predicted seconds and ``_running_s``/``_running_since`` describe the batch on the thread.
+* Order: earliest deadline first; a job without a deadline sorts at ``enqueued +
+  no_deadline_horizon_s``, so such jobs are FIFO among themselves and never starve.
+* Admission (``submit``) keeps every promise already made: a job with a deadline is
+  refused (``Infeasible``) when, as predicted, it cannot finish in time at its place in the
+  order or would push an admitted job past its deadline.
+* A batch is the head job plus queued jobs of the same family, merged while no rung passes
+  ``max_batch`` items, every merged job still meets its deadline and no job that the merge
+  overtakes is pushed past its own.
+* At dispatch a job that can no longer finish by its deadline is not computed: it fails
+  with ``Expired`` (the route answers 429 when the deadline has not passed yet, else 504),
+  and a job whose future was cancelled (client gone, shed by its route) is skipped.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -63,8 +74,19 @@ class Draining(Exception):
     pass
 
 
-class DeadlinePassed(Exception):
-    """The job's deadline passed while it waited; it was not computed."""
+class Infeasible(Exception):
+    """Admission refused: as predicted, the job would finish late or make admitted work late."""
+
+    def __init__(self, message: str, wait_s: float) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+class Expired(Exception):
+    """At dispatch the job could no longer finish by its deadline; it was not computed."""
+
+
+DeadlinePassed = Expired  # the name older callers use
 
 
 @dataclass
@@ -72,12 +94,14 @@ class Job:
     work: list[tuple[Hashable, Items]]
     predicted_s: float  # compute + finish, as predicted
     deadline: float | None = None  # time.monotonic() by which the result is needed
-    finish: Callable[[list[Items]], Any] | None = None  # outputs -> result, on the worker
+    finish: Callable[[list[Items]], Any] | None = None  # outputs -> result, on the scheduler thread
     future: Future = field(default_factory=Future)
+    family: str = ""
     enqueued: float = 0.0
     started: float = 0.0
     compute_s: float = 0.0  # forward passes of the batch this job ran in
     finish_s: float = 0.0
+    order: tuple[float, int] = (0.0, 0)  # (deadline or horizon, arrival sequence)
 
     @property
     def items(self) -> int:
@@ -88,63 +112,152 @@ class Job:
         return self.started - self.enqueued
 
 
-class Executor:
-    """Runs jobs of one family; ``forward(key, batch)`` is the family's batched network."""
+@dataclass
+class Family:
+    """What the scheduler needs to run one family's batches."""
 
-    def __init__(self, name: str, forward: Forward, cost: CostModel, max_queue: int = 64,
-                 max_batch: int = 128, max_wait_s: float = 0.0,
-                 on_batch: Callable[[Hashable, int, float], None] | None = None,
-                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
-        self.name, self.forward, self.cost = name, forward, cost
-        # Work units a forward pass did, for the cost model: items by default; a family whose
-        # cost depends on the outputs (CF-ViT: exited rows cost less) counts its own.
-        self.units = units
-        self.max_queue, self.max_batch, self.max_wait_s = max_queue, max_batch, max_wait_s
-        self.on_batch = on_batch  # (key, items, seconds) after each forward pass: metrics
-        self._queue: collections.deque[Job] = collections.deque()
+    name: str
+    forward: Forward
+    cost: CostModel
+    max_batch: int
+    max_queue: int
+    # Work units a forward pass did, for the cost model: items by default; a family whose
+    # cost depends on the outputs (CF-ViT: exited rows cost less) counts its own.
+    units: Callable[[Hashable, Items, Items], float] | None = None
+    on_batch: Callable[[Hashable, int, float], None] | None = None  # metrics after each pass
+    queued: int = 0
+    accepting: bool = True
+
+
+class Scheduler:
+    """The machine's one compute thread and its deadline-ordered queue."""
+
+    def __init__(self, torch_threads: int = 0, no_deadline_horizon_s: float = 60.0,
+                 max_wait_s: float = 0.0) -> None:
+        self.torch_threads = torch_threads  # 0: leave torch's default
+        self.no_deadline_horizon_s = no_deadline_horizon_s
+        self.max_wait_s = max_wait_s  # wait this long for more work when a batch is not full
+        self.families: dict[str, Family] = {}
+        self._queue: list[Job] = []  # sorted by Job.order
+        self._seq = itertools.count()
         self._cv = threading.Condition()
-        self._running_predicted = 0.0  # predicted compute of the batch on the worker
+        self._queued_s = 0.0
+        self._running_s = 0.0
         self._running_since = 0.0
-        self._queued_predicted = 0.0
         self._accepting = True
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
-    # --- submission side (event loop) ---------------------------------------------------
+    # --- set-up -------------------------------------------------------------------------
+
+    def register(self, family: Family) -> Family:
+        if family.name in self.families:
+            raise ValueError(f"family {family.name!r} is registered twice")
+        self.families[family.name] = family
+        return family
 
     def start(self) -> None:
-        self._thread.start()
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
+
+    # --- submission side (event loop, request threads) ----------------------------------
 
     def submit(self, job: Job) -> Future:
+        fam = self.families[job.family]
         with self._cv:
-            if not self._accepting:
-                raise Draining(f"{self.name} is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{self.name} has {len(self._queue)} requests queued (limit {self.max_queue})")
-            job.enqueued = time.monotonic()
-            self._queue.append(job)
-            self._queued_predicted += job.predicted_s
+            if not self._accepting or not fam.accepting:
+                raise Draining(f"{fam.name} is shutting down")
+            if fam.queued >= fam.max_queue:
+                raise QueueFull(f"{fam.name} has {fam.queued} requests queued (limit {fam.max_queue})")
+            now = time.monotonic()
+            job.enqueued = now
+            job.order = (job.deadline if job.deadline is not None else now + self.no_deadline_horizon_s,
+                         next(self._seq))
+            pos = bisect.bisect(self._queue, job.order, key=lambda j: j.order)
+            if job.deadline is not None:
+                self._check_fits(job, pos, now)
+            self._queue.insert(pos, job)
+            self._queued_s += job.predicted_s
+            fam.queued += 1
             self._cv.notify()
         return job.future
 
-    def predicted_wait(self) -> float:
-        """Seconds until a job submitted now would start, as predicted."""
-        with self._cv:
-            running_left = max(0.0, self._running_predicted - (time.monotonic() - self._running_since)) \
-                if self._running_predicted else 0.0
-            return running_left + self._queued_predicted
+    def _running_left(self, now: float) -> float:
+        return max(0.0, self._running_s - (now - self._running_since)) if self._running_s else 0.0
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
+    def _check_fits(self, job: Job, pos: int, now: float) -> None:
+        """Refuse ``job`` at ``pos`` if it would finish late or push an admitted job late."""
+        t = now + self._running_left(now)
+        for j in self._queue[:pos]:
+            t += j.predicted_s
+        wait = t - now
+        if t + job.predicted_s > job.deadline:
+            raise Infeasible(f"{1000 * wait:.0f} ms of work is queued ahead and this request needs "
+                             f"{1000 * job.predicted_s:.0f} ms more; its deadline is "
+                             f"{1000 * (job.deadline - now):.0f} ms away", wait)
+        t += job.predicted_s
+        for j in self._queue[pos:]:
+            t += j.predicted_s
+            if j.deadline is not None and t > j.deadline and t - job.predicted_s <= j.deadline:
+                raise Infeasible(f"admitting {1000 * job.predicted_s:.0f} ms of work now would make an admitted "
+                                 "request late", wait + job.predicted_s)
+
+    def view(self, deadline: float | None, now: float | None = None) -> tuple[float, float]:
+        """``(wait, room)`` for a request with this deadline (monotonic; None: none):
+        seconds of predicted work that would run before it, and the most seconds it may add
+        without pushing an admitted request past its deadline (inf when nothing is behind)."""
+        now = time.monotonic() if now is None else now
+        key = deadline if deadline is not None else now + self.no_deadline_horizon_s
+        with self._cv:
+            t = now + self._running_left(now)
+            room = float("inf")
+            wait = None
+            for j in self._queue:
+                if wait is None and j.order[0] > key:
+                    wait = t - now
+                t += j.predicted_s
+                if wait is not None and j.deadline is not None and j.deadline >= t:  # (one already late
+                    room = min(room, j.deadline - t)                                   # cannot be helped)
+            if wait is None:
+                wait = t - now
+        return wait, max(room, 0.0)
+
+    def predicted_wait(self) -> float:
+        """Seconds of predicted work queued and running, all families."""
+        with self._cv:
+            return self._running_left(time.monotonic()) + self._queued_s
+
+    def cancel(self, job: Job) -> bool:
+        """Take a job that has not started out of the queue (its client is gone, or its
+        route shed it); False when it already runs or ran."""
+        with self._cv:
+            if not job.future.cancel():
+                return False
+            self._remove(job)
+            return True
+
+    def _remove(self, job: Job) -> None:
+        i = bisect.bisect_left(self._queue, job.order, key=lambda j: j.order)
+        if i < len(self._queue) and self._queue[i] is job:
+            del self._queue[i]
+            self._queued_s = max(0.0, self._queued_s - job.predicted_s) if self._queue else 0.0
+            self.families[job.family].queued -= 1
+
+    def depth(self, family: str | None = None) -> int:
+        if family is None:
+            return len(self._queue)
+        return self.families[family].queued
 
     @property
     def accepting(self) -> bool:
         return self._accepting
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, family: str | None = None) -> None:
         with self._cv:
-            self._accepting = False
+            if family is None:
+                self._accepting = False
+            else:
+                self.families[family].accepting = False
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Finish what is queued (up to ``timeout``), then stop; True if all finished."""
@@ -154,15 +267,16 @@ class Executor:
             self._cv.notify_all()
         if self._thread.ident is not None:  # never started (shut down during warm-up): nothing to join
             self._thread.join(timeout)
-        left = not self._thread.is_alive()
-        with self._cv:  # anything the worker did not get to
-            while self._queue:
-                fut = self._queue.popleft().future
-                if fut.set_running_or_notify_cancel():
-                    fut.set_exception(Draining(f"{self.name} stopped before this ran"))
-        return left
+        finished = not self._thread.is_alive()
+        with self._cv:  # anything the thread did not get to
+            for job in self._queue:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(Draining(f"{job.family} stopped before this ran"))
+            self._queue.clear()
+            self._queued_s = 0.0
+        return finished
 
-    # --- worker side --------------------------------------------------------------------
+    # --- the scheduler thread -----------------------------------------------------------
 
     def _take_batch(self) -> list[Job] | None:
         with self._cv:
@@ -170,19 +284,45 @@ class Executor:
                 if self._stopping:
                     return None
                 self._cv.wait()
-            batch = [self._queue.popleft()]
-            if self.max_wait_s > 0 and not self._queue and batch[0].items < self.max_batch:
+            head = self._queue[0]
+            fam = self.families[head.family]
+            if self.max_wait_s > 0 and len(self._queue) == 1 and head.items < fam.max_batch:
                 self._cv.wait(self.max_wait_s)
+            now = time.monotonic()
+            batch = [self._queue.pop(0)]
             counts = self._counts(batch[0])
-            while self._queue and self._fits(batch, counts, self._queue[0]):
-                job = self._queue.popleft()
-                for k, n in self._counts(job).items():
-                    counts[k] = counts.get(k, 0) + n
-                batch.append(job)
+            done = now + batch[0].predicted_s
+            i = 0
+            while i < len(self._queue):
+                j = self._queue[i]
+                if j.family != head.family:  # other families' jobs are overtaken, never merged
+                    i += 1
+                    continue
+                merged = dict(counts)
+                for k, n in self._counts(j).items():
+                    merged[k] = merged.get(k, 0) + n
+                ok = all(n <= fam.max_batch for n in merged.values()) and \
+                    all(b.deadline is None or done + j.predicted_s <= b.deadline for b in (*batch, j)) and \
+                    self._overtaking_ok(i, j.predicted_s, done + j.predicted_s)
+                if not ok:
+                    break
+                self._queue.pop(i)
+                batch.append(j)
+                counts, done = merged, done + j.predicted_s
             predicted = sum(j.predicted_s for j in batch)
-            self._queued_predicted = max(0.0, self._queued_predicted - predicted) if self._queue else 0.0
-            self._running_predicted, self._running_since = predicted, time.monotonic()
+            self._queued_s = max(0.0, self._queued_s - predicted) if self._queue else 0.0
+            fam.queued -= len(batch)
+            self._running_s, self._running_since = predicted, now
             return batch
+
+    def _overtaking_ok(self, index: int, extra_s: float, start: float) -> bool:
+        """Running ``extra_s`` more now must not push a job queued before ``index`` past its deadline."""
+        t = start
+        for j in self._queue[:index]:
+            t += j.predicted_s
+            if j.deadline is not None and t > j.deadline and t - extra_s <= j.deadline:
+                return False
+        return True
 
     @staticmethod
     def _counts(job: Job) -> dict[Hashable, int]:
@@ -191,19 +331,10 @@ class Executor:
             out[k] = out.get(k, 0) + count(x)
         return out
 
-    def _fits(self, batch: list[Job], counts: dict[Hashable, int], nxt: Job) -> bool:
-        """Merge ``nxt`` if no rung grows past one full batch and every job of the merged
-        batch still meets its deadline as predicted."""
-        merged = dict(counts)
-        for k, n in self._counts(nxt).items():
-            merged[k] = merged.get(k, 0) + n
-        if any(n > self.max_batch for n in merged.values()):
-            return False
-        done = time.monotonic() + sum(j.predicted_s for j in batch) + nxt.predicted_s  # merging saves, never costs
-        return all(j.deadline is None or done <= j.deadline for j in (*batch, nxt))
-
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -213,26 +344,27 @@ class Executor:
             for job in batch:
                 job.started = now
                 if not job.future.set_running_or_notify_cancel():
-                    continue  # its client went away (timeout, disconnect): skip the compute
-                if job.deadline is not None and now >= job.deadline:
-                    job.future.set_exception(DeadlinePassed(f"deadline passed after {now - job.enqueued:.3f} s "
-                                                            "in the queue"))
+                    continue  # its client went away or its route shed it: skip the compute
+                if job.deadline is not None and now + job.predicted_s > job.deadline:
+                    job.future.set_exception(Expired(
+                        f"waited {1000 * (now - job.enqueued):.0f} ms and needs {1000 * job.predicted_s:.0f} ms; "
+                        f"{1000 * (job.deadline - now):.0f} ms were left"))
                 else:
                     live.append(job)
             try:
-                self._run(live)
-            except Exception as exc:  # a failing batch fails its jobs, never the worker
-                log.exception("batch failed on %s", self.name)
+                if live:
+                    self._run(self.families[live[0].family], live)
+            except Exception as exc:  # a failing batch fails its jobs, never the scheduler
+                log.exception("batch failed on %s", live[0].family)
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(exc)
             finally:
                 with self._cv:
-                    self._running_predicted = 0.0
+                    self._running_s = 0.0
 
-    def _run(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
+    @staticmethod
+    def _run(fam: Family, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
         keys: list[Hashable] = []
         for job in jobs:
@@ -245,15 +377,15 @@ class Executor:
             inputs = concat([x for _, _, x in parts])
             n_items = count(inputs)
             results = []
-            for s in range(0, n_items, self.max_batch):
-                chunk = take(inputs, s, s + self.max_batch)
+            for s in range(0, n_items, fam.max_batch):
+                chunk = take(inputs, s, s + fam.max_batch)
                 tf = time.perf_counter()
-                out = self.forward(key, chunk)
+                out = fam.forward(key, chunk)
                 dt = time.perf_counter() - tf
                 results.append(out)
-                self.cost.observe_forward(key, self.units(key, chunk, out) if self.units else count(chunk), dt)
-                if self.on_batch is not None:
-                    self.on_batch(key, count(chunk), dt)
+                fam.cost.observe_forward(key, fam.units(key, chunk, out) if fam.units else count(chunk), dt)
+                if fam.on_batch is not None:
+                    fam.on_batch(key, count(chunk), dt)
             out = concat(results)
             offset = 0
             for ji, wi, x in parts:
@@ -275,3 +407,48 @@ class Executor:
             finally:
                 job.finish_s = time.perf_counter() - tf
             job.future.set_result(result)
+
+
+class Executor:
+    """One family's handle on a scheduler (a private one when none is given: tests, tools)."""
+
+    def __init__(self, name: str, forward: Forward, cost: CostModel, max_queue: int = 64,
+                 max_batch: int = 128, max_wait_s: float = 0.0,
+                 on_batch: Callable[[Hashable, int, float], None] | None = None,
+                 units: Callable[[Hashable, Items, Items], float] | None = None,
+                 scheduler: Scheduler | None = None) -> None:
+        self.name, self.forward, self.cost = name, forward, cost
+        self.scheduler = scheduler or Scheduler(max_wait_s=max_wait_s)
+        self._own = scheduler is None
+        self.family = self.scheduler.register(Family(name, forward, cost, max_batch, max_queue, units, on_batch))
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def submit(self, job: Job) -> Future:
+        job.family = self.name
+        return self.scheduler.submit(job)
+
+    def cancel(self, job: Job) -> bool:
+        return self.scheduler.cancel(job)
+
+    def predicted_wait(self) -> float:
+        return self.scheduler.predicted_wait()
+
+    @property
+    def depth(self) -> int:
+        return self.scheduler.depth(self.name)
+
+    @property
+    def accepting(self) -> bool:
+        return self.family.accepting and self.scheduler.accepting
+
+    def stop_accepting(self) -> None:
+        self.scheduler.stop_accepting(self.name)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """A private scheduler stops; a shared one only stops taking this family's work."""
+        if self._own:
+            return self.scheduler.shutdown(timeout)
+        self.stop_accepting()
+        return True

@@ -35,13 +35,12 @@ from models.seqtr.text import clean_string
 from service import imageio
 from service.body import IMAGE_TYPES, Upload, media_type, read_image, read_limited
 from service.classify import parse_budget
-from service.config import Policy, Settings
+from service.config import Policy
 from service.errors import ApiError, doc
 from service.executor import Items
-from service.metrics import Metrics
-from service.planner import Ask, Decision, Ladder, Planner
+from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService
+from service.serving import FamilyService, Machine
 
 Task = Literal["box", "mask"]
 TASK_OF_MODEL = {"det": "box", "segm": "mask"}
@@ -146,18 +145,21 @@ class SeqTRAdapter:
 class GroundService(FamilyService):
     endpoint = "/ground"
 
-    def __init__(self, adapter: SeqTRAdapter, settings: Settings, metrics: Metrics, planner: Planner) -> None:
+    def __init__(self, adapter: SeqTRAdapter, machine: Machine) -> None:
         self.adapter, self.grounder = adapter, adapter.grounder
         self.family, self.task = adapter.family, adapter.task
-        family_settings = settings.model_copy(update={"batch_max_items": settings.ground_batch_max})
-        runtime = FamilyRuntime(adapter.name, adapter.forward, adapter.keys, adapter.example, family_settings,
-                                metrics, adapter.key_names)
-        super().__init__(runtime, settings, metrics, planner)
+        runtime = FamilyRuntime(adapter.name, adapter.forward, adapter.keys, adapter.example, machine.settings,
+                                machine.metrics, adapter.key_names, scheduler=machine.scheduler,
+                                max_batch=machine.settings.ground_batch_max)
+        super().__init__(runtime, machine)
 
     def ladder(self) -> Ladder[GroundPlan]:
         a, cost = self.adapter, self.runtime.cost
         return Ladder(at_budget=a.at_budget, top=a.top, bottom=a.bottom,
                       seconds=lambda p: cost.predict_forward(p.side, 1), flops_fraction=lambda p: p.flops_fraction)
+
+    def floor_s(self) -> float:
+        return self.runtime.cost.predict_forward(self.adapter.keys[0], 1)
 
     def describe(self) -> dict:
         g = self.grounder
@@ -182,7 +184,8 @@ class GroundService(FamilyService):
                      deadline_ms: float | None, min_budget: float | None, policy: Policy | None, side: int | None,
                      mask_format: str, explain: bool) -> Response:
         s, a = self.settings, self.adapter
-        self.open_for(t0, policy)
+        self.open_for(request, t0, deadline_ms, policy)
+        self.shed_early(t0, deadline_ms, policy)
         upload, expression = await read_ground_request(request, s.max_body_bytes, expression_q)
         explicit = parse_budget(budget)
         pinned = None
@@ -209,7 +212,7 @@ class GroundService(FamilyService):
             return self.grounder.postprocess(prepared[d.plan.side], tokens[0].tolist(), float(scores[0]))
 
         decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, prepare, finish)
-        result = await self.result(decision, future)
+        result = await self.result(request, decision, job, future)
         plan: GroundPlan = decision.plan
         label = f"side:{side}" if side is not None else f"{round(decision.budget, 4):g}"
         headers = {**self.timing_headers(decision, job, t0), "X-Anytime-Rung": plan.rung,
@@ -253,7 +256,9 @@ async def read_ground_request(request: Request, limit: int, expression_q: str | 
         raw = await read_limited(request, limit)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise ApiError(400, "malformed JSON body: nested too deeply", ACCEPTED_GROUND_BODIES) from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ApiError(400, f"malformed JSON body: {exc}", ACCEPTED_GROUND_BODIES) from None
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise ApiError(422, "the JSON body needs a string field 'image' (base64)", ACCEPTED_GROUND_BODIES)
@@ -275,6 +280,12 @@ async def read_ground_request(request: Request, limit: int, expression_q: str | 
         expr = upload.fields.get("expression", expression_q)
     if expr is None:
         raise ApiError(422, "no expression given", ACCEPTED_GROUND_BODIES)
+    try:  # the answer echoes it: text UTF-8 cannot carry (a lone surrogate, from JSON or a UTF-7 form) is refused
+        expr.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(422, f"the expression is not valid Unicode text ({exc.reason}: {expr[exc.start]!r} at "
+                            f"character {exc.start})", "text that UTF-8 can encode (in JSON, a \\uD800-\\uDBFF "
+                            "escape must be followed by a \\uDC00-\\uDFFF one)") from None
     return upload, expr.strip()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,12 @@ class Decoded:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def decode(body: bytes, max_pixels: int) -> Decoded:
+def decode(body: bytes, max_pixels: int, check: Callable[[int, int], None] | None = None) -> Decoded:
+    """Decode an image body under ``max_pixels``.  ``check(w, h)``, when given, is the
+    caller's cost check (a model family's own limit): it runs on the header's size, before
+    any pixel data is decoded, and refuses by raising (ImageError, or the service's
+    ApiError).  The size is the stored one: an EXIF orientation may swap w and h later, so
+    a check should not depend on which side is which."""
     if not body:
         raise ImageError(400, "empty request body: send the image bytes (PNG, JPEG or WebP)")
     try:
@@ -60,6 +66,8 @@ def decode(body: bytes, max_pixels: int) -> Decoded:
             raise ImageError(415, f"unsupported image format {fmt}; accepted: PNG, JPEG, WebP")
         if w * h > max_pixels:
             raise ImageError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        if check is not None:
+            check(w, h)
         im.load()
         im = ImageOps.exif_transpose(im)  # phone JPEGs: respect the orientation tag
     except ImageError:

@@ -106,6 +106,43 @@ class LoadMonitor:
             self._thread.join(timeout=5)
 
 
+class LoopLag:
+    """How late the event loop runs: a task that asks to wake every ``interval`` seconds
+    and records by how much it overslept.
+
+    A request's bytes wait in the socket until the loop gets to them, so under load the
+    server first sees a request up to one lag after the client sent it, and its answer
+    leaves up to one lag after it is ready.  The request path counts both: arrival is
+    taken as ``now - recent()`` and the compute must end one lag before the deadline.
+    ``recent()`` is the largest lag of the last ``window`` samples (conservative: a burst
+    of lag sheds more, it never makes the server promise more)."""
+
+    def __init__(self, interval: float = 0.005, window: int = 20) -> None:
+        self.interval = interval
+        self._samples: collections.deque[float] = collections.deque([0.0], maxlen=window)
+        self._task = None
+
+    def recent(self) -> float:
+        return max(self._samples)
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.interval)
+            self._samples.append(max(0.0, time.monotonic() - t - self.interval))
+
+    def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 class RateMeter:
     """Arrivals per second over a sliding window: the offered load of one model, counted
     before any shedding (a shed request is load the server could not serve)."""

@@ -35,12 +35,19 @@ class Metrics:
             registry=r)
         self.shed = Counter(
             "anytime_shed", "Requests rejected at once instead of being served late "
-            "(reason: deadline, queue_full, draining, not_ready)", ["model", "reason"], registry=r)
+            "(reason: deadline, late_start, queue_full, draining, not_ready)", ["model", "reason"], registry=r)
         self.deadline_met = Counter(
-            "anytime_deadline_met", "Requests with a deadline answered within it", ["model"], registry=r)
+            "anytime_deadline_met", "Requests with a deadline whose 200 response left the server (last byte "
+            "sent) within it", ["model"], registry=r)
         self.deadline_missed = Counter(
-            "anytime_deadline_missed", "Requests with a deadline answered late or dropped in the queue "
-            "after it passed", ["model"], registry=r)
+            "anytime_deadline_missed", "Requests with a deadline answered 200 after it (last byte sent) or 504",
+            ["model"], registry=r)
+        self.shed_responses = Counter(
+            "anytime_shed_responses", "429 and 503 responses by when their last byte was sent: before_deadline, "
+            "after_deadline or no_deadline", ["model", "code", "when"], registry=r)
+        self.cancelled = Counter(
+            "anytime_cancelled", "Requests whose client closed the connection before the answer (stage: queued, "
+            "its work dropped; running, its work finished unread)", ["model", "stage"], registry=r)
         self.queue_depth = Gauge("anytime_queue_depth", "Requests admitted and waiting for the worker",
                                  ["model"], registry=r)
         self.inflight = Gauge("anytime_inflight_requests", "Requests between arrival and response",

@@ -2,15 +2,18 @@
 
 The planner sees a request's ladder through two calls, ``at_budget(b)`` (the family's
 plan for a budget ``b``, the fraction of full-cost FLOPs) and ``seconds(plan)`` (the cost
-model's predicted compute), plus the queue's predicted wait, the time the request has
-already spent in the server and the arrival rate of requests for this model.
+model's predicted compute), plus what the machine's one scheduler predicts for it: the
+wait (all work, of every family, that runs before it) and the room (the most it may add
+without making an admitted request late), the time the request has already spent in the
+server, and the share of the compute thread this model may take at the current load.
 
 In adaptive mode with a deadline it gives the request the largest budget in
 ``[min_budget, max_budget]`` that meets two limits:
 
 * deadline: predicted wait + compute + encode fits the deadline, less a safety margin;
-* load: compute + encode fit the request's share of the worker, ``target_utilization /
-  arrival rate`` seconds.  Taking only the deadline into account is greedy: every
+* load: compute + encode fit the request's share of the compute thread: ``share_s``,
+  which the caller derives from ``target_utilization``, this model's arrival rate and the
+  load the other models put on the same thread.  Taking only the deadline into account is greedy: every
   request fills the queue up to the deadline, and at twice the capacity half of them
   find it full.  The share keeps the worker's utilisation below the target, so the
   budget falls as the offered load rises (and recovers when it falls) and the queue
@@ -90,10 +93,11 @@ class Planner:
         return max(self.s.deadline_margin * deadline_s, self.s.deadline_margin_ms / 1000)
 
     def decide(self, ladder: Ladder[P], ask: Ask, *, wait_s: float, elapsed_s: float,
-               overhead_s: float, rate_rps: float = 0.0) -> Decision[P]:
+               overhead_s: float, share_s: float = math.inf, room_s: float = math.inf) -> Decision[P]:
         """``wait_s``: predicted queue wait; ``elapsed_s``: time since arrival;
-        ``overhead_s``: predicted work after compute (stitch, encode); ``rate_rps``:
-        arrivals per second for this model (0: unknown, no load limit)."""
+        ``overhead_s``: predicted work after compute (stitch, encode); ``share_s``: seconds
+        of compute + encode this request may take at the current load (inf: no load limit);
+        ``room_s``: the most it may add before an admitted request would be late."""
         s = self.s
         policy = ask.policy or s.policy
         deadline_ms = ask.deadline_ms if ask.deadline_ms is not None else s.default_deadline_ms
@@ -113,7 +117,7 @@ class Planner:
             plan = ask.fixed if ask.fixed is not None else ladder.at_budget(ask.budget)
             d = done(plan, "fixed", None) if ask.fixed is not None else done(plan, "explicit", ask.budget)
             if deadline_s is not None:
-                allowance = deadline_s - self.margin_s(deadline_s) - elapsed_s - wait_s - overhead_s
+                allowance = min(deadline_s - self.margin_s(deadline_s) - elapsed_s - wait_s, room_s) - overhead_s
                 if d.predicted_compute_s > allowance:
                     raise Shed(f"the requested quality needs {1000 * d.predicted_compute_s:.0f} ms of compute, "
                                f"{1000 * max(allowance, 0):.0f} ms are left before the {deadline_ms:g} ms deadline "
@@ -123,8 +127,9 @@ class Planner:
         if deadline_s is None:
             return done(ladder.at_budget(s.default_budget), "default", s.default_budget)
 
-        allowance = deadline_s - self.margin_s(deadline_s) - elapsed_s - wait_s - overhead_s
-        share = s.target_utilization / rate_rps - overhead_s if rate_rps > 0 else float("inf")
+        own = deadline_s - self.margin_s(deadline_s) - elapsed_s - wait_s
+        allowance = min(own, room_s) - overhead_s
+        share = share_s - overhead_s
         lo = ask.min_budget if ask.min_budget is not None else s.default_min_budget
         hi = s.max_budget
         if lo > hi:
@@ -135,10 +140,11 @@ class Planner:
         floor = ladder.at_budget(lo)
         floor_s = ladder.seconds(floor)
         if floor_s > allowance:
+            why = f"{1000 * max(0.0, own):.0f} ms are left before the {deadline_ms:g} ms deadline (queue wait " \
+                  f"{1000 * wait_s:.0f} ms)" if own <= room_s else \
+                  f"only {1000 * room_s:.0f} ms can be added without making admitted requests late"
             raise Shed(f"even the quality floor (budget {lo:g}) needs {1000 * floor_s:.0f} ms of compute and "
-                       f"{1000 * overhead_s:.0f} ms to encode; {1000 * max(0.0, allowance + overhead_s):.0f} ms are "
-                       f"left before the {deadline_ms:g} ms deadline (queue wait {1000 * wait_s:.0f} ms)",
-                       wait_s + floor_s)
+                       f"{1000 * overhead_s:.0f} ms to encode; {why}", wait_s + floor_s)
         limit = min(allowance, max(share, floor_s))
         chosen, a, b = floor, lo, hi
         for _ in range(self.search_steps):

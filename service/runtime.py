@@ -1,9 +1,12 @@
-"""A served model family at run time: its executor, its cost model and its readiness.
+"""A served model family at run time: its handle on the machine's scheduler, its cost
+model, its offered load and its readiness.
 
 Families plug in with three things: ``forward(key, batch)`` (the batched network of one
 rung), the rung keys, and ``example(key, n)`` (an input batch to calibrate with).  The
-runtime times each rung at a few batch sizes before it reports ready, then keeps the
-cost model honest from every batch it runs.
+runtime times each rung at a few batch sizes before it reports ready (on the scheduler's
+thread, the one that will serve), then keeps the cost model honest from every batch it
+runs.  ``arrivals`` and ``mean_cost_s`` give the load this family puts on the shared
+compute thread, which the other families' planners take into account.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from service.config import Settings
 from service.costmodel import CostModel
-from service.executor import Executor, Forward, Items, Job, take
+from service.executor import Executor, Forward, Items, Job, Scheduler, take
 from service.load import RateMeter
 from service.metrics import Metrics
 
@@ -28,22 +31,33 @@ log = logging.getLogger("anytime.runtime")
 class FamilyRuntime:
     def __init__(self, name: str, forward: Forward, keys: list[Hashable], example: Callable[[Hashable, int], Items],
                  settings: Settings, metrics: Metrics, key_names: dict[Hashable, str] | None = None,
-                 units: Callable[[Hashable, Items, Items], float] | None = None) -> None:
+                 units: Callable[[Hashable, Items, Items], float] | None = None,
+                 scheduler: Scheduler | None = None, max_batch: int | None = None) -> None:
         self.name, self.keys, self.example, self.settings, self.metrics = name, keys, example, settings, metrics
         self.key_names = key_names or {k: str(k) for k in keys}
         self.forward = forward
-        self.cost = CostModel(settings.batch_max_items, settings.ewma_alpha)
-        self.executor = Executor(name, forward, self.cost, settings.max_queue, settings.batch_max_items,
-                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units)
+        self.max_batch = max_batch or settings.batch_max_items
+        self.cost = CostModel(self.max_batch, settings.ewma_alpha)
+        self.executor = Executor(name, forward, self.cost, settings.max_queue, self.max_batch,
+                                 settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units,
+                                 scheduler=scheduler)
         self.ready = threading.Event()
         self.calibration_s = 0.0
         self.arrivals = RateMeter(settings.rate_window_s)
+        self.mean_cost_s = 0.0  # EWMA of the predicted seconds of admitted requests
+
+    def admitted(self, predicted_s: float) -> None:
+        self.mean_cost_s += 0.1 * (predicted_s - self.mean_cost_s) if self.mean_cost_s else predicted_s
+
+    def load(self) -> float:
+        """Share of the compute thread this family's offered load takes (rate x mean cost)."""
+        return self.arrivals.rate() * self.mean_cost_s
 
     def _on_batch(self, key: Hashable, items: int, _seconds: float) -> None:
         self.metrics.batch_items.labels(self.name, self.key_names[key]).observe(items)
 
     def calibration_sizes(self) -> list[int]:
-        top = self.settings.batch_max_items
+        top = self.max_batch
         return sorted({n for n in (1, 8, 32, top) if n <= top})
 
     def calibrate(self, extra: Callable[[], None] | None = None) -> None:
@@ -52,7 +66,7 @@ class FamilyRuntime:
         reps = self.settings.calibration_repeats
         with torch.inference_mode():
             for key in self.keys:
-                inputs = self.example(key, self.settings.batch_max_items)
+                inputs = self.example(key, self.max_batch)
                 self.cost.calibrate_rung(key, lambda n, key=key, inputs=inputs: self.forward(key, take(inputs, 0, n)),
                                          self.calibration_sizes(), reps)
             if extra is not None:

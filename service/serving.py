@@ -1,23 +1,35 @@
-"""What every served family shares on the request path: readiness and drain checks, the
-request timeout, early shedding, admission (plan against the queue, then join it, as one
-critical section), waiting for the worker, and the metrics every request records.
+"""What every served family shares on the request path, in one place: readiness and drain
+checks, the request timeout, early shedding, admission (plan against the whole machine's
+queue, then join it, as one critical section across families), waiting for the result
+(with a shed at the last moment the job could still start, and a watch for clients who
+hang up), and the metrics every request records.
 
-A family's route (service/sr.py, service/classify.py) parses its own input, builds the
-request's ``Ladder`` and says how to turn a plan into work and outputs into a result;
-everything between is here, so deadlines and shedding behave the same for every family.
+A family's route (service/sr.py, service/classify.py, service/ground.py) parses its own
+input, builds the request's ``Ladder`` and says how to turn a plan into work and outputs
+into a result; everything between is here, so deadlines and shedding behave the same for
+every family.
+
+The deadline of a request runs from its arrival (``request.state.t0``) to the moment the
+last byte of its response leaves; ``service/middleware.py`` counts met and missed there.
+The compute must end ``respond_reserve`` earlier, to leave time to send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, TypeVar
+
+from starlette.requests import Request
 
 from service.config import Policy, Settings
-from service.errors import ApiError
-from service.executor import DeadlinePassed, Draining, Items, Job, QueueFull
+from service.errors import ApiError, ClientGone
+from service.executor import Draining, Expired, Infeasible, Items, Job, QueueFull, Scheduler
+from service.load import LoopLag
 from service.metrics import Metrics
 from service.planner import Ask, Decision, Ladder, Planner, Shed
 from service.runtime import FamilyRuntime
@@ -26,12 +38,44 @@ T = TypeVar("T")
 Work = list[tuple[Any, Items]]
 
 
+@dataclass
+class Machine:
+    """What all families of one server share: settings, metrics, the planner, the one
+    scheduler that runs every batch, and the admission lock that makes planning plus
+    joining the queue one step across families."""
+
+    settings: Settings
+    metrics: Metrics
+    planner: Planner
+    scheduler: Scheduler
+    runtimes: list[FamilyRuntime] = field(default_factory=list)
+    loop_lag: LoopLag = field(default_factory=LoopLag)  # started by the app, on the serving loop
+    _admission: asyncio.Lock | None = None
+
+    @property
+    def admission(self) -> asyncio.Lock:
+        if self._admission is None:  # created on the serving loop, not at import
+            self._admission = asyncio.Lock()
+        return self._admission
+
+    def share_s(self, runtime: FamilyRuntime) -> float:
+        """Seconds of compute one request of ``runtime`` may take at the current load: its
+        model's arrivals split what the target utilisation leaves after the other models'
+        offered load (rate x mean admitted cost) on the same thread; inf when unknown."""
+        rate = runtime.arrivals.rate()
+        if rate <= 0:
+            return math.inf
+        others = sum(r.load() for r in self.runtimes if r is not runtime)
+        return max(self.settings.target_utilization - others, 0.0) / rate
+
+
 class FamilyService:
-    def __init__(self, runtime: FamilyRuntime, settings: Settings, metrics: Metrics, planner: Planner) -> None:
-        self.runtime, self.settings, self.metrics, self.planner = runtime, settings, metrics, planner
+    def __init__(self, runtime: FamilyRuntime, machine: Machine) -> None:
+        self.runtime, self.machine = runtime, machine
+        self.settings, self.metrics, self.planner = machine.settings, machine.metrics, machine.planner
         self.name = runtime.name
         self.draining = False
-        self.admission = asyncio.Lock()
+        machine.runtimes.append(runtime)
 
     # --- before any work --------------------------------------------------------------------
 
@@ -39,10 +83,14 @@ class FamilyService:
         self.metrics.shed.labels(self.name, reason).inc()
         return ApiError(503, message, headers={"Retry-After": "1"})
 
-    def open_for(self, t0: float, policy: Policy | None) -> None:
-        """Count the arrival (offered load includes what gets shed), then refuse at once
-        while draining or warming up, or when a policy override is not allowed."""
+    def open_for(self, request: Request, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
+        """Count the arrival (offered load includes what gets shed), tell the access log and
+        the deadline counters which model and deadline this is, then refuse at once while
+        draining or warming up, or when a policy override is not allowed."""
         self.runtime.arrivals.tick(t0)
+        deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
+        request.state.model = self.name
+        request.state.deadline_at = t0 + deadline_ms / 1000 if deadline_ms is not None else None
         if self.draining or not self.runtime.executor.accepting:
             raise self.unavailable("draining", "the server is shutting down; retry on another replica")
         if not self.runtime.ready.is_set():
@@ -50,18 +98,28 @@ class FamilyService:
         if policy is not None and not self.settings.allow_policy_override:
             raise ApiError(422, "policy override is disabled on this server (allow_policy_override)")
 
+    def floor_s(self) -> float:
+        """Predicted compute of the cheapest rung for one request, known before its body
+        is read (0 where it depends on the input, e.g. ARM's patch count)."""
+        return 0.0
+
     def shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
-        """Before any decoding: when the queue alone outlasts the deadline no plan can fit,
-        and saying so at once costs the overloaded server nothing."""
+        """Before the body is read or decoded: when the work queued ahead (every family's)
+        plus this model's cheapest rung outlasts the deadline no plan can fit, and saying
+        so at once costs the overloaded server almost nothing.  Called before reading the
+        body and again before decoding it."""
         deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
         if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
             return
         deadline_s = deadline_ms / 1000
-        wait = self.runtime.executor.predicted_wait()
-        if time.monotonic() - t0 + wait > deadline_s - self.planner.margin_s(deadline_s):
+        wait, _room = self.machine.scheduler.view(t0 + deadline_s)
+        floor = self.floor_s()
+        left = deadline_s - self.planner.margin_s(deadline_s) - (time.monotonic() - t0)
+        if wait + floor > left:
             self.metrics.shed.labels(self.name, "deadline").inc()
-            raise ApiError(429, f"the queue ahead ({1000 * wait:.0f} ms predicted) outlasts the {deadline_ms:g} ms "
-                                "deadline", headers={"Retry-After": str(max(1, round(wait)))})
+            raise ApiError(429, f"the work queued ahead ({1000 * wait:.0f} ms predicted) and this model's cheapest "
+                                f"rung ({1000 * floor:.0f} ms) do not fit the {1000 * max(left, 0):.0f} ms left before "
+                                f"the {deadline_ms:g} ms deadline", headers={"Retry-After": retry_after(wait)})
 
     async def guarded(self, t0: float, handler: Awaitable[T]) -> T:
         """Run a request's handler under ``request_timeout_s`` (504) and the in-flight gauge."""
@@ -78,23 +136,35 @@ class FamilyService:
 
     # --- admission and execution ------------------------------------------------------------
 
+    def respond_reserve_s(self, deadline_s: float) -> float:
+        """Time kept after the compute for sending the response: half the planning margin,
+        plus the event loop's recent lag (a ready answer waits that long for the loop)."""
+        return self.planner.margin_s(deadline_s) / 2 + self.machine.loop_lag.recent()
+
     async def admit(self, ladder: Ladder, ask: Ask, t0: float, overhead_s: float,
                     prepare: Callable[[Decision], Work] | None,
                     finish: Callable[[Decision, list[Items]], Any] | None,
                     inline: bool = False) -> tuple[Decision, Job | None, Future | None]:
-        """Plan the request against the queue as it is and join it, before the next request
-        plans (otherwise concurrent requests all plan against the same short queue and
-        together overcommit it).  ``prepare=None`` plans only (explain / dry run).
-        ``inline`` plans on the event loop: for small requests planning takes well under a
-        millisecond, less than the hop to a thread and back."""
-        rt = self.runtime
+        """Plan the request against the machine's queue as it is and join it, before the
+        next request of any family plans (otherwise concurrent requests all plan against the
+        same short queue and together overcommit it).  ``prepare=None`` plans only (explain /
+        dry run).  ``inline`` plans on the event loop: for small requests planning takes
+        well under a millisecond, less than the hop to a thread and back."""
+        rt, sched = self.runtime, self.machine.scheduler
+        deadline_ms = ask.deadline_ms if ask.deadline_ms is not None else self.settings.default_deadline_ms
+        adaptive = (ask.policy or self.settings.policy) == "adaptive"
+        finish_by = t0 + deadline_ms / 1000 - self.respond_reserve_s(deadline_ms / 1000) \
+            if deadline_ms is not None and adaptive else None
 
         def plan_and_prepare() -> tuple[Decision, Work | None]:
-            d = self.planner.decide(ladder, ask, wait_s=rt.executor.predicted_wait(), elapsed_s=time.monotonic() - t0,
-                                    overhead_s=overhead_s, rate_rps=rt.arrivals.rate())
+            wait, room = sched.view(finish_by)
+            # the loop's lag counts as spent: the answer will wait that long to be sent
+            d = self.planner.decide(ladder, ask, wait_s=wait,
+                                    elapsed_s=time.monotonic() - t0 + self.machine.loop_lag.recent(),
+                                    overhead_s=overhead_s, share_s=self.machine.share_s(rt), room_s=room)
             return d, (prepare(d) if prepare is not None else None)
 
-        async with self.admission:
+        async with self.machine.admission:
             try:
                 decision, work = plan_and_prepare() if inline else await asyncio.to_thread(plan_and_prepare)
             except Shed as exc:
@@ -103,28 +173,59 @@ class FamilyService:
             if work is None:
                 return decision, None, None
             # Fixed policies are the conventional baseline: they serve late rather than drop.
-            deadline_at = t0 + decision.deadline_s if decision.deadline_s is not None and \
-                decision.policy == "adaptive" else None
-            job = Job(work, decision.predicted_compute_s + decision.predicted_overhead_s, deadline_at,
+            job = Job(work, decision.predicted_compute_s + decision.predicted_overhead_s,
+                      finish_by if decision.policy == "adaptive" else None,
                       (lambda outputs: finish(decision, outputs)) if finish is not None else None)
             try:
                 future = rt.executor.submit(job)
+            except Infeasible as exc:
+                self.metrics.shed.labels(self.name, "deadline").inc()
+                raise ApiError(429, f"shed: {exc}", headers={"Retry-After": retry_after(exc.wait_s)}) from None
             except QueueFull as exc:
                 self.metrics.shed.labels(self.name, "queue_full").inc()
-                raise ApiError(429, str(exc), headers={
-                    "Retry-After": str(max(1, round(rt.executor.predicted_wait())))}) from None
+                raise ApiError(429, str(exc), headers={"Retry-After": retry_after(sched.predicted_wait())}) from None
             except Draining as exc:
                 raise self.unavailable("draining", str(exc)) from None
+        rt.admitted(job.predicted_s)
         return decision, job, future
 
-    async def result(self, decision: Decision, future: Future) -> Any:
+    async def result(self, request: Request, decision: Decision, job: Job, future: Future) -> Any:
+        """The job's result.  Meanwhile two things can end the wait: the client hangs up
+        (a job not yet started is taken out of the queue, never computed: 499, counted as
+        cancelled), or the last moment at which the job could still start and finish in
+        time passes while it waits (it is taken out and shed with 429 before its deadline,
+        rather than computed and sent late)."""
+        sched = self.machine.scheduler
+        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(client_gone(request))
         try:
-            return await asyncio.wrap_future(future)
+            timeout = None if job.deadline is None else max(0.0, job.deadline - job.predicted_s - time.monotonic())
+            done, _ = await asyncio.wait({waiting, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # the latest start passed in the queue
+                if sched.cancel(job):
+                    self.metrics.shed.labels(self.name, "late_start").inc()
+                    left = job.deadline - time.monotonic()
+                    raise ApiError(429, f"shed: the work queued ahead did not leave this request time to run "
+                                        f"({1000 * job.predicted_s:.0f} ms needed, {1000 * max(left, 0):.0f} ms left)",
+                                   headers={"Retry-After": retry_after(sched.predicted_wait())})
+                done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done and waiting not in done:
+                started = not sched.cancel(job)
+                self.metrics.cancelled.labels(self.name, "running" if started else "queued").inc()
+                raise ClientGone("the client closed the connection while its request " +
+                                 ("ran" if started else "waited; its work was dropped"))
+            return waiting.result()
         except Draining as exc:
             raise self.unavailable("draining", str(exc)) from None
-        except DeadlinePassed as exc:
-            self.metrics.deadline_missed.labels(self.name).inc()
+        except Expired as exc:
+            if time.monotonic() < request.state.deadline_at:
+                self.metrics.shed.labels(self.name, "late_start").inc()
+                raise ApiError(429, f"shed: {exc}", headers={"Retry-After": "1"}) from None
             raise ApiError(504, f"deadline of {1000 * decision.deadline_s:g} ms missed: {exc}") from None
+        finally:
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()
 
     # --- after ------------------------------------------------------------------------------
 
@@ -141,17 +242,29 @@ class FamilyService:
         return h
 
     def observe(self, d: Decision, job: Job, t0: float, rung: str, flops: float, budget: float) -> None:
-        """The metrics every served request records."""
+        """The metrics every served request records (deadline met or missed is counted when
+        its last byte is sent, in the middleware)."""
         mt, name = self.metrics, self.name
-        total = time.monotonic() - t0
-        mt.request_seconds.labels(name, rung).observe(total)
+        mt.request_seconds.labels(name, rung).observe(time.monotonic() - t0)
         mt.queue_seconds.labels(name).observe(job.queue_s)
         mt.compute_seconds.labels(name, rung).observe(job.compute_s)
         mt.budget.labels(name).observe(budget)
         mt.flops.labels(name).inc(flops)
-        if d.deadline_s is not None:
-            (mt.deadline_met if total <= d.deadline_s else mt.deadline_missed).labels(name).inc()
 
     def start(self) -> Future:
-        """Start the worker and calibrate; the future completes when the model is ready."""
+        """Calibrate on the scheduler's thread; the future completes when the model is ready."""
         return self.runtime.start()
+
+
+def retry_after(wait_s: float) -> str:
+    """Retry-After in whole seconds (at least 1) from a predicted wait."""
+    return str(max(1, math.ceil(wait_s)))
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client has closed the connection (after the body was read, the
+    server's next ASGI message is ``http.disconnect``)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -24,16 +24,15 @@ from PIL import Image
 
 from models.arm.pipeline import Analysis, ArmSR, Plan, rung_work
 from models.common.synthetic import synthetic_photo
-from service import imageio
+from service import imageio, limits
 from service.body import IMAGE_REQUEST_BODY, read_image
-from service.config import Policy, Settings
+from service.config import Policy
 from service.errors import ApiError, doc
 from service.executor import Job
 from service.media import OFFERED, negotiate
-from service.metrics import Metrics
-from service.planner import Ask, Decision, Ladder, Planner
+from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService
+from service.serving import FamilyService, Machine
 
 log = logging.getLogger("anytime.sr")
 
@@ -91,13 +90,13 @@ class ArmService(FamilyService):
     family = "arm"
     endpoint = "/superresolve"
 
-    def __init__(self, model: ArmSR, settings: Settings, metrics: Metrics, planner: Planner) -> None:
+    def __init__(self, model: ArmSR, machine: Machine) -> None:
         self.model = model
         runtime = FamilyRuntime(
             model.name, self.forward, [r.index for r in model.rungs],
-            lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), settings, metrics,
-            {r.index: r.name for r in model.rungs})
-        super().__init__(runtime, settings, metrics, planner)
+            lambda _key, n: torch.rand(n, 3, 32, 32, device=model.device), machine.settings, machine.metrics,
+            {r.index: r.name for r in model.rungs}, scheduler=machine.scheduler)
+        super().__init__(runtime, machine)
 
     def forward(self, rung: int, patches: torch.Tensor) -> torch.Tensor:
         """One batch at one rung; on CUDA it waits for the kernels, so that the times the
@@ -206,18 +205,19 @@ class ArmService(FamilyService):
                       min_budget: float | None, policy: Policy | None, rung: str | None, tiling: str,
                       objective: str, explain: bool) -> Response:
         s, m, rt = self.settings, self.model, self.runtime
-        self.open_for(t0, policy)
+        self.open_for(request, t0, deadline_ms, policy)
         media = negotiate(request.headers.get("accept"))
         if media is None:
             raise ApiError(406, f"none of Accept {request.headers.get('accept')!r} can be produced",
                            ", ".join(OFFERED))
         parsed = parse_budget(budget)
         fixed_rung = parse_rung(rung, m) if rung is not None else None
+        self.shed_early(t0, deadline_ms, policy)
         upload = await read_image(request, s.max_body_bytes)
         self.shed_early(t0, deadline_ms, policy)
 
         def decode_and_analyse() -> tuple[imageio.Decoded, Analysis]:
-            img = imageio.decode(upload.data, s.max_input_pixels)
+            img = imageio.decode(upload.data, s.max_input_pixels, limits.sr_patches(s.max_sr_patches, tiling))
             return img, m.analyse(img.rgb_u8, tiling)
 
         try:  # small bodies decode faster than a hop to a thread and back
@@ -257,7 +257,7 @@ class ArmService(FamilyService):
             headers["X-Anytime-Rung-Colours"] = ",".join(
                 "{}=#{:02x}{:02x}{:02x}".format(r.name, *RUNG_COLOURS[r.index % len(RUNG_COLOURS)]) for r in m.rungs)
             return Response(payload, media_type="image/png", headers=headers)
-        payload = await self.result(decision, future)
+        payload = await self.result(request, decision, job, future)
         headers = self.headers(plan, decision, label, job, t0)
         self.observe_sr(plan, decision, job, t0)
         return Response(payload, media_type=media, headers=headers)

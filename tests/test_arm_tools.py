@@ -86,6 +86,22 @@ def test_data_splits_and_makefile_packages() -> None:
     assert sorted(val) == sorted(data.VALIDATION)
 
 
+def test_data_splits_do_not_depend_on_the_installed_packages(tmp_path: Path, monkeypatch) -> None:
+    """Any subset of the photo packages (none, here): the same splits, and loading a missing
+    photo says what to install."""
+    from models.arm import data
+
+    installed = {s: [(p.name, p.path) for p in data.split(s)] for s in ("train", "train-ext", "val")}
+    for attr in ("MATE_DIR", "PLASMA_DIR", "EXTRA_DIR"):
+        monkeypatch.setattr(data, attr, tmp_path / attr)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "cache")
+    for s, photos in installed.items():
+        assert [p.name for p in data.split(s)] == [name for name, _ in photos]
+    for photo in data.split("val"):
+        with pytest.raises(FileNotFoundError, match="apt-get install -y mate-backgrounds"):
+            data.hr_lr_pair(photo)
+
+
 def test_download_verifies_sha256(official: Path, tmp_path: Path) -> None:
     got = download.download(tmp_path / "ckpt", ["fsrcnn"], mirror=str(official))
     assert sorted(p.name for p in got) == ["arm-fsrcnn.pth", "arm-fsrcnn.state"]

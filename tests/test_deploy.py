@@ -267,7 +267,8 @@ def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
     if binary is None:
         pytest.skip("the prometheus binary is not installed (Debian: apt-get install prometheus)")
     port, prom_port = _free_port(), _free_port()
-    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", "ANYTIME_TORCH_THREADS": "1"}
+    env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", "ANYTIME_TORCH_THREADS": "1",
+           "ANYTIME_DRAIN_WINDOW_S": "0"}
     server_log, prom_log = open(tmp_path / "server.log", "wb"), open(tmp_path / "prometheus.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
                               stdout=server_log, stderr=subprocess.STDOUT)
@@ -375,6 +376,16 @@ def test_k8s_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANYTIME_CONFIG", raising=False)
     settings = Settings()
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    # Stopping: preStop sleeps while endpoints update, then the drain window and timeout, all
+    # within the grace period; a PodDisruptionBudget covers the same pods.
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    pre_stop_s = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + settings.drain_window_s + settings.drain_timeout_s
+    pdb = docs["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"] == labels and pdb["spec"]["maxUnavailable"] == 1
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+                                                        if p.name != "kustomization.yaml")
 
 
 def test_dockerfile_essentials() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from service.config import Settings
 from service.costmodel import CostModel, LinearCost
-from service.executor import DeadlinePassed, Draining, Executor, Job, QueueFull
+from service.executor import DeadlinePassed, Draining, Executor, Infeasible, Job, QueueFull, Scheduler
 from service.planner import Ask, Ladder, Planner, Shed
 
 # --- cost model -------------------------------------------------------------------------
@@ -134,7 +134,9 @@ def test_merging_stops_at_max_batch_and_respects_deadlines() -> None:
     fwd.gate.set()
     for f in (*big, tight):
         f.result(5)
-    assert [n for _, n in fwd.calls[1:]] == [10, 11]  # the second big one merged with the tight one
+    # Earliest deadline first: the tight one leads and the first big one joins it; the second
+    # big one would pass 16 items and runs alone.
+    assert [n for _, n in fwd.calls[1:]] == [11, 10]
     ex.shutdown(5)
 
 
@@ -173,6 +175,71 @@ def test_bounded_queue_failures_and_drain() -> None:
     with pytest.raises(Draining):
         ex.submit(Job([("a", torch.ones(1))], 0.001))
     assert ex.shutdown(5)
+
+
+def test_one_scheduler_orders_every_familys_work_by_deadline() -> None:
+    """Two families on one scheduler: work runs earliest deadline first across them, and a
+    family's jobs merge only with their own family's."""
+    fwd_a, fwd_b = Recorder(), Recorder()
+    sched = Scheduler()
+    a = Executor("a", fwd_a, _model(), max_queue=8, max_batch=16, scheduler=sched)
+    b = Executor("b", fwd_b, _model(), max_queue=8, max_batch=16, scheduler=sched)
+    order: list[str] = []
+    hold = threading.Event()
+    a.submit(Job([], 0.0, finish=lambda _: hold.wait(5)))  # keep the thread busy while the others queue
+    now = time.monotonic()
+    late = a.submit(Job([("a", torch.ones(2))], 0.01, deadline=now + 5, finish=lambda o: order.append("a-late")))
+    soon = b.submit(Job([("a", torch.ones(3))], 0.01, deadline=now + 1, finish=lambda o: order.append("b-soon")))
+    free = a.submit(Job([("a", torch.ones(1))], 0.01, finish=lambda o: order.append("a-none")))
+    assert a.depth == 3 and b.depth == 1 and sched.depth() == 4
+    wait, room = sched.view(now + 2)  # a request due in 2 s runs after b-soon, before a-late
+    assert wait == pytest.approx(0.01, abs=1e-3) and 4.9 < room < 5.0
+    sched.start()
+    hold.set()
+    for f in (late, soon, free):
+        f.result(5)
+    assert order[0] == "b-soon" and set(order[1:]) == {"a-late", "a-none"}
+    assert fwd_b.calls == [("a", 3)] and fwd_a.calls == [("a", 3)]  # a's two jobs merged, b ran alone
+    assert sched.shutdown(5)
+
+
+def test_admission_keeps_the_promises_already_made() -> None:
+    """A job that would finish late, or push an admitted job past its deadline, is refused;
+    a cancelled job leaves the queue and its predicted work with it."""
+    fwd = Recorder()
+    ex = _executor(fwd)
+    fwd.gate.clear()
+    ex.submit(Job([("a", torch.ones(1))], 0.0))
+    time.sleep(0.05)
+    now = time.monotonic()
+    first = Job([("a", torch.ones(1))], 0.3, deadline=now + 0.35)
+    ex.submit(first)
+    with pytest.raises(Infeasible, match="queued ahead"):  # 0.3 s ahead of it, 0.2 s needed, 0.4 s left
+        ex.submit(Job([("a", torch.ones(1))], 0.2, deadline=now + 0.4))
+    with pytest.raises(Infeasible, match="admitted request late"):  # earlier deadline, but would push `first` out
+        ex.submit(Job([("a", torch.ones(1))], 0.1, deadline=now + 0.2))
+    assert ex.predicted_wait() == pytest.approx(0.3, abs=0.01)
+    assert ex.cancel(first) and ex.depth == 0 and ex.predicted_wait() == pytest.approx(0.0, abs=1e-3)
+    ok = ex.submit(Job([("a", torch.ones(1))], 0.1, deadline=now + 0.4))
+    fwd.gate.set()
+    ok.result(5)
+    assert first.future.cancelled() and [n for _, n in fwd.calls] == [1, 1]
+    ex.shutdown(5)
+
+
+def test_slowdown_learnt_under_overload_decays_once_the_host_is_idle() -> None:
+    """The latch: if everything is shed nothing runs, so a slowdown learnt at the peak must
+    not outlive the load."""
+    cm = CostModel(max_batch=16, alpha=0.5, idle_grace_s=0.05, idle_tau_s=0.05)
+    cm.rungs, cm.rung_ratio = {"a": LinearCost(0.0, 0.001)}, {"a": 1.0}
+    for _ in range(10):
+        cm.observe_forward("a", 10, 0.05)  # five times slower than calibrated
+    assert cm.slowdown > 4 and cm.predict([("a", 10)]) > 0.04
+    time.sleep(0.4)  # nothing runs: grace + 7 time constants
+    assert cm.slowdown == pytest.approx(1.0, abs=0.01)
+    assert cm.predict([("a", 10)]) == pytest.approx(0.010, rel=0.02)
+    cm.observe_forward("a", 10, 0.02)  # learning starts again from the decayed value
+    assert 1.0 < cm.slowdown < 2.0
 
 
 # --- planner ----------------------------------------------------------------------------

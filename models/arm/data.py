@@ -61,9 +61,13 @@ class Photo:
 
 
 def _plasma_path(name: str) -> Path:
+    """The largest size of a Plasma wallpaper; without the package, its images folder (which
+    ``hr_lr_pair`` reports as missing), so that the splits never depend on what is installed."""
     images = PLASMA_DIR / name / "contents" / "images"
-    best = max(images.glob("*.jpg"), key=lambda p: np.prod([int(v) for v in p.stem.split("x")]))
-    return best
+    sizes = list(images.glob("*.jpg"))
+    if not sizes:
+        return images
+    return max(sizes, key=lambda p: np.prod([int(v) for v in p.stem.split("x")]))
 
 
 def split(name: str) -> list[Photo]:
@@ -74,7 +78,7 @@ def split(name: str) -> list[Photo]:
         root = Path(skimage.__file__).parent / "data"
         return [Photo(Path(f).stem, root / f, False) for f in SKIMAGE_TEST]
     wallpapers = [Photo(n, MATE_DIR / f"{n}.jpg", True) for n in MATE_PHOTOS]
-    wallpapers += [Photo(n, _plasma_path(n), True) for n in PLASMA_PHOTOS if (PLASMA_DIR / n).exists()]
+    wallpapers += [Photo(n, _plasma_path(n), True) for n in PLASMA_PHOTOS]
     if name == "val":
         return [p for p in wallpapers if p.name in VALIDATION]
     if name == "train":
@@ -102,7 +106,7 @@ def hr_lr_pair(photo: Photo) -> tuple[np.ndarray, np.ndarray]:
     if cache.exists():
         with np.load(cache) as z:
             return z["hr"], z["lr"]
-    if not photo.path.exists():
+    if not photo.path.is_file():
         raise FileNotFoundError(f"{photo.path} is missing; install the offline photos: {INSTALL_HINT}")
     hr = load_rgb(photo.path)
     if photo.halve:

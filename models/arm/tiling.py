@@ -35,6 +35,20 @@ def positions(h: int, w: int, mode: Tiling = "full", patch: int = PATCH, step: i
     return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
 
 
+def count(h: int, w: int, mode: Tiling = "full", patch: int = PATCH, step: int = STEP) -> int:
+    """How many patches an h x w image makes (after ``pad_to_patch``), from its size alone:
+    what a request will cost, known from the image header before decoding.  Symmetric in
+    h and w."""
+    if mode not in ("full", "official"):
+        raise ValueError(f"unknown tiling {mode!r}; use 'full' or 'official'")
+
+    def n(length: int) -> int:
+        span = max(length, patch) - patch
+        return span // step + 1 + (1 if mode == "full" and span % step else 0)
+
+    return n(h) * n(w)
+
+
 def pad_to_patch(img: np.ndarray, patch: int = PATCH) -> np.ndarray:
     """Reflect-pad (symmetric) an HxWxC image on the bottom/right up to ``patch`` in each
     dimension; images of 1 px are replicated."""

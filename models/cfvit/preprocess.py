@@ -30,12 +30,18 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
+def _short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after torchvision's ``Resize(size)``: the short side to ``size``, the long side
+    ``int(size * long / short)``."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
 def resize_short_side(img: np.ndarray, size: int) -> np.ndarray:
     """torchvision ``Resize(size)`` for a PIL image with bicubic interpolation."""
     h, w = img.shape[:2]
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    new_h, new_w = _short_side_size(h, w, size)
     if (new_h, new_w) == (h, w):
         return img
     return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC))
@@ -49,10 +55,44 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[top:top + size, left:left + size]
 
 
+def _crop_first(h: int, w: int, size: int, crop: int) -> bool:
+    """Whether ``resize_center_crop`` crops before resizing: when the plain resize would be
+    larger than both the input and 4 x size^2 (an extreme aspect ratio: 1 x 150000 px at
+    256 would make a 256 x 38,400,000 intermediate) and the crop lies inside it."""
+    nh, nw = _short_side_size(h, w, size)
+    return nh * nw > max(h * w, 4 * size * size) and crop <= min(nh, nw)
+
+
+def resize_pixels(w: int, h: int, size: int, crop: int) -> int:
+    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input
+    (from the size alone, so a server can check it from the image header)."""
+    if _crop_first(h, w, size, crop):
+        return crop * crop
+    nh, nw = _short_side_size(h, w, size)
+    return max(nh * nw, crop * crop)
+
+
+def resize_center_crop(img: np.ndarray, size: int, crop: int) -> np.ndarray:
+    """``center_crop(resize_short_side(img, size), crop)``.  For extreme aspect ratios
+    (``_crop_first``) the crop's box is computed in the original's coordinates and only it
+    is resized to crop x crop: PIL samples the same positions with the same filter, so the
+    result is the resize-then-crop one up to rounding of the box (a level or two on a few
+    pixels), and the intermediate never exceeds the crop.  Other images take the plain
+    path, unchanged."""
+    h, w = img.shape[:2]
+    if not _crop_first(h, w, size, crop):
+        return center_crop(resize_short_side(img, size), crop)
+    nh, nw = _short_side_size(h, w, size)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, min(w, (left + crop) * sx), min(h, (top + crop) * sy))
+    return np.asarray(Image.fromarray(img).resize((crop, crop), Image.BICUBIC, box=box))
+
+
 def eval_transform(img: np.ndarray, img_size: int, crop_pct: float, mean, std) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> normalised float32 tensor (3, S, S)."""
     img = _as_rgb(img)
-    img = center_crop(resize_short_side(img, int(img_size / crop_pct)), img_size)
+    img = resize_center_crop(img, int(img_size / crop_pct), img_size)
     # A copy: the crop may be a read-only view of a decoded buffer, which torch must not wrap.
     x = torch.from_numpy(np.array(img, dtype=np.uint8, order="C")).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

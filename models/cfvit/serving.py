@@ -21,7 +21,7 @@ import torch
 
 from models.cfvit.checkpoint import load_checkpoint, official_curve
 from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
-from models.cfvit.preprocess import eval_transform, load_class_names
+from models.cfvit.preprocess import eval_transform, load_class_names, resize_pixels
 
 FLOPS_CONVENTION = "MACs (CF-ViT/fvcore 'FLOPs')"
 
@@ -82,6 +82,12 @@ class CfVitModel:
         (bicubic), centre crop S, normalise (ImageNet statistics for official checkpoints)."""
         c = self.config
         return eval_transform(rgb_u8, c.img_size, c.crop_pct, c.mean, c.std)
+
+    def preprocess_pixels(self, w: int, h: int) -> int:
+        """Pixels of the largest intermediate ``preprocess`` makes for a w x h image (from
+        the size alone: a server checks it from the header, before decoding)."""
+        c = self.config
+        return resize_pixels(w, h, int(c.img_size / c.crop_pct), c.img_size)
 
     def forward(self, batch: torch.Tensor, eta: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, 3, S, S) and per-row thresholds (n,) -> (logits (n, C), exited (n,) bool,

@@ -97,15 +97,49 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
 
 
+def _resized(w: int, h: int, resize: int) -> tuple[int, int]:
+    """(w, h) once the shorter side is ``resize``."""
+    if min(w, h) == resize:
+        return w, h
+    s = resize / min(w, h)
+    return max(resize, round(w * s)), max(resize, round(h * s))
+
+
+def _crop_first(w: int, h: int, resize: int, crop: int) -> bool:
+    """Whether ``resize_center_crop`` crops before resizing: when the plain resize would be
+    larger than both the input and 4 x resize^2 (an extreme aspect ratio: 1 x 150000 px at
+    256 would make a 256 x 38,400,000 intermediate) and the crop lies inside it."""
+    nw, nh = _resized(w, h, resize)
+    return nw * nh > max(w * h, 4 * resize * resize) and crop <= min(nw, nh)
+
+
+def resize_pixels(w: int, h: int, resize: int, crop: int) -> int:
+    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input
+    (from the size alone, so a server can check it from the image header)."""
+    if _crop_first(w, h, resize, crop):
+        return crop * crop
+    nw, nh = _resized(w, h, resize)
+    return max(nw * nh, crop * crop)
+
+
 def resize_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Shorter side to ``resize`` (PIL bilinear), centre crop ``crop`` x ``crop``."""
+    """Shorter side to ``resize`` (PIL bilinear), centre crop ``crop`` x ``crop``.
+
+    For extreme aspect ratios (``_crop_first``) the crop's box is computed in the original's
+    coordinates and only it is resized to crop x crop: PIL samples the same positions with
+    the same filter, so the result is the resize-then-crop one up to rounding of the box (a
+    level or two on a few pixels), and the intermediate never exceeds the crop.  Other
+    images take the plain path, unchanged."""
     img = Image.fromarray(np.ascontiguousarray(rgb))
     w, h = img.size
-    if min(w, h) != resize:
-        s = resize / min(w, h)
-        img = img.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - crop) // 2, (h - crop) // 2
+    nw, nh = _resized(w, h, resize)
+    left, top = (nw - crop) // 2, (nh - crop) // 2
+    if _crop_first(w, h, resize, crop):
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, min(w, (left + crop) * sx), min(h, (top + crop) * sy))
+        return np.asarray(img.resize((crop, crop), Image.BILINEAR, box=box))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
     return np.asarray(img.crop((left, top, left + crop, top + crop)))
 
 

@@ -26,7 +26,7 @@ import torch
 
 from models.pssnet.calibrate import bn_stats, load_bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import load_bundle, load_official_checkpoint, save_bundle
-from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, to_rgb_u8
+from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, resize_pixels, to_rgb_u8
 from models.pssnet.nets import DenseSubnet, PssSupernet, SubnetConfig, SupernetSpec, extract_subnet, fold_bn
 from models.pssnet.nets import subnet_flops, subnet_params
 
@@ -178,6 +178,11 @@ class PssNetModel:
         img = resize_center_crop(to_rgb_u8(rgb_u8), int(self._pre["resize"]), self.input_size)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
         return (x - self._mean) / self._std
+
+    def preprocess_pixels(self, w: int, h: int) -> int:
+        """Pixels of the largest intermediate ``preprocess`` makes for a w x h image (from
+        the size alone: a server checks it from the header, before decoding)."""
+        return resize_pixels(w, h, int(self._pre["resize"]), self.input_size)
 
     def forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
         """Logits (n, classes) of rung ``rung_index`` on a preprocessed (n, 3, S, S) batch;

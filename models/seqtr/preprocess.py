@@ -56,9 +56,11 @@ def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
 
 
 def rescale_size(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """(h', w') with the long side = ``long_side`` (mmcv rounding int(x*s + 0.5))."""
+    """(h', w') with the long side = ``long_side`` (mmcv rounding int(x*s + 0.5)), each at
+    least 1 px: a 1 x 100000 image at 640 would otherwise round to 0 rows.  Neither side
+    exceeds ``long_side``, so the padded canvas is bounded by the rung whatever the shape."""
     s = long_side / max(h, w)
-    return int(h * s + 0.5), int(w * s + 0.5)
+    return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
 
 
 def prepare(image: np.ndarray | Image.Image, long_side: int = 640, size_divisor: int = 32) -> Prepared:
