@@ -31,7 +31,9 @@ def start_server(timeout_s: float = 60.0, quiet: bool = False, **env: str) -> tu
     the server blocked in its access log and stopped answering.
     """
     port = free_port()
-    full_env = {**os.environ, "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1", **env}
+    # no drain window unless asked for: a benchmark's server stops at once when it is done
+    full_env = {**os.environ, "ANYTIME_DRAIN_WINDOW_S": "0", "ANYTIME_PORT": str(port), "ANYTIME_HOST": "127.0.0.1",
+                **env}
     log = None if quiet else tempfile.TemporaryFile(prefix="anytime-server-")
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env,
                             stdout=log if log is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT)

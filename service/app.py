@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     """``model`` / ``classifiers`` / ``grounders`` (adapters) replace the configured ones (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
-    torch_threads = settings.torch_threads or available_cores()
+    torch_threads = settings.torch_threads or max(1, available_cores() - 1)  # a core for HTTP, decode, encode
     machine = Machine(settings, metrics, Planner(settings),
                       Scheduler(torch_threads, settings.request_timeout_s, settings.batch_max_wait_ms / 1000))
     model = model or ArmSR.from_checkpoint(settings.arm_checkpoint, table=settings.arm_table, device=settings.device)
@@ -130,6 +131,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
             max(4, available_cores() + 2), thread_name_prefix="request", initializer=torch.set_num_threads,
             initargs=(1,)))
+        if settings.gil_switch_interval_ms:
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         if settings.keep_freed_memory:
             keep_freed_memory()
         monitor.start()

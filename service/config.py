@@ -41,7 +41,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("cpu", description="torch device for the models: cpu, cuda or cuda:N")
-    torch_threads: int = Field(0, ge=0, description="0: one per available core")
+    torch_threads: int = Field(0, ge=0, description="OpenMP threads of the scheduler thread that runs every "
+                               "forward pass; 0: one per available core but one, which is left to the event loop, "
+                               "decoding and encoding (on 2 cores: higher capacity and fewer late answers under "
+                               "load, 1.25-1.5x slower single large images when idle: docs/RUNTIME.md)")
+    gil_switch_interval_ms: float = Field(1.0, ge=0.0, description="Python's GIL switch interval (its default is "
+                                         "5 ms). The scheduler thread hands the GIL back and forth once per layer of a "
+                                         "forward pass; under load, with the event loop busy in Python, each hand-back "
+                                         "can wait a whole interval, and a 5 ms forward pass took 25 ms. 0: Python's default")
     keep_freed_memory: bool = Field(True, description="keep freed memory mapped (glibc mallopt) instead of "
                                    "page-faulting every batch's activations in again; the resident size stays at its peak")
     log_format: Literal["json", "text"] = Field("json", description="json: one structured line per event")

@@ -75,6 +75,35 @@ def time_call(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+class TailEstimate:
+    """A latency the planner cannot compute but must reserve: an EWMA of the mean and of the
+    absolute deviation of observed seconds, read as mean + 2 deviations (a tail, not the
+    mean: lateness is decided in the tail).  Like the slowdown it decays toward zero once
+    nothing has been observed for ``idle_grace_s``, so a value learnt under overload cannot
+    make an idle server shed (nothing would run to unlearn it)."""
+
+    def __init__(self, alpha: float = 0.05, idle_grace_s: float = 0.5, idle_tau_s: float = 0.5) -> None:
+        self.alpha, self.idle_grace_s, self.idle_tau_s = alpha, idle_grace_s, idle_tau_s
+        self.mean = self.deviation = 0.0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            w = self._weight(time.monotonic())
+            mean, dev = self.mean * w, self.deviation * w
+            self.deviation = dev + self.alpha * (abs(seconds - mean) - dev)
+            self.mean = mean + self.alpha * (seconds - mean)
+            self._last = time.monotonic()
+
+    def _weight(self, now: float) -> float:
+        idle = now - self._last - self.idle_grace_s
+        return 1.0 if idle <= 0 else math.exp(-idle / self.idle_tau_s)
+
+    def value(self) -> float:
+        return (self.mean + 2 * self.deviation) * self._weight(time.monotonic())
+
+
 class CostModel:
     """Seconds per forward pass per rung key, and per request for the work around them."""
 

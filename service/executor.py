@@ -101,6 +101,7 @@ class Job:
     started: float = 0.0
     compute_s: float = 0.0  # forward passes of the batch this job ran in
     finish_s: float = 0.0
+    done_at: float = 0.0  # time.monotonic() when its result was ready
     order: tuple[float, int] = (0.0, 0)  # (deadline or horizon, arrival sequence)
 
     @property
@@ -396,6 +397,7 @@ class Scheduler:
             job.compute_s = elapsed
             mine = [outputs[ji, wi] for wi in range(len(job.work))]
             if job.finish is None:
+                job.done_at = time.monotonic()
                 job.future.set_result(mine)
                 continue
             tf = time.perf_counter()
@@ -406,6 +408,7 @@ class Scheduler:
                 continue
             finally:
                 job.finish_s = time.perf_counter() - tf
+            job.done_at = time.monotonic()
             job.future.set_result(result)
 
 

@@ -42,6 +42,10 @@ from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
 from service.serving import FamilyService, Machine
 
+# Images this small are resized onto their rung's canvas on the event loop, while admission
+# holds its lock: well under a millisecond, less than the hop to the planning thread and back.
+INLINE_PREPARE_PIXELS = 256 * 256
+
 Task = Literal["box", "mask"]
 TASK_OF_MODEL = {"det": "box", "segm": "mask"}
 
@@ -211,7 +215,8 @@ class GroundService(FamilyService):
             tokens, scores = outputs[0]
             return self.grounder.postprocess(prepared[d.plan.side], tokens[0].tolist(), float(scores[0]))
 
-        decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, prepare, finish)
+        decision, job, future = await self.admit(self.ladder(), ask, t0, 0.0, prepare, finish,
+                                                 inline=rgb.shape[0] * rgb.shape[1] <= INLINE_PREPARE_PIXELS)
         result = await self.result(request, decision, job, future)
         plan: GroundPlan = decision.plan
         label = f"side:{side}" if side is not None else f"{round(decision.budget, 4):g}"

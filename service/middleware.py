@@ -69,6 +69,8 @@ class RequestContext:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 await send(message)
                 self._count_deadline(state, result)  # the last byte has left the server
+                if "on_sent" in state and state.get("result_at"):
+                    state["on_sent"](time.monotonic() - state["result_at"])
                 return
             await send(message)
 

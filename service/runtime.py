@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import torch
 
 from service.config import Settings
-from service.costmodel import CostModel
+from service.costmodel import CostModel, TailEstimate
 from service.executor import Executor, Forward, Items, Job, Scheduler, take
 from service.load import RateMeter
 from service.metrics import Metrics
@@ -45,6 +45,9 @@ class FamilyRuntime:
         self.calibration_s = 0.0
         self.arrivals = RateMeter(settings.rate_window_s)
         self.mean_cost_s = 0.0  # EWMA of the predicted seconds of admitted requests
+        # From a job's result being ready to the last byte of its response leaving: waking the
+        # event loop, building and sending the answer, on a host whose cores the loop shares.
+        self.respond = TailEstimate()
 
     def admitted(self, predicted_s: float) -> None:
         self.mean_cost_s += 0.1 * (predicted_s - self.mean_cost_s) if self.mean_cost_s else predicted_s

@@ -20,10 +20,11 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, TypeVar
 
+import torch
 from starlette.requests import Request
 
 from service.config import Policy, Settings
@@ -50,6 +51,10 @@ class Machine:
     scheduler: Scheduler
     runtimes: list[FamilyRuntime] = field(default_factory=list)
     loop_lag: LoopLag = field(default_factory=LoopLag)  # started by the app, on the serving loop
+    # Planning that is too big for the event loop runs here, on a thread of its own: while it
+    # runs it holds the admission lock, so it must never wait behind decodes in a shared pool.
+    planning: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="planning", initializer=torch.set_num_threads, initargs=(1,)))
     _admission: asyncio.Lock | None = None
 
     @property
@@ -136,10 +141,16 @@ class FamilyService:
 
     # --- admission and execution ------------------------------------------------------------
 
+    def respond_s(self) -> float:
+        """Predicted time from a result being ready to the last byte of its answer leaving:
+        the larger of the event loop's recent lag (a ready answer waits that long for the
+        loop) and the tail of this model's measured result-to-last-byte times."""
+        return max(self.machine.loop_lag.recent(), self.runtime.respond.value())
+
     def respond_reserve_s(self, deadline_s: float) -> float:
-        """Time kept after the compute for sending the response: half the planning margin,
-        plus the event loop's recent lag (a ready answer waits that long for the loop)."""
-        return self.planner.margin_s(deadline_s) / 2 + self.machine.loop_lag.recent()
+        """Time kept after the compute for sending the response: ``respond_s`` plus half
+        the planning margin."""
+        return self.planner.margin_s(deadline_s) / 2 + self.respond_s()
 
     async def admit(self, ladder: Ladder, ask: Ask, t0: float, overhead_s: float,
                     prepare: Callable[[Decision], Work] | None,
@@ -158,15 +169,16 @@ class FamilyService:
 
         def plan_and_prepare() -> tuple[Decision, Work | None]:
             wait, room = sched.view(finish_by)
-            # the loop's lag counts as spent: the answer will wait that long to be sent
+            # the time its answer will take to leave counts as spent already
             d = self.planner.decide(ladder, ask, wait_s=wait,
-                                    elapsed_s=time.monotonic() - t0 + self.machine.loop_lag.recent(),
+                                    elapsed_s=time.monotonic() - t0 + self.respond_s(),
                                     overhead_s=overhead_s, share_s=self.machine.share_s(rt), room_s=room)
             return d, (prepare(d) if prepare is not None else None)
 
         async with self.machine.admission:
             try:
-                decision, work = plan_and_prepare() if inline else await asyncio.to_thread(plan_and_prepare)
+                decision, work = plan_and_prepare() if inline else \
+                    await asyncio.get_running_loop().run_in_executor(self.machine.planning, plan_and_prepare)
             except Shed as exc:
                 self.metrics.shed.labels(self.name, exc.reason).inc()
                 raise ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
@@ -209,6 +221,8 @@ class FamilyService:
                                         f"({1000 * job.predicted_s:.0f} ms needed, {1000 * max(left, 0):.0f} ms left)",
                                    headers={"Retry-After": retry_after(sched.predicted_wait())})
                 done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            request.state.on_sent = self.runtime.respond.observe  # result ready -> last byte: the middleware
+            request.state.result_at = job.done_at
             if gone in done and waiting not in done:
                 started = not sched.cancel(job)
                 self.metrics.cancelled.labels(self.name, "running" if started else "queued").inc()

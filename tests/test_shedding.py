@@ -1,0 +1,34 @@
+"""Shedding costs the overloaded server almost nothing: a request that cannot make its
+deadline even at its model's cheapest rung is answered 429 from its query string alone,
+before its body is read (a real server over TCP)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+from tests.test_clients_who_leave import server  # noqa: F401  (the module's real server)
+
+
+def test_an_impossible_deadline_is_shed_before_the_body_is_read(server) -> None:  # noqa: F811
+    _proc, url = server
+    u = urlparse(url)
+    for path in ("/superresolve?deadline_ms=0.01", "/classify?deadline_ms=0.01", "/ground?deadline_ms=0.01&task=box"):
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            # 5 MB announced, not one byte of it sent: only a shed that does not read the body answers
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: image/png\r\n"
+                          "Content-Length: 5000000\r\n\r\n").encode())
+            t0 = time.monotonic()
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            elapsed = time.monotonic() - t0
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429"), (path, head)
+        assert b"retry-after: " in head.lower() and elapsed < 2, (path, elapsed)
+        assert "deadline" in json.loads(body)["error"]["message"]
