@@ -18,7 +18,6 @@ stage and confidence), FLOPs spent, plus the X-Anytime-* headers every inference
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -33,7 +32,7 @@ from service.errors import ApiError, doc
 from service.executor import Items
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine
+from service.serving import FamilyService, Machine, decode_body
 
 
 @dataclass
@@ -223,12 +222,8 @@ class ClassifierService(FamilyService):
         self.shed_early(t0, deadline_ms, policy)
         upload = await read_image(request, s.max_body_bytes)
         self.shed_early(t0, deadline_ms, policy)
-        try:
-            x = await asyncio.to_thread(lambda: self.model.preprocess(
-                imageio.decode(upload.data, s.max_input_pixels,
-                               limits.resize_pixels(s.max_resize_pixels, self.model)).rgb_u8))
-        except imageio.ImageError as exc:
-            raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
+        x = await decode_body(len(upload.data), lambda: self.model.preprocess(
+            imageio.decode(upload.data, s.max_input_pixels, limits.resize_pixels(s.max_resize_pixels, self.model)).rgb_u8))
         ask = Ask(budget=explicit, deadline_ms=deadline_ms, min_budget=min_budget, policy=policy, fixed=pinned)
 
         def finish(d: Decision, outputs: list[Items]) -> tuple[torch.Tensor, dict, float]:

@@ -40,7 +40,7 @@ from service.errors import ApiError, doc
 from service.executor import Items
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine
+from service.serving import FamilyService, Machine, decode_body
 
 # Images this small are resized onto their rung's canvas on the event loop, while admission
 # holds its lock: well under a millisecond, less than the hop to the planning thread and back.
@@ -199,10 +199,7 @@ class GroundService(FamilyService):
             pinned = a.plan_for(side)
         n_words = self.check_expression(expression)
         self.shed_early(t0, deadline_ms, policy)
-        try:
-            decoded = await asyncio.to_thread(imageio.decode, upload.data, s.max_input_pixels)
-        except imageio.ImageError as exc:
-            raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
+        decoded = await decode_body(len(upload.data), lambda: imageio.decode(upload.data, s.max_input_pixels))
         rgb = decoded.rgb_u8
         ask = Ask(budget=explicit, deadline_ms=deadline_ms, min_budget=min_budget, policy=policy, fixed=pinned)
         prepared: dict[int, GroundingItem] = {}

@@ -32,13 +32,12 @@ from service.executor import Job
 from service.media import OFFERED, negotiate
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine
+from service.serving import FamilyService, Machine, decode_body
 
 log = logging.getLogger("anytime.sr")
 
-# Small requests are decoded and planned on the event loop: it takes well under a
-# millisecond, less than the hop to a worker thread and back.
-INLINE_DECODE_BYTES = 128 * 1024
+# Small requests are planned on the event loop: it takes well under a millisecond, less than
+# the hop to the planning thread and back.
 INLINE_PLAN_PATCHES = 64  # about 230x230 LR
 
 # Rung colours of explain=true maps (bicubic grey, then blue -> green -> red by width).
@@ -220,11 +219,7 @@ class ArmService(FamilyService):
             img = imageio.decode(upload.data, s.max_input_pixels, limits.sr_patches(s.max_sr_patches, tiling))
             return img, m.analyse(img.rgb_u8, tiling)
 
-        try:  # small bodies decode faster than a hop to a thread and back
-            img, analysis = decode_and_analyse() if len(upload.data) <= INLINE_DECODE_BYTES else \
-                await asyncio.to_thread(decode_and_analyse)
-        except imageio.ImageError as exc:
-            raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
+        img, analysis = await decode_body(len(upload.data), decode_and_analyse)
 
         ask = Ask(budget=parsed if isinstance(parsed, float) else None, deadline_ms=deadline_ms,
                   min_budget=min_budget, policy=policy)

@@ -58,3 +58,21 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 # Settings that keep the start-up calibration short in tests.
 FAST_START = {"calibration_repeats": 1, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
               "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": []}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``python -m service`` with every bundled model on a free loopback port, one per test
+    module: (process, base URL)."""
+    from bench import server as bench_server
+
+    try:
+        proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+

@@ -13,7 +13,6 @@ import time
 from urllib.parse import urlparse
 
 import httpx
-import pytest
 from PIL import Image
 
 from bench import server as bench_server
@@ -34,19 +33,6 @@ def metric(text: str, name: str, **labels: str) -> float:
         if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
             total += float(m.group(2))
     return total
-
-
-@pytest.fixture(scope="module")
-def server():
-    try:
-        proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0")
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield proc, url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def raw_request(url: str, path: str, body: bytes, send_bytes: int | None = None) -> socket.socket:

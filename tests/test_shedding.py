@@ -9,10 +9,8 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from tests.test_clients_who_leave import server  # noqa: F401  (the module's real server)
 
-
-def test_an_impossible_deadline_is_shed_before_the_body_is_read(server) -> None:  # noqa: F811
+def test_an_impossible_deadline_is_shed_before_the_body_is_read(server) -> None:
     _proc, url = server
     u = urlparse(url)
     for path in ("/superresolve?deadline_ms=0.01", "/classify?deadline_ms=0.01", "/ground?deadline_ms=0.01&task=box"):
