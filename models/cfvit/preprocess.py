@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.common.resize import crop_of_resized, crops_first, intermediate_pixels
+
 
 def _as_rgb(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
@@ -56,37 +58,26 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _crop_first(h: int, w: int, size: int, crop: int) -> bool:
-    """Whether ``resize_center_crop`` crops before resizing: when the plain resize would be
-    larger than both the input and 4 x size^2 (an extreme aspect ratio: 1 x 150000 px at
-    256 would make a 256 x 38,400,000 intermediate) and the crop lies inside it."""
+    """Whether ``resize_center_crop`` crops before resizing (models.common.resize)."""
     nh, nw = _short_side_size(h, w, size)
-    return nh * nw > max(h * w, 4 * size * size) and crop <= min(nh, nw)
+    return crops_first(w, h, nw, nh, size, crop)
 
 
 def resize_pixels(w: int, h: int, size: int, crop: int) -> int:
-    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input
-    (from the size alone, so a server can check it from the image header)."""
-    if _crop_first(h, w, size, crop):
-        return crop * crop
+    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input."""
     nh, nw = _short_side_size(h, w, size)
-    return max(nh * nw, crop * crop)
+    return intermediate_pixels(w, h, nw, nh, size, crop)
 
 
 def resize_center_crop(img: np.ndarray, size: int, crop: int) -> np.ndarray:
-    """``center_crop(resize_short_side(img, size), crop)``.  For extreme aspect ratios
-    (``_crop_first``) the crop's box is computed in the original's coordinates and only it
-    is resized to crop x crop: PIL samples the same positions with the same filter, so the
-    result is the resize-then-crop one up to rounding of the box (a level or two on a few
-    pixels), and the intermediate never exceeds the crop.  Other images take the plain
-    path, unchanged."""
+    """``center_crop(resize_short_side(img, size), crop)``, at a cost bounded by the input
+    for extreme aspect ratios (models.common.resize)."""
     h, w = img.shape[:2]
     if not _crop_first(h, w, size, crop):
         return center_crop(resize_short_side(img, size), crop)
     nh, nw = _short_side_size(h, w, size)
     top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-    sx, sy = w / nw, h / nh
-    box = (left * sx, top * sy, min(w, (left + crop) * sx), min(h, (top + crop) * sy))
-    return np.asarray(Image.fromarray(img).resize((crop, crop), Image.BICUBIC, box=box))
+    return crop_of_resized(Image.fromarray(img), nw, nh, left, top, crop, Image.BICUBIC)
 
 
 def eval_transform(img: np.ndarray, img_size: int, crop_pct: float, mean, std) -> torch.Tensor:

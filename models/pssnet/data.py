@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.common.resize import crop_of_resized, crops_first, intermediate_pixels
+
 # ImageNet statistics on [0, 1] (the official pipeline uses them x255 on uint8: the same).
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -106,38 +108,25 @@ def _resized(w: int, h: int, resize: int) -> tuple[int, int]:
 
 
 def _crop_first(w: int, h: int, resize: int, crop: int) -> bool:
-    """Whether ``resize_center_crop`` crops before resizing: when the plain resize would be
-    larger than both the input and 4 x resize^2 (an extreme aspect ratio: 1 x 150000 px at
-    256 would make a 256 x 38,400,000 intermediate) and the crop lies inside it."""
-    nw, nh = _resized(w, h, resize)
-    return nw * nh > max(w * h, 4 * resize * resize) and crop <= min(nw, nh)
+    """Whether ``resize_center_crop`` crops before resizing (models.common.resize)."""
+    return crops_first(w, h, *_resized(w, h, resize), resize, crop)
 
 
 def resize_pixels(w: int, h: int, resize: int, crop: int) -> int:
-    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input
-    (from the size alone, so a server can check it from the image header)."""
-    if _crop_first(w, h, resize, crop):
-        return crop * crop
-    nw, nh = _resized(w, h, resize)
-    return max(nw * nh, crop * crop)
+    """Pixels of the largest intermediate ``resize_center_crop`` makes for a w x h input."""
+    return intermediate_pixels(w, h, *_resized(w, h, resize), resize, crop)
 
 
 def resize_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """Shorter side to ``resize`` (PIL bilinear), centre crop ``crop`` x ``crop``.
 
-    For extreme aspect ratios (``_crop_first``) the crop's box is computed in the original's
-    coordinates and only it is resized to crop x crop: PIL samples the same positions with
-    the same filter, so the result is the resize-then-crop one up to rounding of the box (a
-    level or two on a few pixels), and the intermediate never exceeds the crop.  Other
-    images take the plain path, unchanged."""
+    For extreme aspect ratios the cost stays bounded by the input (models.common.resize)."""
     img = Image.fromarray(np.ascontiguousarray(rgb))
     w, h = img.size
     nw, nh = _resized(w, h, resize)
     left, top = (nw - crop) // 2, (nh - crop) // 2
     if _crop_first(w, h, resize, crop):
-        sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, min(w, (left + crop) * sx), min(h, (top + crop) * sy))
-        return np.asarray(img.resize((crop, crop), Image.BILINEAR, box=box))
+        return crop_of_resized(img, nw, nh, left, top, crop, Image.BILINEAR)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
     return np.asarray(img.crop((left, top, left + crop, top + crop)))
