@@ -91,13 +91,15 @@ class Settings(BaseSettings):
     deadline_margin: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the deadline kept in reserve "
                                    "against prediction error")
     deadline_margin_ms: float = Field(5.0, ge=0.0, description="and at least this much")
-    target_utilization: float = Field(0.85, gt=0.0, le=1.0, description="adaptive requests get at most this "
-                                      "share of the worker's time per arrival (target / arrival rate seconds), "
-                                      "so the budget falls as offered load rises and the queue stays short")
+    target_utilization: float = Field(0.85, gt=0.0, le=1.0, description="target utilisation of the one "
+                                      "compute thread: a model's adaptive requests get at most (target - the other "
+                                      "models' load) / its arrival rate seconds each, so the budget falls as offered "
+                                      "load rises and the queue stays short")
     rate_window_s: float = Field(2.0, gt=0.0, description="window over which the arrival rate is measured")
 
-    # --- executor -----------------------------------------------------------------------
-    max_queue: int = Field(64, ge=1, description="requests waiting per model; more get 429")
+    # --- scheduler ----------------------------------------------------------------------
+    max_queue: int = Field(64, ge=1, description="requests waiting per model (in the one deadline-ordered queue "
+                           "of the scheduler); more get 429")
     batch_max_items: int = Field(128, ge=1, description="most items (ARM: patches) in one forward pass")
     batch_max_wait_ms: float = Field(0.0, ge=0.0, description="how long the worker waits for more requests to "
                                      "fill a batch when the queue is empty")

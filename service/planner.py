@@ -15,7 +15,7 @@ In adaptive mode with a deadline it gives the request the largest budget in
   which the caller derives from ``target_utilization``, this model's arrival rate and the
   load the other models put on the same thread.  Taking only the deadline into account is greedy: every
   request fills the queue up to the deadline, and at twice the capacity half of them
-  find it full.  The share keeps the worker's utilisation below the target, so the
+  find it full.  The share keeps the compute thread's utilisation below the target, so the
   budget falls as the offered load rises (and recovers when it falls) and the queue
   stays short.  It never pushes a request below its floor.
 
