@@ -281,14 +281,20 @@ class Scheduler:
 
     def _take_batch(self) -> list[Job] | None:
         with self._cv:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cv.wait()
-            head = self._queue[0]
+            waited = False
+            while True:
+                while not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cv.wait()
+                    waited = False  # the job waited for is gone: the new head may wait too
+                head = self._queue[0]
+                if waited or self.max_wait_s <= 0 or len(self._queue) > 1 or \
+                        head.items >= self.families[head.family].max_batch:
+                    break
+                self._cv.wait(self.max_wait_s)  # for more work to batch; the queue may change meanwhile
+                waited = True
             fam = self.families[head.family]
-            if self.max_wait_s > 0 and len(self._queue) == 1 and head.items < fam.max_batch:
-                self._cv.wait(self.max_wait_s)
             now = time.monotonic()
             batch = [self._queue.pop(0)]
             counts = self._counts(batch[0])

@@ -280,3 +280,19 @@ def test_explicit_budget_default_and_fixed_policies() -> None:
     assert full.plan == 1.0 and full.how == "policy"
     assert _decide(Ask(), policy="smallest").plan == 0.0
     assert _decide(Ask(), default_deadline_ms=100.0, default_budget=0.2).budget == 1.0
+
+
+def test_waiting_for_a_fuller_batch_serves_what_arrived_meanwhile() -> None:
+    """With batch_max_wait the thread waits for more work; a job that arrives meanwhile
+    joins the batch, and one that was cancelled meanwhile is never run."""
+    fwd = Recorder()
+    ex = _executor(fwd, max_wait_s=0.2)
+    cancelled = Job([("a", torch.ones(1))], 0.001)
+    ex.submit(cancelled)
+    time.sleep(0.02)  # the thread now waits for a fuller batch
+    assert ex.cancel(cancelled)
+    late = ex.submit(Job([("a", torch.ones(2))], 0.001))
+    also = ex.submit(Job([("a", torch.ones(3))], 0.001))
+    late.result(5), also.result(5)
+    assert fwd.calls == [("a", 5)]
+    ex.shutdown(5)
