@@ -58,7 +58,8 @@ def load_classifiers(settings: Settings) -> list:
         from models.pssnet.serving import PssNetModel
 
         adapters.append(PssNetAdapter(PssNetModel.from_checkpoint(
-            settings.pssnet_checkpoint, class_names=settings.class_names, calibration=settings.pssnet_calibration)))
+            settings.pssnet_checkpoint, class_names=settings.class_names,
+            calibration=settings.pssnet_calibration).to(settings.device)))
     if settings.cfvit_checkpoint is not None:
         from models.cfvit.serving import CfVitModel
 

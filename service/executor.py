@@ -66,6 +66,14 @@ def concat(parts: list[Items]) -> Items:
     return torch.cat(parts)
 
 
+def synchronize(out: Items) -> None:
+    """Wait for a forward pass's kernels when it ran on CUDA: launches return at once, so
+    without this the cost model would learn launch times, not compute times."""
+    first = out[0] if isinstance(out, tuple) else out
+    if first.is_cuda:
+        torch.cuda.synchronize(first.device)
+
+
 class QueueFull(Exception):
     pass
 
@@ -388,6 +396,7 @@ class Scheduler:
                 chunk = take(inputs, s, s + fam.max_batch)
                 tf = time.perf_counter()
                 out = fam.forward(key, chunk)
+                synchronize(out)
                 dt = time.perf_counter() - tf
                 results.append(out)
                 fam.cost.observe_forward(key, fam.units(key, chunk, out) if fam.units else count(chunk), dt)

@@ -111,7 +111,8 @@ class SeqTRAdapter:
         return img, torch.zeros(n, c, c, dtype=torch.bool), text
 
     def forward(self, side: int, items: Items) -> Items:
-        img, mask, text = items
+        dev = self.grounder.device  # requests and calibration build their tensors on the CPU
+        img, mask, text = (t.to(dev, non_blocking=True) for t in items)
         tokens, scores = self.model.generate(img, mask, text)
         return tokens, scores
 

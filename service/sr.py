@@ -98,12 +98,8 @@ class ArmService(FamilyService):
         super().__init__(runtime, machine)
 
     def forward(self, rung: int, patches: torch.Tensor) -> torch.Tensor:
-        """One batch at one rung; on CUDA it waits for the kernels, so that the times the
-        cost model learns from are real."""
-        out = self.model.run_patches(rung, patches)
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
-        return out
+        """One batch at one rung (the scheduler waits for CUDA kernels before timing it)."""
+        return self.model.run_patches(rung, patches)
 
     # --- the ladder of one request --------------------------------------------------------
 

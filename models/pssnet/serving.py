@@ -79,6 +79,13 @@ class PssNetModel:
         self.input_size = int(preprocess_cfg["crop"])
         self._mean = torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1)
         self._std = torch.tensor(preprocess_cfg["std"]).view(3, 1, 1)
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> PssNetModel:
+        """Serve every subnet on ``device``; ``forward`` moves its input there."""
+        self.device = torch.device(device)
+        self._nets = [net.to(self.device) for net in self._nets]
+        return self
 
     # ---- loading ----
 
@@ -192,7 +199,7 @@ class PssNetModel:
         if batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected (n, 3, S, S), got {tuple(batch.shape)}")
         with torch.inference_mode():
-            return self._nets[rung_index](batch)
+            return self._nets[rung_index](batch.to(self.device, non_blocking=True))
 
     __call__ = forward
 
