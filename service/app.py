@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.arm.pipeline import ArmSR
-from service import errors
+from service import __version__, errors
 from service.config import Settings
 from service.executor import Scheduler
 from service.load import LoadMonitor, LoadReading, LoopLag, available_cores
@@ -48,7 +48,7 @@ from service.sr import ArmService
 
 log = logging.getLogger("anytime")
 
-VERSION = "0.2.0"
+VERSION = __version__
 
 
 def load_classifiers(settings: Settings) -> list:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from service import imageio, limits
@@ -32,7 +32,7 @@ from service.errors import ApiError, doc
 from service.executor import Items
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine, decode_body
+from service.serving import FamilyService, Machine, decode_body, known_query_only
 
 
 @dataclass
@@ -273,7 +273,7 @@ def parse_budget(raw: str) -> float | None:
 
 
 def router(services: list[ClassifierService]) -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(dependencies=[Depends(known_query_only)])
     by_name = {s.name: s for s in services}
     default = services[0].name if services else None
 

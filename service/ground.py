@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from models.seqtr.raster import mask_to_rle
@@ -40,7 +40,7 @@ from service.errors import ApiError, doc
 from service.executor import Items
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine, decode_body
+from service.serving import FamilyService, Machine, decode_body, known_query_only
 
 # Images this small are resized onto their rung's canvas on the event loop, while admission
 # holds its lock: well under a millisecond, less than the hop to the planning thread and back.
@@ -293,7 +293,7 @@ async def read_ground_request(request: Request, limit: int, expression_q: str | 
 
 
 def router(services: list[GroundService]) -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(dependencies=[Depends(known_query_only)])
     by_name = {s.name: s for s in services}
 
     @r.post(

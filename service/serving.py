@@ -285,6 +285,20 @@ async def decode_body(nbytes: int, decode: Callable[[], T]) -> T:
         raise ApiError(exc.status, str(exc), "PNG, JPEG or WebP images") from None
 
 
+def known_query_only(request: Request) -> None:
+    """A route dependency: a query parameter the route does not take is a 422 naming the
+    ones it does (a misspelt ``deadline_ms`` would otherwise be ignored without a word, and
+    the request served without the deadline its client meant)."""
+    route = request.scope.get("route")
+    if route is None or not hasattr(route, "dependant"):
+        return
+    accepted = {p.alias for p in route.dependant.query_params}
+    unknown = sorted(set(request.query_params) - accepted)
+    if unknown:
+        raise ApiError(422, f"unknown query parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+                       f"query parameters of {request.url.path}: {', '.join(sorted(accepted))}")
+
+
 def retry_after(wait_s: float) -> str:
     """Retry-After in whole seconds (at least 1) from a predicted wait."""
     return str(max(1, math.ceil(wait_s)))

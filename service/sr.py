@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from PIL import Image
 
@@ -32,7 +32,7 @@ from service.executor import Job
 from service.media import OFFERED, negotiate
 from service.planner import Ask, Decision, Ladder
 from service.runtime import FamilyRuntime
-from service.serving import FamilyService, Machine, decode_body
+from service.serving import FamilyService, Machine, decode_body, known_query_only
 
 log = logging.getLogger("anytime.sr")
 
@@ -154,7 +154,7 @@ class ArmService(FamilyService):
     # --- the route ------------------------------------------------------------------------
 
     def router(self) -> APIRouter:
-        r = APIRouter()
+        r = APIRouter(dependencies=[Depends(known_query_only)])
 
         @r.post(
             "/superresolve",

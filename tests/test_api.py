@@ -282,3 +282,12 @@ def test_not_ready_until_calibrated(bundled_model) -> None:
         assert r.status_code == 503 and "warming up" in r.json()["error"]["message"]
         svc.runtime.cost.calibrate_rung(0, lambda n: None, [1, 8], 1)  # half-way through calibration
         assert c.get("/metrics").status_code == 200 and c.get("/v1/models").status_code == 200
+
+
+def test_an_unknown_query_parameter_is_named_not_ignored(client: TestClient) -> None:
+    """A misspelt deadline would otherwise be served without the deadline its client meant."""
+    r = _post(client, _encode(synthetic_photo(16, 16)), deadline_msec="50")
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert "deadline_msec" in err["message"] and "deadline_ms" in err["accepted"] and "budget" in err["accepted"]
+    assert _post(client, _encode(synthetic_photo(16, 16)), deadline_ms="5000").status_code == 200

@@ -36,3 +36,29 @@ def test_invalid_values_are_rejected(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANYTIME_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(FileNotFoundError):
         Settings()
+
+
+def test_the_version_has_one_home() -> None:
+    """pyproject.toml says it; the package and the OpenAPI document repeat it."""
+    import re
+
+    import service
+    from service.app import VERSION
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.MULTILINE).group(1) == service.__version__ == VERSION
+
+
+def test_json_logs_carry_no_terminal_colour_codes() -> None:
+    """uvicorn adds an ANSI-coloured copy of some messages (``color_message``) for terminals."""
+    import json
+    import logging
+
+    from service.logs import JsonFormatter
+
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Finished server process [%d]", (7,), None)
+    record.color_message = "Finished server process [\x1b[36m%d\x1b[0m]"
+    record.request_id = "abc"
+    line = JsonFormatter().format(record)
+    assert "\x1b" not in line and "\\u001b" not in line
+    assert json.loads(line)["msg"] == "Finished server process [7]" and json.loads(line)["request_id"] == "abc"
