@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
@@ -118,10 +119,13 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
                 pass
 
     def begin_drain() -> None:
-        """New work gets 503 from now on; what is queued still runs."""
+        """Work that arrives from now on gets 503; what arrived before (even if the server has
+        not read it yet) and what is queued still runs.  The scheduler stops taking work when
+        the app shuts down, after the drain window."""
+        now = time.monotonic()
         for svc in services:
-            svc.draining = True
-            svc.runtime.executor.stop_accepting()
+            if not svc.draining:
+                svc.draining, svc.drain_started = True, now
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
