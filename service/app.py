@@ -209,6 +209,8 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     async def metrics_endpoint(_request: Request) -> Response:
         for s in services:
             s.runtime.refresh_gauges()
+            if s.draining:
+                metrics.ready.labels(s.name).set(0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:

@@ -269,6 +269,7 @@ def test_auth_and_drain(bundled_model) -> None:
         assert c.get("/readyz").status_code == 503
         drained = c.post("/superresolve", content=body, headers={"authorization": "Bearer s3cret"})
         assert drained.status_code == 503 and drained.headers["retry-after"] == "1"
+        assert 'anytime_ready{model="arm-fsrcnn-demo"} 0.0' in c.get("/metrics").text
 
 
 def test_not_ready_until_calibrated(bundled_model) -> None:
