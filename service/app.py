@@ -124,8 +124,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
         the app shuts down, after the drain window."""
         now = time.monotonic()
         for svc in services:
-            if not svc.draining:
-                svc.draining, svc.drain_started = True, now
+            svc.drain_started = min(svc.drain_started, now)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -208,9 +207,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint(_request: Request) -> Response:
         for s in services:
-            s.runtime.refresh_gauges()
-            if s.draining:
-                metrics.ready.labels(s.name).set(0)
+            s.runtime.refresh_gauges(draining=s.draining)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:

@@ -94,8 +94,6 @@ class Expired(Exception):
     """At dispatch the job could no longer finish by its deadline; it was not computed."""
 
 
-DeadlinePassed = Expired  # the name older callers use
-
 
 @dataclass
 class Job:

@@ -94,12 +94,14 @@ class FamilyRuntime:
         if fut.exception() is not None:
             log.error("calibration of %s failed; the model stays not ready", self.name, exc_info=fut.exception())
 
-    def refresh_gauges(self) -> None:
+    def refresh_gauges(self, draining: bool = False) -> None:
+        """``draining``: the server is shutting down (its routes know; the scheduler keeps
+        running what came before), so the model reports not ready."""
         m, n = self.metrics, self.name
         m.queue_depth.labels(n).set(self.executor.depth)
         m.predicted_wait.labels(n).set(self.executor.predicted_wait())
         m.slowdown.labels(n).set(self.cost.slowdown)
-        m.ready.labels(n).set(1 if self.ready.is_set() and self.executor.accepting else 0)
+        m.ready.labels(n).set(1 if self.ready.is_set() and self.executor.accepting and not draining else 0)
         if self.ready.is_set():  # during calibration some rungs have no cost yet
             for key in self.keys:
                 m.rung_item_seconds.labels(n, self.key_names[key]).set(self.cost.predict_forward(key, 1))

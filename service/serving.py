@@ -80,9 +80,12 @@ class FamilyService:
         self.runtime, self.machine = runtime, machine
         self.settings, self.metrics, self.planner = machine.settings, machine.metrics, machine.planner
         self.name = runtime.name
-        self.draining = False
         self.drain_started = math.inf  # time.monotonic() of SIGTERM: work that arrived before it is served
         machine.runtimes.append(runtime)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_started != math.inf
 
     # --- before any work --------------------------------------------------------------------
 
@@ -98,7 +101,7 @@ class FamilyService:
         deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
         request.state.model = self.name
         request.state.deadline_at = t0 + deadline_ms / 1000 if deadline_ms is not None else None
-        if (self.draining and t0 >= self.drain_started) or not self.runtime.executor.accepting:
+        if t0 >= self.drain_started or not self.runtime.executor.accepting:
             raise self.unavailable("draining", "the server is shutting down; retry on another replica")
         if not self.runtime.ready.is_set():
             raise self.unavailable("not_ready", "the model is warming up (calibrating its cost model); retry shortly")

@@ -11,7 +11,7 @@ import torch
 
 from service.config import Settings
 from service.costmodel import CostModel, LinearCost
-from service.executor import DeadlinePassed, Draining, Executor, Infeasible, Job, QueueFull, Scheduler
+from service.executor import Draining, Executor, Expired, Infeasible, Job, QueueFull, Scheduler
 from service.planner import Ask, Ladder, Planner, Shed
 
 # --- cost model -------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_expired_and_cancelled_jobs_are_not_computed() -> None:
     assert cancelled.cancel()
     time.sleep(0.05)
     fwd.gate.set()
-    with pytest.raises(DeadlinePassed):
+    with pytest.raises(Expired):
         expired.result(5)
     ex.shutdown(5)
     assert fwd.calls == [("a", 1)]
