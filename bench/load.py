@@ -317,7 +317,7 @@ async def one(client: Clients, wl: Workload, params: dict, deadline_s: float, t_
         flight.down()
     h = a.headers
     out.append(Result(t0 - t_phase, max(0.0, t0 - t_phase - scheduled), a.status, a.seconds, deadline_s,
-                      _float(h.get("x-anytime-flops-fraction")), _float(h.get("x-anytime-predicted-psnr")), a.error))
+                      _float(h.get("x-anytime-flops-fraction")), _float(h.get("x-anytime-predicted-patch-psnr")), a.error))
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -350,7 +350,7 @@ def summarize(results: list[Result], offered_rps: float, duration: float) -> dic
         "p50_ms": _pct([r.latency_s for r in ok200], 50), "p95_ms": _pct([r.latency_s for r in ok200], 95),
         "p99_ms": _pct([r.latency_s for r in ok200], 99), "shed_p99_ms": _pct([r.latency_s for r in shed], 99),
         "mean_budget": statistics.fmean(budgets) if budgets else None,
-        "mean_predicted_psnr": statistics.fmean(psnrs) if psnrs else None,
+        "mean_predicted_patch_psnr": statistics.fmean(psnrs) if psnrs else None,
         "gen_lag_p99_ms": _pct([r.lag_s for r in results], 99),
     }
 
@@ -651,7 +651,7 @@ COLUMNS = [("load x capacity", "load_factor"), ("endpoint", "endpoint"), ("polic
            ("in time", "in_time"), ("shed fast", "shed_fast"), ("shed late", "shed_late"), ("late", "late"),
            ("errors", "errors"), ("**ok**", "ok"), ("p50 ms", "p50_ms"), ("p95 ms", "p95_ms"), ("p99 ms", "p99_ms"),
            ("shed p99 ms", "shed_p99_ms"), ("mean budget", "mean_budget"),
-           ("mean predicted PSNR", "mean_predicted_psnr"), ("gen lag p99 ms", "gen_lag_p99_ms")]
+           ("mean predicted patch PSNR", "mean_predicted_patch_psnr"), ("gen lag p99 ms", "gen_lag_p99_ms")]
 
 
 def _fmt(v) -> str:

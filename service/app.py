@@ -1,15 +1,17 @@
 """The HTTP app: wiring of models, runtime, planner, metrics and the routes.
 
-    POST /superresolve   ARM x4 super-resolution (service/sr.py)
-    POST /classify       PSS-Net and CF-ViT classification (service/classify.py)
-    POST /ground         SeqTR visual grounding, boxes and masks (service/ground.py)
+    POST /superresolve   ARM x4 super-resolution (service/families/arm.py)
+    POST /classify       PSS-Net and CF-ViT classification (service/families/pssnet.py, cfvit.py)
+    POST /ground         SeqTR visual grounding, boxes and masks (service/families/seqtr.py)
     GET  /v1/models      rungs, FLOPs, measured quality and the live cost model
     GET  /v1/policy      the planner's view: policy, load, queue, predicted wait
     GET  /healthz        live (answers during warm-up)
     GET  /readyz         ready: calibrated and not draining (503 otherwise)
     GET  /metrics        Prometheus
 
-Models load when the app is created.  Every family's batches run on one scheduler thread
+Each inference route is built from the families served there (service/routes.py), every
+family behind one contract (service/family.py) and loaded by name from ``Settings.families``
+through the registry (service/registry.py).  Models load when the app is created.  Every family's batches run on one scheduler thread
 (service/executor.py), earliest deadline first, so that admission sees the whole machine;
 each family's cost model is calibrated on that thread when the server starts, one family
 after the other, and inference answers 503 until it is done.  On shutdown the app stops
@@ -31,8 +33,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from models.arm.pipeline import ArmSR
-from service import __version__, errors
+from service import __version__, errors, registry, routes
+from service.apidocs import install_api_docs
 from service.config import Settings
 from service.executor import Scheduler
 from service.load import LoadMonitor, LoadReading, LoopLag, available_cores
@@ -40,65 +42,34 @@ from service.memory import keep_freed_memory
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.planner import Planner
-from service.classify import CfVitAdapter, ClassifierService, PssNetAdapter
-from service.classify import router as classify_router
-from service.ground import GroundService, SeqTRAdapter
-from service.ground import router as ground_router
-from service.serving import Machine
-from service.sr import ArmService
+from service.family import ServedFamily
+from service.serving import FamilyService, Machine
 
 log = logging.getLogger("anytime")
 
 VERSION = __version__
 
 
-def load_classifiers(settings: Settings) -> list:
-    """The configured /classify models, as runtime adapters."""
-    adapters = []
-    if settings.pssnet_checkpoint is not None:
-        from models.pssnet.serving import PssNetModel
-
-        adapters.append(PssNetAdapter(PssNetModel.from_checkpoint(
-            settings.pssnet_checkpoint, class_names=settings.class_names,
-            calibration=settings.pssnet_calibration).to(settings.device)))
-    if settings.cfvit_checkpoint is not None:
-        from models.cfvit.serving import CfVitModel
-
-        adapters.append(CfVitAdapter(CfVitModel.from_checkpoint(settings.cfvit_checkpoint,
-                                                                names_file=settings.class_names,
-                                                                device=settings.device)))
-    return adapters
-
-
-def load_grounders(settings: Settings) -> list[SeqTRAdapter]:
-    """The configured /ground models (one per task), as runtime adapters."""
-    if not settings.seqtr_checkpoints:
-        return []
-    from models.seqtr.serving import SeqTRGrounder
-
-    return [SeqTRAdapter(SeqTRGrounder.from_checkpoint(path, token_to_ix=settings.seqtr_token_to_ix,
-                                                       max_token=settings.seqtr_max_token, device=settings.device),
-                         settings.seqtr_long_sides) for path in settings.seqtr_checkpoints]
-
-
 def finite_ms(seconds: float) -> float | None:
     return None if seconds == float("inf") else round(1000 * seconds, 3)
 
 
-def create_app(settings: Settings | None = None, model: ArmSR | None = None,
-               classifiers: list | None = None, grounders: list | None = None) -> FastAPI:
-    """``model`` / ``classifiers`` / ``grounders`` (adapters) replace the configured ones (tests)."""
+def create_app(settings: Settings | None = None, families: list[ServedFamily] | None = None) -> FastAPI:
+    """The app serving ``families`` (ready-made models), or else those ``settings.families``
+    names, loaded through the registry.  Refuses at start-up two models of one name, two
+    descriptions of one route, or a family route that shadows a built-in one."""
     settings = settings or Settings()
     metrics = Metrics()
     torch_threads = settings.torch_threads or max(1, available_cores() - 1)  # a core for HTTP, decode, encode
     machine = Machine(settings, metrics, Planner(settings),
                       Scheduler(torch_threads, settings.request_timeout_s, settings.batch_max_wait_ms / 1000))
-    model = model or ArmSR.from_checkpoint(settings.arm_checkpoint, table=settings.arm_table, device=settings.device)
-    arm = ArmService(model, machine)
-    classify = [ClassifierService(a, machine)
-                for a in (load_classifiers(settings) if classifiers is None else classifiers)]
-    ground = [GroundService(a, machine) for a in (load_grounders(settings) if grounders is None else grounders)]
-    services = [arm, *classify, *ground]
+    families = registry.load(settings) if families is None else families
+    names = [f.name for f in families]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two served models share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                         "model names must be unique")
+    services = [FamilyService(f, machine) for f in families]
+    groups = routes.by_endpoint(services)
 
     def on_sample(r: LoadReading) -> None:
         metrics.cpu.labels("system").set(r.cpu_system)
@@ -152,18 +123,14 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
         monitor.stop()
         loop_lag.stop()
 
-    app = FastAPI(title="Anytime Serve", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="Anytime Serve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Adaptive-compute inference: every request is served at the rung its deadline and "
                               "the live load allow, and every response says which rung served it and what it cost.")
     app.state.settings, app.state.metrics, app.state.services = settings, metrics, services
-    app.state.model, app.state.begin_drain, app.state.monitor = model, begin_drain, monitor
+    app.state.begin_drain, app.state.monitor = begin_drain, monitor
     app.state.machine = machine
     errors.install(app)
-    app.include_router(arm.router())
-    if classify:
-        app.include_router(classify_router(classify))
-    if ground:
-        app.include_router(ground_router(ground))
+    install_api_docs(app)  # /docs and /redoc without a CDN
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -180,9 +147,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
 
     @app.get("/v1/models", summary="Served models: rungs, FLOPs, quality, live cost model")
     async def models() -> dict:
-        return {"models": [{**s.describe(), "ready": s.runtime.ready.is_set(),
-                            "cost_model": s.runtime.cost.snapshot() if s.runtime.cost.calibrated else None,
-                            "calibration_s": round(s.runtime.calibration_s, 3)} for s in services]}
+        return {"models": [s.describe() for s in services]}
 
     @app.get("/v1/policy", summary="The planner's view: policy, defaults, host load, queues")
     async def policy() -> dict:
@@ -210,31 +175,33 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             s.runtime.refresh_gauges(draining=s.draining)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    builtin = {p for p in (getattr(route, "path", None) for route in app.routes) if p}
+    shadowed = sorted(set(groups) & builtin)
+    if shadowed:
+        raise ValueError(f"family routes {', '.join(shadowed)} would shadow the server's own")
+    app.include_router(routes.router(services))
+
     def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:
         """The early shed of the service a POST would reach, before routing: None when it
         fits, when the request is malformed (the route says what is wrong) or when the
         service is not serving (the route answers 503)."""
         if scope["method"] != "POST":
             return None
-        candidates = [s for s in services if s.endpoint == scope["path"]]
-        if not candidates:
+        group = groups.get(scope["path"])
+        if not group:
             return None
-        query = parse_qs(scope["query_string"].decode("latin-1"))
+        params = routes.parse_query(group[0].endpoint, parse_qs(scope["query_string"].decode("latin-1")))
+        if params is None:
+            return None
         try:
-            deadline_ms = float(query["deadline_ms"][0]) if "deadline_ms" in query else None
-        except ValueError:
+            svc = routes.select(group, group[0].endpoint, params)
+        except errors.ApiError:
             return None
-        policy = query.get("policy", [None])[0]
-        if policy not in (None, "adaptive", "full", "smallest") or \
-                (deadline_ms is not None and not 0 < deadline_ms <= 600_000):
-            return None
-        model, task = query.get("model", [None])[0], query.get("task", ["box"])[0]
-        svc = next((s for s in candidates if s.name == model), None) if model else \
-            next((s for s in candidates if getattr(s, "task", task) == task), None)
+        deadline_ms, policy = params.deadline_ms, params.policy
         if svc is None or svc.draining or not svc.runtime.ready.is_set():
             return None
         try:
-            svc.shed_early(t0, deadline_ms, policy)  # type: ignore[arg-type]
+            svc.shed_early(t0, deadline_ms, policy)
         except errors.ApiError as exc:
             svc.runtime.arrivals.tick(t0)
             scope["state"]["model"] = svc.name
@@ -243,8 +210,7 @@ def create_app(settings: Settings | None = None, model: ArmSR | None = None,
             return exc
         return None
 
-    endpoints = {p for p in (getattr(route, "path", None) for route in app.routes) if p} | \
-        {s.endpoint for s in services}
+    endpoints = builtin | set(groups)
     app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints, arrival_lag=loop_lag.recent,
                        quick_shed=quick_shed,
                        draining=lambda: any(s.draining for s in services))

@@ -14,24 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_ARM = REPO_ROOT / "models" / "arm" / "weights" / "arm-fsrcnn" / "model.safetensors"
-
-
-def bundled(family: str) -> Path | None:
-    """The first bundled weights of a family (models/<family>/weights/*/model.safetensors)."""
-    found = sorted((REPO_ROOT / "models" / family / "weights").glob("*/model.safetensors"))
-    return found[0] if found else None
-
-
-def bundled_all(family: str) -> list[Path]:
-    """Every bundled weight folder of a family (models/<family>/weights/*/), by name."""
-    return [p.parent for p in sorted((REPO_ROOT / "models" / family / "weights").glob("*/model.safetensors"))]
-
-
-Policy = Literal["adaptive", "full", "smallest"]
+from service.bundled import BUNDLED_ARM, REPO_ROOT, bundled, bundled_all  # noqa: F401  (re-exported)
+from service.families.arm import ArmSettings
+from service.families.cfvit import CfVitSettings
+from service.families.pssnet import PssNetSettings
+from service.families.seqtr import SeqTRSettings
+from service.family import FamilySettings
+from service.planner import Policy
 
 
 class Settings(BaseSettings):
@@ -54,34 +46,20 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json: one structured line per event")
     log_level: str = "info"
 
-    # --- models -------------------------------------------------------------------------
-    arm_checkpoint: Path = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an official .pth")
-    arm_table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
-    pssnet_checkpoint: Path | None = Field(default_factory=lambda: bundled("pssnet"), description="PSS-Net for "
-                                           "/classify: our safetensors or an official .pt ('' to serve none)")
-    cfvit_checkpoint: Path | None = Field(default_factory=lambda: bundled("cfvit"), description="CF-ViT for "
-                                          "/classify: our safetensors or an official .pth ('' to serve none)")
-    class_names: Path | None = Field(None, description="class names file (one per line) for official classifiers")
-    pssnet_calibration: Path | None = Field(None, description="image folder to recalibrate BatchNorm of an "
-                                            "official PSS-Net checkpoint's subnets (it has no usable statistics)")
-    seqtr_checkpoints: list[Path] = Field(default_factory=lambda: bundled_all("seqtr"), description="SeqTR models "
-                                          "for /ground (one per task): our bundle folders or official .pth files "
-                                          "(JSON list in the environment; [] to serve none)")
-    seqtr_token_to_ix: Path | None = Field(None, description="token_to_ix.pkl of the dataset an official SeqTR "
-                                           "checkpoint was trained on (its vocabulary)")
-    seqtr_max_token: int | None = Field(None, ge=1, le=128, description="words an official SeqTR checkpoint reads "
-                                        "(15 RefCOCO/RefCOCO+, 20 RefCOCOg/ReferItGame/Flickr30k); ours: the manifest")
-    seqtr_long_sides: list[int] | None = Field(None, description="input-resolution ladder for /ground (long side "
-                                               "in px, e.g. [384, 512, 640]); none: the model's own size only")
+    # --- models: each family's settings nest under its name (service/families/*.py) ---------
+    families: list[str] = Field(["arm", "pssnet", "cfvit", "seqtr"], description="the families to serve, in "
+                                "order (JSON list in the environment); leave one out to switch it off")
+    arm: ArmSettings = Field(default_factory=ArmSettings, description="ARM (/superresolve): ANYTIME_ARM_*")
+    pssnet: PssNetSettings = Field(default_factory=PssNetSettings, description="PSS-Net (/classify): "
+                                   "ANYTIME_PSSNET_*")
+    cfvit: CfVitSettings = Field(default_factory=CfVitSettings, description="CF-ViT (/classify): ANYTIME_CFVIT_*")
+    seqtr: SeqTRSettings = Field(default_factory=SeqTRSettings, description="SeqTR (/ground): ANYTIME_SEQTR_*")
 
     # --- planning policy ----------------------------------------------------------------
     policy: Policy = Field("adaptive", description="adaptive: budget from deadline and load; full / smallest: "
                            "every request at the top / bottom rung with no deadline shedding (what a "
                            "conventional server does; for comparison)")
     allow_policy_override: bool = Field(True, description="let a request pick ?policy= (benchmarks)")
-    arm_time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="ARM: among plans within this many dB of "
-                                     "the best predicted quality at the budget, serve the one predicted fastest "
-                                     "(0: always the best predicted quality)")
     default_budget: float = Field(0.65, ge=0.0, le=1.0, description="budget when a request gives neither "
                                   "budget nor deadline")
     default_deadline_ms: float | None = Field(None, gt=0, description="deadline for requests that give none "
@@ -120,27 +98,23 @@ class Settings(BaseSettings):
                                    "pre-processing may make (the resize before the centre crop), computed from "
                                    "the header before decoding; extreme aspect ratios are cropped before they are "
                                    "resized, so with the bundled models it stays within max(input, 4 x resize^2)")
-    max_expression_chars: int = Field(256, ge=1, description="longest referring expression /ground accepts")
-    ground_batch_max: int = Field(8, ge=1, description="most /ground requests in one forward pass (SeqTR "
-                                  "images are large: its batches are small)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 504")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG responses (speed vs size)")
     jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG and WebP responses")
 
     # --- security and lifecycle ---------------------------------------------------------
     auth_token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
-    auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a token")
+    auth_exempt: list[str] = Field(["/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                                    "/openapi.json", "/docs-assets/"],
+                                   description="paths served without a token; one that ends in '/' covers every "
+                                   "path under it.  The API docs (/docs, /redoc, the schema they render and their "
+                                   "assets, service/apidocs.py) are among them so that they load in a browser, "
+                                   "which sends no token; inference and /v1/* still need it")
     drain_window_s: float = Field(5.0, ge=0, description="on SIGTERM, how long the server keeps accepting "
                                   "connections (answering new work 503 with Connection: close, /readyz 503) so "
                                   "load balancers move away before it stops listening; a second signal ends it")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, after the drain window, how long "
                                    "in-flight work may finish")
-
-    @field_validator("pssnet_checkpoint", "cfvit_checkpoint", "class_names", "pssnet_calibration", "arm_table",
-                     "seqtr_token_to_ix", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v):
-        return None if v in ("", "none") else v
 
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> Settings:
@@ -152,10 +126,70 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [Nested(settings_cls, init_settings), env_settings,
+                                                     FamilyEnv(settings_cls)]
         toml = os.environ.get("ANYTIME_CONFIG")
         if toml:
             if not Path(toml).is_file():
                 raise FileNotFoundError(f"ANYTIME_CONFIG={toml} does not name a file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            sources.append(Nested(settings_cls, TomlConfigSettingsSource(settings_cls, toml_file=toml)))
         return tuple(sources)
+
+
+def family_fields(settings_cls: type[BaseSettings]) -> dict[str, type[FamilySettings]]:
+    """The nested family settings of ``settings_cls``: field name -> its class."""
+    return {name: f.annotation for name, f in settings_cls.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, FamilySettings)}
+
+
+class FamilyEnv(PydanticBaseSettingsSource):
+    """Each family's ``ANYTIME_<FAMILY>_<FIELD>`` variables, nested under the family (with
+    the environment's precedence: above the TOML file, below constructor arguments)."""
+
+    def get_field_value(self, field, field_name):  # not used: __call__ reads every family at once
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        found = {}
+        for family, cls in family_fields(self.settings_cls).items():
+            values = EnvSettingsSource(cls)()  # keyed by the alias that matched, when a field has several
+            if values:
+                found[family] = {field_of(cls, key): value for key, value in values.items()}
+        return found
+
+
+def field_of(cls: type[FamilySettings], key: str) -> str:
+    """The field of ``cls`` that ``key`` (a field name or one of its aliases) sets."""
+    if key in cls.model_fields:
+        return key
+    return next((name for name, f in cls.model_fields.items()
+                 if key in getattr(f.validation_alias, "choices", ())), key)
+
+
+class Nested(PydanticBaseSettingsSource):
+    """Another source with flat family keys (``arm_checkpoint``, as constructor arguments
+    and TOML files gave them before the family settings nested) moved under their family."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field, field_name):
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        values = dict(self.inner())
+        moved: set[str] = set()
+        for family, cls in family_fields(self.settings_cls).items():
+            names = {k: k for k in cls.model_fields}
+            for k, f in cls.model_fields.items():  # older names a field accepts (e.g. ground_batch_max)
+                for alias in getattr(f.validation_alias, "choices", []):
+                    if isinstance(alias, str) and not alias.startswith("ANYTIME_"):
+                        names[alias] = k
+            for flat in [k for k in values if k not in self.settings_cls.model_fields]:
+                key = flat[len(family) + 1:] if flat.startswith(f"{family}_") and \
+                    flat[len(family) + 1:] in cls.model_fields else flat
+                if key in names and isinstance(values.setdefault(family, {}), dict):
+                    values[family].setdefault(names[key], values[flat])
+                    moved.add(flat)
+        return {k: v for k, v in values.items() if k not in moved}

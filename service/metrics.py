@@ -57,8 +57,10 @@ class Metrics:
         self.budget = Histogram("anytime_budget_chosen", "Budget (fraction of full-cost FLOPs) chosen per request",
                                 ["model"], buckets=BUDGET_BUCKETS, registry=r)
         self.flops = Counter("anytime_flops_served", "FLOPs spent on served requests", ["model"], registry=r)
-        self.predicted_psnr = Histogram("anytime_predicted_psnr_decibels", "Predicted image PSNR of served "
-                                        "super-resolution requests", ["model"], buckets=PSNR_BUCKETS, registry=r)
+        self.predicted_patch_psnr = Histogram("anytime_predicted_patch_psnr_decibels", "The Edge-to-PSNR table's "
+                                              "patch-level quality of served super-resolution requests (PSNR of the "
+                                              "mean predicted patch MSE; not the image's PSNR: docs/ARM.md)",
+                                              ["model"], buckets=PSNR_BUCKETS, registry=r)
         self.expected_accuracy = Histogram("anytime_expected_accuracy_ratio", "Held-out accuracy of the rung that "
                                            "served a classification request (CF-ViT: at its eta on the validation "
                                            "curve)", ["model"], buckets=BUDGET_BUCKETS, registry=r)

@@ -42,6 +42,7 @@ class RequestContext:
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self.expected = f"Bearer {token}".encode() if token else None
         self.exempt = set(settings.auth_exempt)
+        self.exempt_prefixes = tuple(p for p in self.exempt if p.endswith("/"))  # "/docs-assets/": all under it
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -75,8 +76,8 @@ class RequestContext:
             await send(message)
 
         try:
-            if self.expected is not None and path not in self.exempt and \
-                    not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            if self.expected is not None and path not in self.exempt and not path.startswith(self.exempt_prefixes) \
+                    and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
                 await self._unauthorized(send_with_id, b"authorization" in headers)
             elif (shed := self.quick_shed(scope, t0)) is not None:
                 await self._error(send_with_id, shed.status, {"error": {"status": shed.status, "message": shed.message}},

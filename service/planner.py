@@ -31,9 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
-from service.config import Policy, Settings
+if TYPE_CHECKING:
+    from service.config import Settings
+
+Policy = Literal["adaptive", "full", "smallest"]
 
 P = TypeVar("P")
 

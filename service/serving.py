@@ -25,15 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, TypeVar
 
 import torch
+from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from service import imageio
-from service.config import Policy, Settings
+from service.config import Settings
 from service.errors import ApiError, ClientGone
 from service.executor import Draining, Expired, Infeasible, Items, Job, QueueFull, Scheduler
 from service.load import LoopLag
 from service.metrics import Metrics
-from service.planner import Ask, Decision, Ladder, Planner, Shed
+from service.family import Answer, RequestParams, ServedFamily
+from service.planner import Ask, Decision, Ladder, Planner, Policy, Shed
 from service.runtime import FamilyRuntime
 
 T = TypeVar("T")
@@ -76,12 +79,20 @@ class Machine:
 
 
 class FamilyService:
-    def __init__(self, runtime: FamilyRuntime, machine: Machine) -> None:
-        self.runtime, self.machine = runtime, machine
+    """One served model on the machine: its family (the contract's hooks), its runtime
+    (cost model, queue handle, readiness) and the request template every family runs."""
+
+    def __init__(self, family: ServedFamily, machine: Machine) -> None:
+        self.family, self.machine = family, machine
         self.settings, self.metrics, self.planner = machine.settings, machine.metrics, machine.planner
-        self.name = runtime.name
+        self.name, self.endpoint = family.name, family.endpoint
+        keys = family.batch_keys()
+        units = None if type(family).work_units is ServedFamily.work_units else family.work_units
+        self.runtime = FamilyRuntime(family.name, family.forward, list(keys), family.example, machine.settings,
+                                     machine.metrics, keys, units=units, scheduler=machine.scheduler,
+                                     max_batch=family.max_batch)
         self.drain_started = math.inf  # time.monotonic() of SIGTERM: work that arrived before it is served
-        machine.runtimes.append(runtime)
+        machine.runtimes.append(self.runtime)
 
     @property
     def draining(self) -> bool:
@@ -111,7 +122,18 @@ class FamilyService:
     def floor_s(self) -> float:
         """Predicted compute of the cheapest rung for one request, known before its body
         is read (0 where it depends on the input, e.g. ARM's patch count)."""
-        return 0.0
+        batches = self.family.floor_batches()
+        return 0.0 if batches is None or not self.runtime.ready.is_set() else self.runtime.cost.predict(batches)
+
+    def seconds(self, plan: Any) -> float:
+        """Predicted forward seconds of a plan on this host (fixed cost per batch included)."""
+        return self.runtime.cost.predict(self.family.batches(plan))
+
+    def ladder(self, work: Any) -> Ladder:
+        f = self.family
+        return Ladder(at_budget=lambda b: f.plan(work, b), seconds=self.seconds, top=lambda: f.top(work),
+                      bottom=lambda: f.bottom(work), flops_fraction=flops_fraction,
+                      refine=lambda p: f.refine(work, p, self.seconds))
 
     def shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
         """Before the body is read or decoded: when the work queued ahead (every family's)
@@ -246,6 +268,63 @@ class FamilyService:
             if not waiting.done():
                 waiting.cancel()
 
+    # --- the request template ---------------------------------------------------------------
+
+    async def handle(self, request: Request, params: RequestParams) -> Response:
+        """Every family's request, the same way: open -> read -> shed early -> decode ->
+        admit -> wait -> observe -> respond, under ``request_timeout_s``."""
+        t0 = request.state.t0
+        return await self.guarded(t0, self._handle(request, params, t0))
+
+    async def _handle(self, request: Request, params: RequestParams, t0: float) -> Response:
+        f, s = self.family, self.settings
+        self.open_for(request, t0, params.deadline_ms, params.policy)
+        budget = parse_budget(params.budget, f.budget_words)
+        f.check(request, params)
+        self.shed_early(t0, params.deadline_ms, params.policy)
+        upload = await f.read(request, params, s.max_body_bytes)
+        self.shed_early(t0, params.deadline_ms, params.policy)
+        work = await decode_body(len(upload.data), lambda: f.decode(upload, params, s))
+        pinned = f.pin(work, params)
+        ask = Ask(budget=budget if isinstance(budget, float) else None, deadline_ms=params.deadline_ms,
+                  min_budget=params.min_budget, policy=params.policy,
+                  fixed=pinned.plan if pinned is not None else None)
+        units = f.overhead_units(work)
+        plan_only = f.plan_only(params)
+
+        def finish(d: Decision, outputs: list[Items]) -> Any:  # on the scheduler thread, after the forwards
+            tf = time.perf_counter()
+            result = f.finish(work, d.plan, outputs)
+            if units:
+                self.runtime.cost.observe_overhead(units, time.perf_counter() - tf)
+            return result
+
+        decision, job, future = await self.admit(
+            self.ladder(work), ask, t0, self.runtime.cost.predict_overhead(units) if units else 0.0,
+            None if plan_only else (lambda d: f.prepare(work, d.plan)), finish, inline=f.plans_inline(work))
+        if plan_only:
+            answer = await asyncio.to_thread(f.explain, work, decision)
+        else:
+            result = await self.result(request, decision, job, future)
+            answer = f.respond(work, decision, result, params, request) if f.respond_inline(work, params) else \
+                await asyncio.to_thread(f.respond, work, decision, result, params, request)
+        label = pinned.label if pinned is not None else answer.budget_label or f"{round(decision.budget, 4):g}"
+        headers = {**self.timing_headers(decision, job, t0), "X-Anytime-Rung": answer.rung,
+                   "X-Anytime-Flops": f"{answer.flops:.0f}", "X-Anytime-Flops-Full": f"{answer.flops_full:.0f}",
+                   "X-Anytime-Flops-Fraction": f"{answer.flops / answer.flops_full if answer.flops_full else 0:.4f}",
+                   "X-Anytime-Budget": label, **answer.headers}
+        if job is not None:
+            self.observe(decision, job, t0, answer)
+            f.record(self.metrics, work, decision, answer)
+        if isinstance(answer.body, bytes):
+            return Response(answer.body, media_type=answer.media_type, headers=headers)
+        body = {"model": self.name, "family": f.family, **answer.body, "flops": answer.flops,
+                "flops_full": answer.flops_full, "flops_convention": f.flops_convention, "budget": label,
+                "policy": decision.policy, "decision": decision.how}
+        if job is not None:
+            body.update(queue_ms=round(1000 * job.queue_s, 2), compute_ms=round(1000 * job.compute_s, 2))
+        return JSONResponse(body, headers=headers)
+
     # --- after ------------------------------------------------------------------------------
 
     def timing_headers(self, d: Decision, job: Job | None, t0: float) -> dict[str, str]:
@@ -260,19 +339,52 @@ class FamilyService:
             h["X-Anytime-Encode-Ms"] = f"{1000 * job.finish_s:.1f}"
         return h
 
-    def observe(self, d: Decision, job: Job, t0: float, rung: str, flops: float, budget: float) -> None:
+    def observe(self, d: Decision, job: Job, t0: float, answer: Answer) -> None:
         """The metrics every served request records (deadline met or missed is counted when
         its last byte is sent, in the middleware)."""
         mt, name = self.metrics, self.name
-        mt.request_seconds.labels(name, rung).observe(time.monotonic() - t0)
+        mt.request_seconds.labels(name, answer.rung).observe(time.monotonic() - t0)
         mt.queue_seconds.labels(name).observe(job.queue_s)
-        mt.compute_seconds.labels(name, rung).observe(job.compute_s)
-        mt.budget.labels(name).observe(budget)
-        mt.flops.labels(name).inc(flops)
+        mt.compute_seconds.labels(name, answer.rung).observe(job.compute_s)
+        mt.budget.labels(name).observe(d.budget)
+        mt.flops.labels(name).inc(answer.flops)
 
     def start(self) -> Future:
         """Calibrate on the scheduler's thread; the future completes when the model is ready."""
-        return self.runtime.start()
+        extra = self.family.calibrate_extra
+        if type(self.family).calibrate_extra is ServedFamily.calibrate_extra:
+            return self.runtime.start()
+        return self.runtime.start(extra=lambda: self.runtime.cost.calibrate_overhead(
+            extra(self.settings.calibration_repeats)))
+
+    def describe(self) -> dict:
+        """This model's entry in GET /v1/models."""
+        f, rt = self.family, self.runtime
+        return {"name": self.name, "family": f.family, "endpoint": self.endpoint.path,
+                **{k: v for k, v in f.selection().items()}, "flops_convention": f.flops_convention,
+                "rungs": [r.describe() for r in f.rungs()], **f.describe(),
+                "ready": rt.ready.is_set(), "cost_model": rt.cost.snapshot() if rt.cost.calibrated else None,
+                "calibration_s": round(rt.calibration_s, 3)}
+
+
+def flops_fraction(plan: Any) -> float:
+    return plan.flops / plan.flops_full if plan.flops_full else 0.0
+
+
+def parse_budget(raw: str, words: tuple[str, ...] = ()) -> float | str | None:
+    """``auto`` (None), a number in [0, 1], or one of the family's own ``words``."""
+    if raw == "auto":
+        return None
+    if raw in words:
+        return raw
+    accepted = f"a number in [0, 1], {', '.join(repr(w) for w in ('auto', *words))}"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, f"budget={raw!r} is not a number", accepted) from None
+    if not (0.0 <= value <= 1.0):  # NaN fails this too
+        raise ApiError(422, f"budget={raw} is outside [0, 1]", accepted)
+    return value
 
 
 # Bodies this small are decoded on the event loop: well under a millisecond, less than the hop
@@ -296,7 +408,13 @@ def known_query_only(request: Request) -> None:
     route = request.scope.get("route")
     if route is None or not hasattr(route, "dependant"):
         return
-    accepted = {p.alias for p in route.dependant.query_params}
+    accepted: set[str] = set()
+    for p in route.dependant.query_params:
+        model = p.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):  # a query-parameter model
+            accepted |= {f.alias or n for n, f in model.model_fields.items()}
+        else:
+            accepted.add(p.alias)
     unknown = sorted(set(request.query_params) - accepted)
     if unknown:
         raise ApiError(422, f"unknown query parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",

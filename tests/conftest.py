@@ -44,15 +44,26 @@ def bundled_model():
     return ArmSR.from_checkpoint(BUNDLED_ARM)
 
 
-def wait_ready(client, timeout: float = 60.0) -> None:
-    """Block until the app's cost model is calibrated (GET /readyz answers 200)."""
+def wait_until(condition, timeout: float = 5.0, interval: float = 0.01, what: str = "the condition"):
+    """Poll ``condition()`` until it returns something truthy and return that; raise
+    TimeoutError after ``timeout`` seconds.  For tests that must wait for another thread or
+    process to reach a point: wait for the point itself, never for a guessed time."""
     import time
 
     end = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
+    while True:
+        result = condition()
+        if result:
+            return result
         if time.monotonic() > end:
-            raise TimeoutError("the app did not become ready")
-        time.sleep(0.05)
+            raise TimeoutError(f"{what} did not hold within {timeout:g} s")
+        time.sleep(interval)
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    """Block until the app's cost model is calibrated (GET /readyz answers 200)."""
+    wait_until(lambda: client.get("/readyz").status_code == 200, timeout, interval=0.05,
+               what="the app's readiness (GET /readyz 200)")
 
 
 # Settings that keep the start-up calibration short in tests.

@@ -1,5 +1,5 @@
-"""The official PSS-Net state-dict layout, written out from the brief (B5) by hand rather
-than derived from our modules, so that tests comparing the two really check compatibility."""
+"""The official PSS-Net state-dict layout (``checkpoint_*.pt``, ``module.`` stripped), written
+out by hand rather than derived from our modules, so that tests comparing the two really check compatibility."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
 
 
 def mbv1_layout(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """B5: stem conv + BN; 13 blocks of dw (C_in,1,3,3) + BN + pw (C_out,C_in,1,1) + BN;
+    """Official MBV1: stem conv + BN; 13 blocks of dw (C_in,1,3,3) + BN + pw (C_out,C_in,1,1) + BN;
     classifier.0 (1000, 1024).  No conv biases."""
     widths = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
     keys = {"features.0.0.weight": (32, 3, 3, 3), **_bn("features.0.1", 32)}
@@ -26,7 +26,7 @@ def mbv1_layout(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
 
 
 def mbv2_layout(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """B5: stem; features.1 (dw 32, pw 32->16); features.2..17 (expand 6C_in, dw, project);
+    """Official MBV2: stem; features.1 (dw 32, pw 32->16); features.2..17 (expand 6C_in, dw, project);
     features.18 (1280, 320, 1, 1) + BN; classifier.0 (1000, 1280)."""
     keys = {"features.0.0.weight": (32, 3, 3, 3), **_bn("features.0.1", 32)}
     keys["features.1.body.0.weight"] = (32, 1, 3, 3)

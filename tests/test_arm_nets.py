@@ -1,4 +1,4 @@
-"""Backbones: widths, per-patch FLOPs and parameter counts of the brief, slicing rules."""
+"""Backbones: widths, per-patch FLOPs and parameter counts of the official subnets, slicing rules."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 
 from models.arm.nets import BACKBONES, SubPixelDeconv, Supernet, extract_subnet, get_backbone, official_flops
 
-# (width, FLOPs per 32x32 LR patch, active params) from the brief, table A2.5.
+# (width, FLOPs per 32x32 LR patch, active params): the official ``cost_list`` values (the
+# counting convention of the ARM code) and the official subnets' parameter counts.
 EXPECTED = {
     "fsrcnn": [(16, 141_262_852, 10_755), (36, 304_570_372, 17_635), (56, 467_877_892, 24_515)],
     "carn": [(36, 380_215_296, 94_395), (52, 771_563_520, 195_003), (64, 1_154_875_392, 294_147)],

@@ -1,5 +1,6 @@
 """Compatibility with the official ARM release: checkpoints, tables and the golden outputs
-of the official code (../shared/fixtures/arm-official/golden), at its README's tolerances."""
+of the official code (the ``golden`` folder of the official fixtures, see conftest.py): tables,
+edge scores and dispatch decisions exactly, float outputs to 1e-4 or closer."""
 
 from __future__ import annotations
 

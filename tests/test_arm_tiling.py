@@ -25,7 +25,7 @@ def test_official_tiling_drops_the_remainder() -> None:
     pos = tiling.positions(128, 128, "official")
     assert sorted(set(pos[:, 0].tolist())) == [0, 28, 56, 84]
     assert tiling.covered_hw(pos) == (116, 116)
-    # 1920x1080 LR: 68 x 38 patches in the official grid (the brief's example).
+    # 1920x1080 LR: 68 x 38 patches in the official grid, covering 1908x1068 (as the official code tiles it).
     assert len(tiling.positions(1080, 1920, "official")) == 68 * 38
 
 

@@ -17,9 +17,11 @@ from PIL import Image
 from models.cfvit.model import create_model
 from models.cfvit.serving import CfVitModel
 from service.app import create_app
-from service.classify import CfVitAdapter, PssNetAdapter
+from service.families.arm import ArmFamily
+from service.families.cfvit import CfVitFamily
+from service.families.pssnet import PssNetFamily
 from service.config import Settings
-from tests.conftest import FAST_START, synthetic_photo, wait_ready
+from tests.conftest import FAST_START, synthetic_photo, wait_ready, wait_until
 
 
 def tiny_cfvit() -> CfVitModel:
@@ -75,8 +77,8 @@ class FakePssNet:
 @pytest.fixture(scope="module")
 def setup(bundled_model):
     pss = FakePssNet()
-    app = create_app(Settings(**FAST_START), model=bundled_model,
-                     classifiers=[PssNetAdapter(pss), CfVitAdapter(tiny_cfvit())])
+    app = create_app(Settings(**FAST_START),
+                     families=[ArmFamily(bundled_model), PssNetFamily(pss), CfVitFamily(tiny_cfvit())])
     with TestClient(app) as c:
         wait_ready(c)
         yield c, pss
@@ -100,7 +102,7 @@ def test_pssnet_budget_picks_the_largest_subnet_that_fits(setup) -> None:
         body = r.json()
         assert body["rung"]["name"] == subnet and r.headers["x-anytime-rung"] == subnet
         assert body["predictions"][0]["label"] == "abc"[["min", "f60", "max"].index(subnet)]
-        assert len(body["predictions"]) == 2 and body["flops_full"] == 100.0
+        assert len(body["predictions"]) == 2 and body["flops_full"] == 2e8  # 100 MFLOPs of MACs, in FLOPs
     pinned = _post(c, model="pss-test", rung="min").json()
     assert pinned["rung"]["cfg"] == {"resolution": 16, "width": 0} and pinned["budget"] == "rung:min"
     assert _post(c, model="pss-test", rung="nope").status_code == 422
@@ -114,7 +116,7 @@ def test_cfvit_budget_maps_to_eta_and_reports_the_exit(setup) -> None:
     assert coarse["flops"] < coarse["flops_full"]
     fine = _post(c, model="cf-test", rung="fine").json()
     assert fine["rung"]["exit_stage"] == "fine" and fine["flops"] == fine["flops_full"]
-    m = next(s for s in c.app.state.services if s.name == "cf-test").model
+    m = next(s for s in c.app.state.services if s.name == "cf-test").family.model
     between = (m.expected_flops(0.5) + m.expected_flops(0.9)) / 2 / m.flops_full  # eta 0.5 fits, 0.9 does not
     low = _post(c, model="cf-test", budget=f"{between:.6f}").json()
     assert low["rung"]["eta"] == 0.5 and low["flops_expected"] <= between * low["flops_full"]
@@ -151,18 +153,14 @@ def test_concurrent_requests_at_one_subnet_share_a_forward_pass(setup) -> None:
     from service.executor import Job
 
     svc.runtime.executor.submit(Job([], 0.0, finish=lambda _: gate.wait(10)))
+    wait_until(lambda: svc.runtime.executor.depth == 0, what="the worker taking the gate job")  # it holds it now
     results = []
     threads = [threading.Thread(target=lambda: results.append(_post(c, model="pss-test", rung="max")))
                for _ in range(4)]
     pss.batches.clear()
     for t in threads:
         t.start()
-    import time
-
-    for _ in range(200):
-        if svc.runtime.executor.depth >= 4:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: svc.runtime.executor.depth >= 4, timeout=10, what="four requests queued behind the gate")
     gate.set()
     for t in threads:
         t.join(30)
@@ -173,14 +171,15 @@ def test_concurrent_requests_at_one_subnet_share_a_forward_pass(setup) -> None:
 def test_bundled_classifiers_serve_through_classify(bundled_model) -> None:
     """The real bundled models (when they have been trained and committed) through the
     default configuration: loading, calibration, one request at the bottom and top rung."""
-    from service.app import load_classifiers
+    from service import registry
     from service.config import bundled
 
     if bundled("pssnet") is None and bundled("cfvit") is None:
         pytest.skip("no bundled classification weights under models/pssnet/weights or models/cfvit/weights")
     settings = Settings(**{**FAST_START, "pssnet_checkpoint": bundled("pssnet"), "cfvit_checkpoint": bundled("cfvit")})
-    adapters = load_classifiers(settings)
-    app = create_app(settings, model=bundled_model, classifiers=adapters)
+    settings.families = ["pssnet", "cfvit"]
+    adapters = registry.load(settings)
+    app = create_app(settings, families=adapters)
     with TestClient(app) as c:
         wait_ready(c, timeout=120)
         for a in adapters:

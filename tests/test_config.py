@@ -14,7 +14,7 @@ def test_defaults_point_at_the_bundled_model(monkeypatch) -> None:
     monkeypatch.delenv("ANYTIME_CONFIG", raising=False)
     monkeypatch.delenv("ANYTIME_ARM_CHECKPOINT", raising=False)
     s = Settings()
-    assert s.arm_checkpoint == BUNDLED_ARM and BUNDLED_ARM.exists()
+    assert s.arm.checkpoint == BUNDLED_ARM and BUNDLED_ARM.exists()
     assert (s.host, s.port) == ("127.0.0.1", 8000)
 
 
@@ -24,8 +24,30 @@ def test_toml_file_and_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ANYTIME_CONFIG", str(cfg))
     monkeypatch.setenv("ANYTIME_PORT", "9100")
     s = Settings()
-    assert s.arm_checkpoint == Path("/models/arm-carn.pth") and s.default_budget == 0.4
+    assert s.arm.checkpoint == Path("/models/arm-carn.pth") and s.default_budget == 0.4
     assert s.port == 9100  # the environment wins over the file
+
+
+def test_family_settings_nest_and_keep_their_environment_names(monkeypatch, tmp_path: Path) -> None:
+    """Each family's settings live with the family (``settings.seqtr.long_sides``) and are
+    read from the names they had before they nested; a TOML table works too, and the
+    environment still wins over the file, constructor arguments over both."""
+    for name in ("ANYTIME_CONFIG", "ANYTIME_CLASS_NAMES", "ANYTIME_SEQTR_LONG_SIDES", "ANYTIME_GROUND_BATCH_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = tmp_path / "anytime.toml"
+    cfg.write_text('families = ["arm", "seqtr"]\n[seqtr]\nlong_sides = [256, 320]\nbatch_max = 2\n'
+                   '[arm]\ntime_slack_db = 0.2\n')
+    monkeypatch.setenv("ANYTIME_CONFIG", str(cfg))
+    monkeypatch.setenv("ANYTIME_ARM_TIME_SLACK_DB", "0.3")
+    monkeypatch.setenv("ANYTIME_CLASS_NAMES", "/names.txt")  # one name for both classifiers, as before
+    monkeypatch.setenv("ANYTIME_GROUND_BATCH_MAX", "4")
+    monkeypatch.setenv("ANYTIME_PSSNET_CHECKPOINT", "")  # '' switches a model off
+    s = Settings()
+    assert s.families == ["arm", "seqtr"] and s.seqtr.long_sides == [256, 320]
+    assert s.arm.time_slack_db == 0.3 and s.seqtr.batch_max == 4  # the environment over the file
+    assert s.pssnet.class_names == s.cfvit.class_names == Path("/names.txt") and s.pssnet.checkpoint is None
+    s = Settings(arm_time_slack_db=0.0, seqtr={"batch_max": 1})  # flat or nested, arguments win
+    assert s.arm.time_slack_db == 0.0 and s.seqtr.batch_max == 1 and s.seqtr.long_sides == [256, 320]
 
 
 def test_invalid_values_are_rejected(monkeypatch, tmp_path: Path) -> None:

@@ -17,9 +17,11 @@ from models.seqtr.model import SeqTR, seqtr_tiny
 from models.seqtr.raster import rle_to_mask
 from models.seqtr.serving import SeqTRGrounder
 from models.seqtr.text import Vocabulary
+from service import registry
 from service.app import create_app
 from service.config import Settings
-from service.ground import SeqTRAdapter
+from service.families.arm import ArmFamily
+from service.families.seqtr import SeqTRFamily
 from tests.conftest import FAST_START, synthetic_photo, wait_ready
 
 WORDS = ["the", "red", "blue", "circle", "square", "left", "of", "on"]
@@ -34,8 +36,8 @@ def tiny_grounder(task: str, seed: int) -> SeqTRGrounder:
 
 @pytest.fixture(scope="module")
 def client(bundled_model):
-    app = create_app(Settings(**FAST_START), model=bundled_model,
-                     grounders=[SeqTRAdapter(tiny_grounder("det", 0)), SeqTRAdapter(tiny_grounder("segm", 1))])
+    app = create_app(Settings(**FAST_START), families=[ArmFamily(bundled_model), SeqTRFamily(tiny_grounder("det", 0)),
+                                                       SeqTRFamily(tiny_grounder("segm", 1))])
     with TestClient(app) as c:
         wait_ready(c)
         yield c
@@ -122,17 +124,17 @@ def test_deadline_that_cannot_be_met_is_shed_and_models_listed(client) -> None:
     assert r.status_code == 429 and "retry-after" in r.headers
     listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert listed["tiny-segm"]["task"] == "mask" and listed["tiny-segm"]["num_points"] == 6
-    assert listed["tiny-det"]["cost_model"]["rungs"]["128"]["per_item_ms"] > 0
+    assert listed["tiny-det"]["cost_model"]["rungs"]["128"]["predicted_full_batch_ms"] > 0
     assert 'anytime_requests_total{code="429",endpoint="/ground"' in client.get("/metrics").text
 
 
 def test_resolution_ladder_follows_the_budget(bundled_model) -> None:
-    adapter = SeqTRAdapter(tiny_grounder("det", 0), long_sides=[64, 96, 128])
+    adapter = SeqTRFamily(tiny_grounder("det", 0), long_sides=[64, 96, 128])
     assert adapter.flops_by_side[64] < adapter.flops_by_side[96] < adapter.flops_full
     half = adapter.flops_by_side[96] / adapter.flops_full
-    assert adapter.at_budget(1.0).side == 128 and adapter.at_budget(half).side == 96
-    assert adapter.at_budget(half - 1e-3).side == 64 and adapter.at_budget(0.0).side == 64
-    app = create_app(Settings(**FAST_START), model=bundled_model, grounders=[adapter])
+    assert adapter.plan(None, 1.0).side == 128 and adapter.plan(None, half).side == 96
+    assert adapter.plan(None, half - 1e-3).side == 64 and adapter.plan(None, 0.0).side == 64
+    app = create_app(Settings(**FAST_START), families=[ArmFamily(bundled_model), adapter])
     with TestClient(app) as c:
         wait_ready(c)
         r = c.post("/ground", content=_png(), headers={"content-type": "image/png"},
@@ -152,8 +154,8 @@ def test_official_layout_checkpoint_serves_end_to_end(bundled_model, tmp_path) -
         pickle.dump({"PAD": 0, "UNK": 1, "CLS": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}, f)
     settings = Settings(**{**FAST_START, "seqtr_checkpoints": [tmp_path / "det_refcoco.pth"],
                            "seqtr_token_to_ix": tmp_path / "token_to_ix.pkl", "seqtr_long_sides": [64],
-                           "ground_batch_max": 1})
-    app = create_app(settings, model=bundled_model)
+                           "ground_batch_max": 1, "families": ["seqtr"]})
+    app = create_app(settings, families=[ArmFamily(bundled_model), *registry.load(settings)])
     with TestClient(app) as c:
         wait_ready(c, timeout=120)
         r = c.post("/ground", content=_png(120, 80), headers={"content-type": "image/png"},

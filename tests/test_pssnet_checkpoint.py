@@ -1,4 +1,4 @@
-"""Official PSS-Net checkpoints (B5): a synthesised ``checkpoint_249.pt`` with the official
+"""Official PSS-Net checkpoints: a synthesised ``checkpoint_249.pt`` with the official
 layout loads strictly into our supernet, pools yield their top-1 cfgs, and unsafe pickles
 are refused."""
 

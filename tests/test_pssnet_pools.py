@@ -1,4 +1,4 @@
-"""Target grids, the structure-space sampler and the prioritised pools (B2, B3)."""
+"""Target grids, the structure-space sampler and the prioritised pools (the official algorithm)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Offline photo data for ARM: the deterministic train / validation / test split.
 
-Sources (see docs/DATA.md): Debian's ``mate-backgrounds`` and
+Sources (installable offline from the package registries): Debian's ``mate-backgrounds`` and
 ``plasma-workspace-wallpapers`` photos (train and validation) and the colour photos
 bundled in the scikit-image wheel (test, a Set5/Set14-like set).  Split ``train-ext`` adds
 the 15 photographs of ``lomiri-wallpapers-16.04`` and ``lomiri-wallpapers-20.04`` to

@@ -36,6 +36,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
 Mode = Literal["budget", "best", "fixed", "eta"]
 Objective = Literal["mse", "psnr_sum"]
+IMAGE_PSNR_CROP = 4  # output pixels of border an image PSNR leaves out (metrics.psnr_rgb, evaluate.py)
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,56 @@ class Plan:
     tiling: str
     budget: float | None
     info: dict = field(default_factory=dict)
+    # How many scored output pixels each patch's prediction stands for (``patch_pixel_weights``):
+    # its own share of the stitched canvas, and its share of the bicubic fill (official tiling).
+    # None: computed from ``positions`` and ``out_hw``.
+    pixel_weight: np.ndarray | None = None  # (N,) float64
+    fill_weight: np.ndarray | None = None  # (N,) float64, all 0 in full tiling
+    fill_mse: np.ndarray | None = None  # (N,) predicted bicubic (rung 0) MSE per patch; None: pred_mse
+
+    def __post_init__(self) -> None:
+        if self.pixel_weight is None or self.fill_weight is None:
+            self.pixel_weight, self.fill_weight = patch_pixel_weights(self.positions, self.out_hw)
+        if self.fill_mse is None:
+            self.fill_mse = self.pred_mse
 
     @property
     def flops_fraction(self) -> float:
         return self.flops / self.flops_full if self.flops_full else 0.0
 
     @property
-    def predicted_psnr(self) -> float:
+    def predicted_image_mse(self) -> float:
+        """Predicted per-pixel squared error (0..255 scale, all three channels) of the stitched
+        output against the ground truth, over the pixels ``metrics.psnr_rgb`` scores (a 4 px
+        border left out): each patch's predicted MSE weighted by the output pixels it stands
+        for.  Assumes the patches that overlap at a pixel err alike (averaging them would
+        lower the error if they did not)."""
+        w, fw = self.pixel_weight, self.fill_weight
+        total = float(w.sum() + fw.sum())
+        if total <= 0:
+            return float(self.pred_mse.mean())
+        return float((w @ self.pred_mse + fw @ self.fill_mse) / total)
+
+    @property
+    def predicted_image_psnr(self) -> float:
+        """The table's prediction of the output image's PSNR (dB, RGB, 4 px crop: what
+        ``metrics.psnr_rgb`` measures): ``mse_to_psnr(predicted_image_mse)``.  Never above
+        the pixel-weighted mean of the patches' own predicted PSNRs (Jensen)."""
+        return float(mse_to_psnr(self.predicted_image_mse))
+
+    @property
+    def predicted_patch_psnr(self) -> float:
+        """The PSNR of the *unweighted* mean over patches of their predicted MSE: the table's
+        per-patch measure (each 128 x 128 output patch alone, its 4 px border cropped), with
+        no regard to how much of the image each patch makes.  What the server's
+        ``X-Anytime-Predicted-PSNR`` carried up to now."""
         return float(mse_to_psnr(self.pred_mse.mean()))
+
+    @property
+    def predicted_psnr(self) -> float:
+        """Deprecated alias of ``predicted_patch_psnr`` (kept for its existing callers); the
+        image's PSNR is ``predicted_image_psnr``."""
+        return self.predicted_patch_psnr
 
     def rung_counts(self, n_rungs: int) -> list[int]:
         return np.bincount(self.rungs, minlength=n_rungs).tolist()
@@ -90,6 +133,75 @@ class Analysis:
     lr_hw: tuple[int, int]  # padded LR size the tiles live in
     out_hw: tuple[int, int]  # output size (4x the original input)
     tiling: str
+    pixel_weight: np.ndarray | None = None  # (N,) see Plan; None: computed here
+    fill_weight: np.ndarray | None = None  # (N,)
+
+    def __post_init__(self) -> None:
+        if self.pixel_weight is None or self.fill_weight is None:
+            self.pixel_weight, self.fill_weight = patch_pixel_weights(self.positions, self.out_hw)
+
+
+def patch_pixel_weights(positions: np.ndarray, out_hw: tuple[int, int], crop: int = IMAGE_PSNR_CROP,
+                        patch: int = tiling.PATCH, scale: int = SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """How many of the output pixels that an image PSNR scores each patch stands for, as
+    ``ArmSR.assemble`` stitches: (weight, fill_weight), float64 (N,) each.
+
+    The scored pixels are the (out_h, out_w) canvas less a ``crop``-pixel border (all of it
+    when the crop would leave nothing).  A pixel that k patches cover is their plain average
+    (``tiling.Canvas``), so it adds 1/k to each one's ``weight``.  A pixel no patch covers
+    beyond the tiles' extent (official tiling's right and bottom remainder, which
+    ``assemble`` fills with bicubic) adds to the ``fill_weight`` of the patches covering
+    the nearest covered pixel (same row or column, at the extent's edge), split the same
+    way; their bicubic error stands for it.  Uncovered pixels inside the extent (no tiling
+    here makes any) count for nothing.  ``weight.sum() + fill_weight.sum()`` is then the
+    number of scored pixels.
+
+    Exact and cheap at any size: coverage is constant between consecutive patch edges, so
+    the canvas is reduced to that grid of cells (coordinate compression)."""
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    n = len(pos)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    h, w = int(out_hw[0]), int(out_hw[1])
+    if h - 2 * crop <= 0 or w - 2 * crop <= 0:
+        crop = 0
+    side = patch * scale
+    y0, x0 = np.minimum(pos[:, 0] * scale, h), np.minimum(pos[:, 1] * scale, w)
+    y1, x1 = np.minimum(y0 + side, h), np.minimum(x0 + side, w)
+    ch, cw = int(y1.max()), int(x1.max())  # covered extent; assemble fills beyond it
+
+    def cells(starts: np.ndarray, ends: np.ndarray, length: int, extent: int) -> np.ndarray:
+        return np.unique(np.concatenate([starts, ends, [0, crop, length - crop, length, extent]]))
+
+    by, bx = cells(y0, y1, h, ch), cells(x0, x1, w, cw)
+    iy0, iy1, ix0, ix1 = (np.searchsorted(b, v) for b, v in ((by, y0), (by, y1), (bx, x0), (bx, x1)))
+    ny, nx = len(by) - 1, len(bx) - 1
+    diff = np.zeros((ny + 1, nx + 1))
+    for iy, ix, sign in ((iy0, ix0, 1), (iy1, ix0, -1), (iy0, ix1, -1), (iy1, ix1, 1)):
+        np.add.at(diff, (iy, ix), sign)
+    count = diff.cumsum(0).cumsum(1)[:ny, :nx]
+    mid_y, mid_x = (by[:-1] + by[1:]) / 2, (bx[:-1] + bx[1:]) / 2
+    scored_y = (mid_y > crop) & (mid_y < h - crop)
+    scored_x = (mid_x > crop) & (mid_x < w - crop)
+    area = np.outer(np.diff(by) * scored_y, np.diff(bx) * scored_x).astype(np.float64)
+    covered = count > 0
+    safe = np.where(covered, count, 1.0)
+    own = np.where(covered, area / safe, 0.0)
+    # The fill: cells past the extent, moved onto the last covered cell of their row/column.
+    past = (~covered) & ((by[:-1] >= ch)[:, None] | (bx[:-1] >= cw)[None, :]) & (area > 0)
+    fill = np.zeros((ny, nx))
+    if past.any():
+        last_y, last_x = int(np.searchsorted(by, ch)) - 1, int(np.searchsorted(bx, cw)) - 1
+        py, px = np.nonzero(past)
+        np.add.at(fill, (np.minimum(py, last_y), np.minimum(px, last_x)), area[py, px])
+        fill = np.where(covered, fill / safe, 0.0)
+
+    def per_patch(density: np.ndarray) -> np.ndarray:
+        s = np.zeros((ny + 1, nx + 1))
+        s[1:, 1:] = density.cumsum(0).cumsum(1)
+        return s[iy1, ix1] - s[iy0, ix1] - s[iy1, ix0] + s[iy0, ix0]
+
+    return per_patch(own), per_patch(fill)
 
 
 @dataclass
@@ -209,7 +321,8 @@ class ArmSR:
         rungs = np.asarray(rungs, dtype=np.int64)
         n = len(a.positions)
         return Plan(a.positions, rungs, a.scores, a.pred_mse[np.arange(n), rungs], float(self.cost[rungs].sum()),
-                    float(self.cost[-1] * n), a.lr_hw, a.out_hw, a.tiling, budget, info)
+                    float(self.cost[-1] * n), a.lr_hw, a.out_hw, a.tiling, budget, info,
+                    a.pixel_weight, a.fill_weight, a.pred_mse[:, 0])
 
     def faster_within(self, a: Analysis, plan: Plan, seconds: Callable[[np.ndarray], float],
                       slack_db: float) -> Plan:

@@ -1,7 +1,7 @@
 """Loading CF-ViT weights: the official ``.pth`` releases and our own safetensors.
 
-Official files (brief A7) are dicts with ``model`` (the state dict), ``flop`` ([coarse,
-coarse+fine] GFLOPs, i.e. GMACs), ``anytime_classification`` ([coarse top-1, fine top-1])
+Official files (the authors' released ``.pth``) are dicts with ``model`` (the state dict),
+``flop`` ([coarse, coarse+fine] GFLOPs, i.e. GMACs), ``anytime_classification`` ([coarse top-1, fine top-1])
 and ``budgeted_batch_classification`` ([100 GFLOPs values, 100 accuracies] for eta =
 0.00 ... 0.99).  They hold only tensors, lists and numbers and load with
 ``torch.load(weights_only=True)``; the state dict is loaded strictly, as the official

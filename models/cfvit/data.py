@@ -1,5 +1,5 @@
 """Demo data for the tiny CF-ViT: the glyph set (``models.glyphs``) or, as a clearly
-labelled fallback, the brief's synthetic shapes (C3: 3 shapes x 4 colours, small random
+labelled fallback, synthetic shapes (3 shapes x 4 colours, small random
 sizes, noisy background), plus tensor conversion and the light training augmentation."""
 
 from __future__ import annotations

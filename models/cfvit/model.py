@@ -1,8 +1,8 @@
 """CF-ViT: a coarse-to-fine vision transformer with a confidence-based early exit.
 
-A re-implementation from the technical brief (``shared/docs/CFVIT_SEQTR.md`` part A) of
-"CF-ViT: A General Coarse-to-Fine Method for Vision Transformer" (AAAI 2023), written in the
-style of a timm model file: building blocks, then the model, then named configurations.
+Our own re-implementation of "CF-ViT: A General Coarse-to-Fine Method for Vision Transformer"
+(Chen et al., AAAI 2023, arXiv 2203.03821), written in the style of a timm model file:
+building blocks, then the model, then named configurations.
 
 Every image first runs a *coarse stage*: the transformer on the tokens of a 2x down-sampled
 image (bilinear, ``align_corners=True``), giving a ``Gc x Gc`` grid.  If its top-1 softmax
@@ -159,8 +159,8 @@ def _lvvit_small(coarse: int) -> CfVitConfig:
 # patch embedding is LV-ViT's conv stem at 32 channels (7x7/s2, 3x3, 3x3 with BN + ReLU, then a
 # 2x2/s2 projection): from scratch on the cluttered glyphs the single-conv DeiT embedding sat at
 # chance for hundreds of steps, the conv stem starts learning at once.  Class attention enters A
-# from the 2nd block on, as in the brief's tiny demo (C3): with 6 blocks "from the 4th" would
-# leave only three.
+# from the 2nd block on (the official models start at the 4th block, index 3): with 6 blocks
+# "from the 4th" would leave only three.
 TINY_GLYPHS = CfVitConfig(name="cf_tiny_glyphs", img_size=32, patch_size=4, num_classes=54, embed_dim=128, depth=6,
                           num_heads=4, mlp_ratio=3.0, qkv_bias=True, ln_eps=1e-6, stem="conv4", stem_channels=32,
                           skip_lam=1.0, aux_head=False, reuse_mlp_ratio=3.0, global_attn_start=1, crop_pct=1.0,

@@ -1,4 +1,4 @@
-"""Evaluation pre-processing for CF-ViT (brief A3) and class names.
+"""Evaluation pre-processing for CF-ViT (the official ImageNet evaluation transform) and class names.
 
 The official evaluation transform is torchvision's ``Resize(int(S / crop_pct), bicubic)`` on
 a PIL image (the short side to that size, the long side ``int(size * long / short)``), then

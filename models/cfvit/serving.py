@@ -126,12 +126,3 @@ class CfVitModel:
             if p["expected_flops"] <= budget * (1 + 1e-9):
                 best = max(best, p["eta"])
         return float(best)
-
-    def describe(self) -> dict:
-        """A summary for ``GET /v1/models``-style listings."""
-        c = self.config
-        return {"name": self.name, "family": "cfvit", "source": self.source, "input_size": c.img_size,
-                "num_classes": c.num_classes, "flops_convention": self.flops_convention,
-                "flops_coarse": self.flops_coarse, "flops_full": self.flops_full,
-                "tokens": {"coarse": c.num_coarse + 1, "fine": c.fine_seq_len},
-                "parameters": sum(p.numel() for p in self.net.parameters()), "curve": self.curve}

@@ -1,4 +1,4 @@
-"""Train the tiny CF-ViT demo (the brief's A8 recipe, scaled down to one CPU core).
+"""Train the tiny CF-ViT demo (the official training recipe, scaled down to one CPU core).
 
 Every step runs both stages on the whole batch (during training eta is effectively 1):
 

@@ -1,4 +1,4 @@
-"""Post-hoc BatchNorm recalibration per subnet (brief B4).
+"""Post-hoc BatchNorm recalibration per subnet, as the official evaluation does.
 
 All PSS-Net subnets share one set of BN running buffers during training, so after training
 they hold the statistics of whichever subnet ran last.  Every subnet that is evaluated or

@@ -1,7 +1,8 @@
 """PSS-Net checkpoints: the official ``checkpoint_*.pt`` and our own bundle.
 
-Official files (B5) are ``torch.save`` dicts holding the DataParallel state dict
-(``module.`` prefixes), the optimiser and scheduler states, ``arch_pools`` and RNG states,
+Official files (``checkpoint_{epoch}.pt``, written by the authors' training script) are
+``torch.save`` dicts holding the DataParallel state dict (``module.`` prefixes), the
+optimiser and scheduler states, ``arch_pools`` and RNG states,
 one of which (``np_random_state``) is a numpy array.  We read them with torch's restricted
 ``weights_only`` unpickler and an allowlist of exactly the numpy reconstruction functions
 and dtypes such a state needs, so a malicious pickle is refused instead of run.  Pool keys

@@ -1,6 +1,6 @@
 """Data for PSS-Net: the demo's glyph images and the transforms (official and demo).
 
-The official recipe (B3) trains on ImageNet with RandomResizedCrop(224, scale 0.25..1),
+The official recipe trains on ImageNet with RandomResizedCrop(224, scale 0.25..1),
 ColorJitter(0.4, 0.4, 0.4), PCA lighting 0.1 and horizontal flips, evaluates on
 Resize(256) + CenterCrop(224), and always feeds the network 224 px (the subnet resizes to
 its own resolution inside the model).  The demo keeps the same pipeline on the 32 px glyph
@@ -37,7 +37,7 @@ EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation; ``official()`` is B3's, ``demo()`` the glyph variant."""
+    """Training augmentation; ``official()`` is the official recipe's, ``demo()`` the glyph variant."""
 
     size: int
     scale: tuple[float, float] = (0.25, 1.0)
@@ -223,7 +223,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch: int) -> Iterator[tupl
 
 def calibration_batches(images: np.ndarray, augment: Augment, n_batches: int, batch: int,
                         seed: int) -> list[torch.Tensor]:
-    """``n_batches`` augmented training batches (B4: 9 batches with the training transform).
+    """``n_batches`` augmented training batches (the official recalibration: 9 batches with the training transform).
     Drawn once and reused for every retained subnet, so all subnets see the same images."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)

@@ -5,9 +5,10 @@
 
 Each retained subnet (every pool's top-1 cfg, max_net, min_net) is recalibrated on
 ``--calib-batches`` x ``--calib-batch-size`` training images with the official training
-transform (B4: 9 x 1024), and the supernet weights plus the per-subnet statistics are
-written as our bundle, which the server then loads without any images.  Accuracy is left
-unset: it has to be measured on ImageNet val, which this command does not do.
+transform (the official recalibration uses 9 batches of 1024), and the supernet weights
+plus the per-subnet statistics are written as our bundle, which the server then loads
+without any images.  Accuracy is left unset: it has to be measured on ImageNet val, which
+this command does not do.
 """
 
 from __future__ import annotations

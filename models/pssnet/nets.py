@@ -18,7 +18,9 @@ state dict loads without renaming):
   (``models.pssnet.calibrate``) and then folded (``fold_bn``).  This is the serving form.
 
 FLOPs follow the official convention (conv MACs + average pool + FC MACs, no FC bias,
-divided by 1e6); ``subnet_flops`` reproduces the brief's reference points exactly.
+divided by 1e6); ``subnet_flops`` reproduces the official FLOPs calculator's reference
+points exactly (e.g. MBV1: 568.79 MFLOPs at 224 px with every multiplier 1.0, 106.78 at
+128 px with every multiplier 0.75).
 Everything is configurable (classes, base widths, strides, resolution and multiplier
 ranges) so that a small demo of the *same* structure can be trained on a CPU.
 """
@@ -40,7 +42,7 @@ METRIC_TYPES = ("flops", "latency_gpu", "latency_cpu")
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
-    """The width rule of the brief (B1.2): round to the nearest multiple of ``divisor``
+    """The official width rule: round to the nearest multiple of ``divisor``
     (at least ``divisor``), and never go more than 10 % below ``v``."""
     new = max(divisor, int(v + divisor / 2) // divisor * divisor)
     if new < 0.9 * v:
@@ -139,7 +141,7 @@ def official_spec(model_name: str, num_classes: int = 1000) -> SupernetSpec:
 
 @dataclass(frozen=True)
 class SubnetConfig:
-    """One subnet, as the official ``model_cfg`` dict (B1.1).
+    """One subnet, as the official ``model_cfg`` dict.
 
     ``infer_metric`` / ``infer_metric_target`` are bookkeeping (the metric value and its
     pool target); the structure is (model_name, resolution, stage_cout_mults)."""
@@ -250,7 +252,7 @@ def subnet_widths(spec: SupernetSpec, cfg: SubnetConfig | None = None) -> Subnet
             mid = make_divisible(t * c, d) if t != 1 else c
             blocks.append(BlockWidths(c, mid, out, s, expand=t != 1, residual=residual))
             c, full_c = out, base
-    # The 9th multiplier is inert: the real model's tail is always ``tail_width`` (B1.4).
+    # The 9th multiplier is inert: the official model's tail is always ``tail_width`` (so is its FLOPs count).
     return SubnetWidths(stem, tuple(blocks), spec.tail_width, spec.tail_width)
 
 
@@ -307,7 +309,7 @@ class SlimBatchNorm2d(nn.Module):
     """Shared full-width affine γ/β plus one inner ``BatchNorm2d(affine=False)`` (``.bn``)
     holding full-width running statistics, all sliced first-k to the incoming channels.
     The slices are views, so train-mode updates write into the first k entries of the
-    shared buffers, as in the official code (B4)."""
+    shared buffers, as in the official code (no private BN per subnet)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
@@ -405,7 +407,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """The official in-model resize (B1.5): bilinear, align_corners=True, only if needed."""
+    """The official in-model resize: bilinear, align_corners=True, only if needed."""
     if x.shape[-2] != resolution or x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=True)
     return x

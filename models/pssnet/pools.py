@@ -1,4 +1,4 @@
-"""Resource targets, the structure-space sampler and the prioritised subnet pools (B2, B3).
+"""Resource targets, the structure-space sampler and the prioritised subnet pools, as in the official code.
 
 * ``TargetGrid``: a constraint type with targets ``start+step .. stop-step``; a metric value
   maps to its target by ``round((m - start % step) / step) * step + start % step``.
@@ -8,7 +8,7 @@
   is t.
 * ``Pools``: one dict per (type, target) mapping the cfg string to its score (-CE, EMA 0.9),
   capped at ``max_size`` by evicting the lowest score, sampled by ``softmax(score / T)``.
-  ``to_official`` / ``from_official`` use the checkpoint's ``arch_pools`` layout (B5).
+  ``to_official`` / ``from_official`` use the official checkpoint's ``arch_pools`` layout.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ class TargetGrid:
         return int(round((metric - off) / self.step)) * self.step + off
 
 
-# The official FLOPs grids (B2), and the demo's.  The demo's lower end is set as the official
-# one is (the min net rounds to ``start``); its upper end stops where uniform random subnets
-# still arrive: near the max net they almost never do (of 100,000 draws one reached MBV1's
-# 18 MFLOPs, which would leave that pool a single cfg).
+# The official FLOPs grids (those of the official mbv1-f / mbv2-f training scripts), and the
+# demo's.  The demo's lower end is set as the official one is (the min net rounds to
+# ``start``); its upper end stops where uniform random subnets still arrive: near the max net
+# they almost never do (of 100,000 draws one reached MBV1's 18 MFLOPs, which would leave that
+# pool a single cfg).
 OFFICIAL_GRIDS = {"mobilenet_v1": TargetGrid("flops", 110, 570, 10), "mobilenet_v2": TargetGrid("flops", 70, 300, 10)}
 DEMO_GRIDS = {"mobilenet_v1": TargetGrid("flops", 2, 18, 2), "mobilenet_v2": TargetGrid("flops", 2, 12, 1)}
 
@@ -96,7 +97,7 @@ class StructureSampler:
 
         A target that (almost) no uniform draw reached, typically the top of the grid, has
         no usable conditional; after ``max_tries`` rejections the last draw is shifted
-        instead (``_shift_to``).  This fallback is ours: the brief's sampler only rejects."""
+        instead (``_shift_to``).  This fallback is ours: the official sampler only rejects."""
         i = self._row(target)
         p_res = self.res_counts[i] / self.res_counts[i].sum()
         p_mult = self.mult_counts[i] / self.mult_counts[i].sum(1, keepdims=True)
@@ -206,5 +207,5 @@ def top1_per_pool(arch_pools: dict) -> list[tuple[str, int, SubnetConfig, float]
 
 
 def schedule(epoch: int, epochs: int, start: float = 1.0, end: float = 0.01) -> float:
-    """``start * (end / start) ** (e / E)``: p_e and T_e both decay from 1 to 0.01 (B3)."""
+    """``start * (end / start) ** (e / E)``: p_e and T_e both decay from 1 to 0.01 (official schedule)."""
     return start * math.pow(end / start, epoch / epochs)

@@ -1,8 +1,8 @@
 """Loading official SeqTR ``.pth`` files and saving / loading our own bundles.
 
-Official files (brief B8) are ``save_checkpoint`` dicts: ``state_dict``, optionally
-``ema_state_dict`` (trained with ``ema=True``), plus optimizer/scheduler state and
-metrics.  They are opened with ``torch.load(weights_only=True)``; if torch refuses (an
+Official files (written by the official ``save_checkpoint``) are dicts: ``state_dict``,
+optionally ``ema_state_dict`` (trained with ``ema=True``), plus optimizer/scheduler state
+and metrics.  They are opened with ``torch.load(weights_only=True)``; if torch refuses (an
 optimizer or scheduler entry holding some class it does not allow-list) we fall back to a
 restricted unpickler that resolves only torch's tensor-rebuild functions, dtypes,
 ``collections.OrderedDict`` and primitives, and turns every other global into an inert

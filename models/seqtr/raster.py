@@ -11,7 +11,8 @@ box; a 2-point "polygon" here has no area and gives an empty mask.
 
 Masks are brought to original pixels by scaling the polygon (:func:`rescale_polygon`) and
 rasterising at the original size, never by resizing the padded mask (the official
-``rescale=True`` path resizes the whole padded mask and so distorts it, brief B5).
+``rescale=True`` path resizes the whole padded mask, padding included, and so distorts it
+whenever the image was padded, e.g. a 640x427 image padded to 640x448).
 """
 
 from __future__ import annotations

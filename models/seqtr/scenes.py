@@ -1,4 +1,4 @@
-"""Synthetic referring-expression scenes for the tiny SeqTR demo (brief C3, docs/DATA.md).
+"""Synthetic referring-expression scenes for the tiny SeqTR demo (docs/DATA_SCENES.md).
 
 No referring-expression data set (RefCOCO & co.) can be downloaded here, so the bundled SeqTR
 demo trains on scenes we draw ourselves: a textured background and 4-7 coloured shapes, one

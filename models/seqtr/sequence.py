@@ -1,4 +1,4 @@
-"""Coordinates <-> SeqTR tokens (brief B4 sequence formats, B5 'relative' mapping).
+"""Coordinates <-> SeqTR tokens (the official det / segm sequence formats and 'relative' mapping).
 
 Quantisation is relative to each image's own *padded* size (x by pad_w, y by pad_h):
 ``tok = floor(coord / pad * num_bin)`` clipped to [0, num_bin-1]; dequantisation is the
@@ -34,7 +34,7 @@ def box_targets(box_xyxy: Sequence[float], pad_w: float, pad_h: float, num_bin: 
 
 
 def sample_contour(points: Sequence[Sequence[float]], n: int) -> list[tuple[float, float]]:
-    """The brief's GT sampling: all points if <= n, else every ceil(len/n)-th (may give < n)."""
+    """The official GT sampling: all points if <= n, else every ceil(len/n)-th (may give < n)."""
     pts = [(float(x), float(y)) for x, y in points]
     if len(pts) <= n:
         return pts

@@ -1,4 +1,4 @@
-"""Referring-expression text: SeqTR's cleaning rules and word vocabulary (brief B3).
+"""Referring-expression text: SeqTR's cleaning rules and word vocabulary (as in the official code).
 
 The official pipeline lower-cases, deletes ``. , ' ! ? " ( ) * # : ;``, turns ``-`` and ``/``
 into spaces, splits on whitespace, maps words through the dataset's ``token_to_ix.pkl``

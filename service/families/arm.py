@@ -1,0 +1,243 @@
+"""ARM on /superresolve: x4 super-resolution with a rung per 32x32 patch.
+
+Per request: decode the image (its patch count bounded from the header), analyse its tiles
+(edge scores, the Edge-to-PSNR table's predictions), let the planner pick the budget the
+deadline and the load allow, queue the patches grouped by rung (the scheduler merges them
+with other requests' patches of the same rung), then stitch and encode on the scheduler
+thread.  FLOPs: ARM's own count (2 x multiply-accumulates of every convolution and
+deconvolution, plus one per PReLU slope; bicubic counts nothing), per 32x32 LR patch.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from starlette.requests import Request
+
+from models.arm.pipeline import Analysis, ArmSR, Plan, rung_work
+from models.common.synthetic import synthetic_photo
+from service import imageio, limits
+from service.body import Upload, read_image
+from service.bundled import BUNDLED_ARM
+from service.endpoints import SUPERRESOLVE, SuperresolveParams
+from service.errors import ApiError
+from service.family import Answer, FamilySettings, Pinned, Rung, ServedFamily
+from service.media import OFFERED, negotiate
+from service.registry import register
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+# Small requests are planned on the event loop: it takes well under a millisecond, less than
+# the hop to the planning thread and back.
+INLINE_PLAN_PATCHES = 64  # about 230x230 LR
+
+# Rung colours of explain=true maps (bicubic grey, then blue -> green -> red by width).
+RUNG_COLOURS = [(128, 128, 128), (66, 133, 244), (52, 168, 83), (234, 67, 53), (251, 188, 4), (171, 71, 188)]
+
+
+class ArmSettings(FamilySettings):
+    model_config = SettingsConfigDict(env_prefix="ANYTIME_ARM_", extra="ignore")
+
+    checkpoint: Path | None = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an "
+                                    "official .pth ('' to serve none)")
+    table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
+    time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="among plans within this many dB of the best "
+                                 "predicted quality at the budget, serve the one predicted fastest (0: always "
+                                 "the best predicted quality)")
+
+
+@dataclass
+class SrWork:
+    img: imageio.Decoded
+    analysis: Analysis
+    media: str
+    objective: str = "mse"
+    groups: list = field(default_factory=list)
+
+
+class ArmFamily(ServedFamily[SrWork, Plan]):
+    family = "arm"
+    endpoint = SUPERRESOLVE
+    flops_convention = "2 x multiply-accumulates of every convolution and deconvolution + 1 per PReLU slope, " \
+                       "per 32x32 LR patch (ARM's count; bicubic counts 0)"
+    uses: ClassVar[frozenset[str]] = frozenset({"rung", "tiling", "objective", "explain"})
+    budget_words = ("best",)
+
+    def __init__(self, model: ArmSR, time_slack_db: float = 0.05, png_compress_level: int = 1,
+                 jpeg_quality: int = 95) -> None:
+        self.model, self.name = model, model.name
+        self.time_slack_db, self.png_level, self.jpeg_quality = time_slack_db, png_compress_level, jpeg_quality
+        self.top_index = len(model.rungs) - 1
+
+    # --- compute -----------------------------------------------------------------------
+
+    def batch_keys(self) -> dict:
+        return {r.index: r.name for r in self.model.rungs}
+
+    def example(self, key, n: int) -> torch.Tensor:
+        return torch.rand(n, 3, 32, 32, device=self.model.device)
+
+    def forward(self, key, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.run_patches(key, batch)
+
+    def calibrate_extra(self, repeats: int) -> list[tuple[float, float]]:
+        """Time stitch + PNG encode at two image sizes (the cost model fits it per output pixel)."""
+        samples = []
+        for side in (64, 192):
+            rgb = synthetic_photo(side, side, seed=side)
+            img = imageio.Decoded(rgb, rgb.astype(np.float32) / 255, None, False, 8)
+            work = SrWork(img, self.model.analyse(rgb), "image/png")
+            plan = self.plan(work, 0.65)
+            outputs = [self.model.run_patches(key, items) for key, items in self.prepare(work, plan)]
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.finish(work, plan, outputs)
+                times.append(time.perf_counter() - t0)
+            samples.append((16 * side * side, float(np.median(times))))
+        return samples
+
+    # --- one request -------------------------------------------------------------------
+
+    def rung_index(self, raw: str) -> int:
+        names = [r.name for r in self.model.rungs]
+        if raw in names:
+            return names.index(raw)
+        if raw.isdigit() and int(raw) < len(names):
+            return int(raw)
+        raise ApiError(422, f"rung={raw!r} is not a rung of {self.name}",
+                       f"one of {', '.join(names)} or an index 0..{len(names) - 1}")
+
+    def check(self, request: Request, params: SuperresolveParams) -> None:  # type: ignore[override]
+        if negotiate(request.headers.get("accept")) is None:
+            raise ApiError(406, f"none of Accept {request.headers.get('accept')!r} can be produced", ", ".join(OFFERED))
+        if params.rung is not None:
+            self.rung_index(params.rung)
+
+    async def read(self, request: Request, params: SuperresolveParams, limit: int) -> Upload:  # type: ignore[override]
+        """The image, and the output format the client accepts (in ``fields['media']``)."""
+        upload = await read_image(request, limit)
+        upload.fields["media"] = negotiate(request.headers.get("accept")) or OFFERED[0]
+        return upload
+
+    def decode(self, upload: Upload, params: SuperresolveParams, settings: Settings) -> SrWork:  # type: ignore[override]
+        img = imageio.decode(upload.data, settings.max_input_pixels,
+                             limits.sr_patches(settings.max_sr_patches, params.tiling))
+        return SrWork(img, self.model.analyse(img.rgb_u8, params.tiling), upload.fields["media"], params.objective)
+
+    def plan(self, work: SrWork, budget: float) -> Plan:
+        return self.model.choose(work.analysis, mode="budget", budget=budget,
+                                 objective=work.objective)
+
+    def top(self, work: SrWork) -> Plan:
+        return self.model.choose(work.analysis, mode="fixed", rung=self.top_index)
+
+    def bottom(self, work: SrWork) -> Plan:
+        return self.model.choose(work.analysis, mode="fixed", rung=0)
+
+    def batches(self, plan: Plan) -> list:
+        return rung_work(plan.rungs)
+
+    def refine(self, work: SrWork, plan: Plan, seconds) -> Plan:
+        return self.model.faster_within(work.analysis, plan, lambda rungs: seconds(replace(plan, rungs=rungs)),
+                                        self.time_slack_db)
+
+    def pin(self, work: SrWork, params: SuperresolveParams) -> Pinned | None:  # type: ignore[override]
+        if params.rung is not None:
+            index = self.rung_index(params.rung)
+            return Pinned(self.model.choose(work.analysis, mode="fixed", rung=index),
+                          f"rung:{self.model.rungs[index].name}")
+        if params.budget == "best":
+            return Pinned(self.model.choose(work.analysis, mode="best"), "best")
+        return None
+
+    def overhead_units(self, work: SrWork) -> float:
+        return float(work.analysis.out_hw[0] * work.analysis.out_hw[1])
+
+    def plans_inline(self, work: SrWork) -> bool:
+        return len(work.analysis.positions) <= INLINE_PLAN_PATCHES
+
+    def plan_only(self, params: SuperresolveParams) -> bool:  # type: ignore[override]
+        return params.explain
+
+    def prepare(self, work: SrWork, plan: Plan) -> list:
+        work.groups = self.model.prepare(plan, work.img.rgb)
+        return [(g.rung, g.patches) for g in work.groups]
+
+    def finish(self, work: SrWork, plan: Plan, outputs: list) -> bytes:
+        canvas = self.model.assemble(plan, work.img.rgb, work.groups, outputs)
+        return imageio.encode(canvas, work.img, work.media, png_compress_level=self.png_level,
+                              quality=self.jpeg_quality)
+
+    def respond(self, work: SrWork, decision, result: bytes, params, request) -> Answer:
+        return Answer(result, self.dominant_rung(decision.plan), decision.plan.flops, decision.plan.flops_full,
+                      work.media, self.plan_headers(decision.plan))
+
+    def explain(self, work: SrWork, decision) -> Answer:
+        plan = decision.plan
+        headers = {**self.plan_headers(plan), "X-Anytime-Rung-Colours": ",".join(
+            "{}=#{:02x}{:02x}{:02x}".format(r.name, *RUNG_COLOURS[r.index % len(RUNG_COLOURS)])
+            for r in self.model.rungs)}
+        return Answer(rung_map(plan, work.img.rgb_u8), self.dominant_rung(plan), plan.flops, plan.flops_full,
+                      "image/png", headers)
+
+    def dominant_rung(self, plan: Plan) -> str:
+        return self.model.rungs[int(np.bincount(plan.rungs).argmax())].name
+
+    def plan_headers(self, plan: Plan) -> dict[str, str]:
+        counts = plan.rung_counts(len(self.model.rungs))
+        return {"X-Anytime-Rung-Mix": ",".join(f"{r.name}={c}" for r, c in zip(self.model.rungs, counts)),
+                "X-Anytime-Predicted-Patch-PSNR": f"{plan.predicted_patch_psnr:.3f}", "X-Anytime-Tiling": plan.tiling}
+
+    def record(self, metrics, work: SrWork, decision, answer: Answer) -> None:
+        plan = decision.plan
+        metrics.predicted_patch_psnr.labels(self.name).observe(plan.predicted_patch_psnr)
+        for r, c in zip(self.model.rungs, plan.rung_counts(len(self.model.rungs))):
+            if c:
+                metrics.patches.labels(self.name, r.name).inc(c)
+
+    # --- description -------------------------------------------------------------------
+
+    def rungs(self) -> list[Rung]:
+        return [Rung(r.name, float(r.flops_per_patch), r.params, {}, False, {"index": r.index, "width": r.width})
+                for r in self.model.rungs]
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"backbone": m.backbone.name, "flops_per": "32x32 LR patch",
+                "table": m.table.source if m.table is not None else None, "metrics": m.meta.get("metrics")}
+
+
+def rung_map(plan: Plan, rgb_u8: np.ndarray) -> bytes:
+    """PNG at the input size: each pixel coloured by the highest rung among the patches
+    covering it, over a grey copy of the input."""
+    h, w = rgb_u8.shape[:2]
+    lh, lw = plan.lr_hw
+    colour = np.zeros((lh, lw, 3), dtype=np.float32)
+    for r in np.unique(plan.rungs).tolist():  # ascending: higher rungs paint over lower ones
+        for y, x in plan.positions[plan.rungs == r].tolist():
+            colour[y:y + 32, x:x + 32] = RUNG_COLOURS[r % len(RUNG_COLOURS)]
+    grey = rgb_u8.astype(np.float32).mean(axis=2, keepdims=True)
+    out = 0.35 * grey + 0.65 * colour[:h, :w]
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@register("arm")
+def load(settings: Settings) -> list[ArmFamily]:
+    s: ArmSettings = settings.arm
+    if s.checkpoint is None:
+        return []
+    model = ArmSR.from_checkpoint(s.checkpoint, table=s.table, device=settings.device)
+    return [ArmFamily(model, s.time_slack_db, settings.png_compress_level, settings.jpeg_quality)]
