@@ -40,7 +40,9 @@ RUN set -eu; \
 #    constrained to the torch above: pip fails rather than fetch another torch.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# A CUDA image adds the gpu extra (NVML: GPU utilisation in /v1/policy and the metrics).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+gpu = p['optional-dependencies']['gpu'] if '${TORCH_VARIANT}' != 'cpu' else []; print('\n'.join(p['dependencies'] + gpu))" \
         > /tmp/requirements.txt \
  && pip install -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt
 

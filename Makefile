@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv serve test data model bench clean wheels image
+.PHONY: venv serve test test-fast data model bench clean wheels image
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ serve: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The fast tier (about a minute on 2 cores): everything but the tests that start a server process,
+# train, or run Prometheus or a browser (those are marked slow).
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # Offline data (Debian packages; needs root): photos for ARM's training, tables and benchmarks,
 # and the font families the glyph classification set is rendered from (docs/DATA_GLYPHS.md;

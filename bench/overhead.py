@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings()
-    model = ArmSR.from_checkpoint(settings.arm_checkpoint)
+    model = ArmSR.from_checkpoint(settings.arm.checkpoint)
     body = default_image(args.size)
     proc = None
     if args.url:

@@ -4,10 +4,10 @@ queue, then join it, as one critical section across families), waiting for the r
 (with a shed at the last moment the job could still start, and a watch for clients who
 hang up), and the metrics every request records.
 
-A family's route (service/sr.py, service/classify.py, service/ground.py) parses its own
-input, builds the request's ``Ladder`` and says how to turn a plan into work and outputs
-into a result; everything between is here, so deadlines and shedding behave the same for
-every family.
+``FamilyService.handle`` is the one request template; a family (``service/family.py``,
+one module per family in ``service/families/``) only decodes its input, offers its plans and
+turns outputs into an answer through the contract's hooks.  Everything between is here, so
+deadlines and shedding behave the same for every family.
 
 The deadline of a request runs from its arrival (``request.state.t0``) to the moment the
 last byte of its response leaves; ``service/middleware.py`` counts met and missed there.

@@ -87,3 +87,14 @@ def server():
         proc.terminate()
         proc.wait(timeout=20)
 
+
+
+# Fixtures that start a real server process: a test that uses one is in the slow tier
+# (``make test-fast`` leaves it out; ``make test`` runs everything).
+SERVER_FIXTURES = {"server", "docs_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -24,6 +24,7 @@ def photo_dirs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
+@pytest.mark.slow
 def test_training_resumes_and_writes_weights_and_manifest(photo_dirs, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     common = ["--backbone", "fsrcnn", "--batch", "4", "--out", str(out), "--train-images", str(photo_dirs[0]),
@@ -47,6 +48,7 @@ def test_training_resumes_and_writes_weights_and_manifest(photo_dirs, tmp_path: 
     assert sr.shape == (160, 200, 3) and plan.flops_fraction <= 0.5
 
 
+@pytest.mark.slow
 def test_training_pauses_on_the_quiet_file_and_stops_after(photo_dirs, tmp_path: Path, capsys) -> None:
     import threading
     import time

@@ -174,6 +174,7 @@ def test_patch_count_from_the_size_matches_the_tiling() -> None:
     assert tiling.count(1000, 1000) <= 1400 and tiling.count(3891, 257) <= 1400  # 1 Mpx up to 16:1 admitted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resize,crop", [(256, 224), (32, 32)])
 def test_classification_crops_before_resizing_extreme_strips(resize: int, crop: int) -> None:
     rng = np.random.default_rng(0)

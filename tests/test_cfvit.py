@@ -1,6 +1,7 @@
-"""CF-ViT: official checkpoint compatibility (state dicts synthesised from the brief's A7
-layout, not from our module), the cost model against the brief's A5 table and against
-torch's flop counter, the early-exit semantics, pre-processing, serving and training."""
+"""CF-ViT: official checkpoint compatibility (state dicts synthesised from the official
+layout written out by hand, not from our module), the cost model against the MACs stored in
+the official checkpoints, a count of the official code and torch's flop counter, the
+early-exit semantics, pre-processing, serving and training."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-# ---- the official layout, written out from the brief (A7) --------------------------------
+# ---- the official layout (key names and shapes of the released checkpoints), by hand ------
 
 
 def official_layout(family: str, grid: int) -> dict[str, tuple[int, ...]]:
@@ -93,7 +94,9 @@ def n_params(layout: dict[str, tuple[int, ...]]) -> int:
 @pytest.mark.parametrize("family,grid,tensors,params", [
     ("deit", 7, 159, 23_252_200), ("deit", 9, 159, 23_313_640),
     ("lvvit", 7, 211, 27_058_064), ("lvvit", 9, 211, 27_119_504)])
-def test_brief_layout_totals(family, grid, tensors, params):
+def test_layout_totals_match_the_official_model(family, grid, tensors, params):
+    """The official state-dict layout (written out by hand) has the official tensor and
+    parameter counts, and our model has exactly that layout: same names and shapes."""
     lay = official_layout(family, grid)
     assert len(lay) == tensors and n_params(lay) == params
     m = create_model(f"cf_{family}_small_{grid}")
@@ -151,13 +154,16 @@ def test_config_detection_rejects_other_dicts():
 
 
 @pytest.mark.parametrize("name,coarse,full,rel", [
-    ("cf_deit_small_7", 1.10, 4.00, 0.01),   # the checkpoint's / notebook's numbers (A5)
+    ("cf_deit_small_7", 1.10, 4.00, 0.01),   # the checkpoint's `flop` / the authors' notebook
     ("cf_deit_small_7", 1.100, 4.014, 0.001),  # torch flop counter on the official code
     ("cf_lvvit_small_7", 1.574, 6.177, 0.01),
     ("cf_lvvit_small_7", 1.567, 6.151, 0.001),
     ("cf_deit_small_9", 1.831, 6.759, 0.01),
     ("cf_lvvit_small_9", 2.607, 10.344, 0.001)])
-def test_macs_reproduce_the_brief(name, coarse, full, rel):
+def test_macs_reproduce_the_official_counts(name, coarse, full, rel):
+    """Coarse and full GMACs of our cost model against the official numbers: the MACs stored
+    in the checkpoints / the authors' notebook (1 %) and torch's flop counter run on the
+    official code (0.1 %)."""
     m = count_macs(cfm.CONFIGS[name])
     assert m.coarse / 1e9 == pytest.approx(coarse, rel=rel)
     assert m.full / 1e9 == pytest.approx(full, rel=rel)

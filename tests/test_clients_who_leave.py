@@ -9,14 +9,13 @@ import json
 import re
 import socket
 import threading
-import time
 from urllib.parse import urlparse
 
 import httpx
 from PIL import Image
 
 from bench import server as bench_server
-from tests.conftest import synthetic_photo
+from tests.conftest import synthetic_photo, wait_until
 
 
 def png(side: int) -> bytes:
@@ -58,21 +57,27 @@ def test_a_queued_request_whose_client_leaves_is_never_computed(server) -> None:
         busy["patches"] = sum(int(kv.split("=")[1]) for kv in r.headers["x-anytime-rung-mix"].split(","))
 
     model = httpx.get(f"{url}/v1/models").json()["models"][0]["name"]
+
+    def policy() -> dict:
+        assert "status" not in busy, "the slow request finished before the second one queued behind it"
+        return httpx.get(f"{url}/v1/policy").json()
+
     t = threading.Thread(target=slow)
     t.start()
-    end = time.monotonic() + 20
-    while httpx.get(f"{url}/v1/policy").json()["scheduler"]["predicted_wait_ms"] <= 0:  # the slow one runs
-        assert time.monotonic() < end and "status" not in busy, "the slow request never ran"
-        time.sleep(0.01)
+    wait_until(lambda: policy()["scheduler"]["predicted_wait_ms"] > 0, timeout=20, what="the slow request running")
     sock = raw_request(url, "/superresolve?policy=full", png(96))
-    while httpx.get(f"{url}/v1/policy").json()["models"][model]["queue_depth"] < 1:  # queued behind the slow one
-        assert time.monotonic() < end and "status" not in busy, "the second request never queued"
-        time.sleep(0.02)
+    wait_until(lambda: policy()["models"][model]["queue_depth"] >= 1, timeout=20,
+               what="the second request queueing behind the slow one")
     sock.close()
     t.join(60)
     assert busy["status"] == 200
-    time.sleep(0.3)
-    after = httpx.get(f"{url}/metrics").text
+
+    def counted() -> str | None:  # the server has seen the hang-up and answered 499
+        text = httpx.get(f"{url}/metrics").text
+        return text if metric(text, "anytime_requests_total", endpoint="/superresolve", code="499") > \
+            metric(before, "anytime_requests_total", endpoint="/superresolve", code="499") else None
+
+    after = wait_until(counted, timeout=10, what="the 499 in the metrics")
     assert metric(after, "anytime_cancelled_total", stage="queued") - \
         metric(before, "anytime_cancelled_total", stage="queued") == 1
     assert metric(after, "anytime_requests_total", endpoint="/superresolve", code="499") - \
@@ -86,12 +91,28 @@ def test_a_queued_request_whose_client_leaves_is_never_computed(server) -> None:
 
 def test_a_hang_up_during_the_upload_is_logged_without_a_traceback(server) -> None:
     proc, url = server
+
+    def log() -> list[dict]:
+        text = bench_server.output(proc)
+        text = text[:text.rfind("\n") + 1]  # complete lines only: the server may be writing one
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    def hang_ups(lines: list[dict]) -> list[dict]:
+        return [rec for rec in lines if rec.get("path") == "/superresolve" and rec.get("status") == 499]
+
+    earlier = len(hang_ups(log()))  # the server is shared with the other tests of this module
     sock = raw_request(url, "/superresolve", png(200), send_bytes=1000)
-    time.sleep(0.2)
+    # the handler runs (the in-flight gauge counts it) and waits for the rest of the body
+    wait_until(lambda: metric(httpx.get(f"{url}/metrics").text, "anytime_inflight_requests") >= 1,
+               what="the server reading the upload")
     sock.close()
-    time.sleep(0.5)
-    lines = [json.loads(line) for line in bench_server.output(proc).splitlines() if line.startswith("{")]
-    closed = [rec for rec in lines if rec.get("path") == "/superresolve" and rec.get("status") == 499]
+
+    def logged() -> list[dict] | None:
+        lines = log()
+        return lines if len(hang_ups(lines)) > earlier else None
+
+    lines = wait_until(logged, what="the hang-up's log line")
+    closed = hang_ups(lines)
     assert closed and all(rec["level"] == "info" for rec in closed)
     assert not any("Traceback" in json.dumps(rec) or rec.get("status") == 500 for rec in lines)
     assert httpx.post(f"{url}/superresolve", content=png(64), headers={"content-type": "image/png"},

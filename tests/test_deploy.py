@@ -161,7 +161,7 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
                 "anytime_predicted_wait_seconds", "anytime_cpu_utilization_ratio", "anytime_gpu_utilization_ratio",
                 "anytime_slowdown_ratio"}
     assert required <= used, sorted(required - used)
-    assert any(n.startswith("anytime_predicted_psnr_decibels") for n in used)
+    assert any(n.startswith("anytime_predicted_patch_psnr_decibels") for n in used)
 
 
 def test_dashboard_is_provisioned_with_its_datasource() -> None:
@@ -262,6 +262,7 @@ def test_scrape_config_targets_the_compose_service() -> None:
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_server(tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
     if binary is None:

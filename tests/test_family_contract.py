@@ -183,3 +183,42 @@ def test_the_runtime_never_branches_on_a_family_name() -> None:
             if isinstance(node, ast.Compare):
                 constants = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
                 assert not names & {c for c in constants if isinstance(c, str)}, f"{path.name}:{node.lineno}"
+
+
+# ---- the registry: any subset, nothing served twice ------------------------------------------
+
+@pytest.mark.parametrize("families", [[], ["seqtr"], ["pssnet", "cfvit"], ["cfvit", "arm"]])
+def test_the_server_starts_with_any_subset_of_families(families: list[str]) -> None:
+    """Families are loaded by name from settings; any can be left out, ARM included."""
+    settings = Settings(**{**FAST_START, "families": families})
+    settings.pssnet, settings.cfvit, settings.seqtr = (type(s)() for s in (settings.pssnet, settings.cfvit,
+                                                                            settings.seqtr))  # the bundled ones
+    paths = {"arm": "/superresolve", "pssnet": "/classify", "cfvit": "/classify", "seqtr": "/ground"}
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c, timeout=120)
+        listed = c.get("/v1/models").json()["models"]
+        assert sorted({m["family"] for m in listed}) == sorted(families)
+        spec = set(c.get("/openapi.json").json()["paths"])
+        for family, path in paths.items():
+            assert (path in spec) == any(paths[f] == path for f in families), (family, path)
+        if "arm" not in families:
+            assert c.post("/superresolve", content=b"x").status_code == 404
+
+
+def test_what_cannot_be_served_is_refused_at_start_up() -> None:
+    settings = Settings(**SETTINGS)
+
+    class Other(Toy):
+        endpoint = Endpoint("/toy", "Another description of the same path", ToyParams)
+        name = "toy-2"
+
+    class Metrics(Toy):
+        endpoint = Endpoint("/metrics", "Shadows the server's own", ToyParams)
+        name = "toy-3"
+
+    for families, why in (([Toy(), Toy()], "share a name"), ([Toy(), Other()], "differently"),
+                          ([Metrics()], "shadow")):
+        with pytest.raises(ValueError, match=why):
+            create_app(settings, families=families)
+    with pytest.raises(ValueError, match="unknown families"):
+        create_app(Settings(**{**SETTINGS, "families": ["toy"]}))

@@ -1,4 +1,4 @@
-"""PSS-Net supernets: width rule, FLOPs and parameter reference points of the brief (B1),
+"""PSS-Net supernets: width rule, FLOPs and parameter reference points of the official code,
 the official key layout, dense extraction, BN recalibration and folding."""
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def test_supernet_parameter_counts() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_state_dict_layout_matches_the_brief(name: str) -> None:
+def test_state_dict_layout_matches_the_official_checkpoints(name: str) -> None:
+    """Our supernet's state-dict keys and shapes are those of the official ``checkpoint_*.pt``
+    (written out by hand in tests/pssnet_layout.py)."""
     ours = supernet_key_shapes(SPECS[name])
     assert ours == LAYOUTS[name]()
     assert len(ours) == {"mobilenet_v1": 164, "mobilenet_v2": 314}[name]

@@ -13,6 +13,7 @@ from service.config import Settings
 from service.costmodel import CostModel, LinearCost
 from service.executor import Draining, Executor, Expired, Infeasible, Job, QueueFull, Scheduler
 from service.planner import Ask, Ladder, Planner, Shed
+from tests.conftest import wait_until
 
 # --- cost model -------------------------------------------------------------------------
 
@@ -62,14 +63,18 @@ def test_prediction_chunks_by_max_batch_and_slowdown_follows_observations() -> N
 
 
 class Recorder:
-    """A fake family: doubles its input, records the batch sizes, can be slowed or broken."""
+    """A fake family: doubles its input, records the batch sizes, can be slowed or broken.
+    ``entered`` is set once the scheduler thread is inside a forward pass (held there while
+    ``gate`` is clear)."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay, self.calls, self.fail = delay, [], False
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
 
     def __call__(self, key, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         self.gate.wait(10)
         self.calls.append((key, len(x)))
         if self.fail:
@@ -89,7 +94,7 @@ def test_queued_jobs_sharing_a_rung_run_as_one_batch() -> None:
     ex = _executor(fwd)
     fwd.gate.clear()  # hold the worker on a first job while three more queue up
     first = ex.submit(Job([("a", torch.ones(1))], 0.001))
-    time.sleep(0.05)
+    assert fwd.entered.wait(5)  # the worker holds the first job
     jobs = [ex.submit(Job([("a", torch.full((3,), float(i))), ("b", torch.ones(2))], 0.005)) for i in range(3)]
     assert ex.depth == 3 and ex.predicted_wait() > 0.014
     fwd.gate.set()
@@ -128,7 +133,7 @@ def test_merging_stops_at_max_batch_and_respects_deadlines() -> None:
     ex = _executor(fwd)
     fwd.gate.clear()
     ex.submit(Job([("a", torch.ones(1))], 0.001))
-    time.sleep(0.05)
+    assert fwd.entered.wait(5)  # the worker holds the first job
     big = [ex.submit(Job([("a", torch.ones(10))], 0.01)) for _ in range(2)]  # 20 > 16: not merged
     tight = ex.submit(Job([("a", torch.ones(1))], 0.001, deadline=time.monotonic() + 0.5))
     fwd.gate.set()
@@ -145,11 +150,12 @@ def test_expired_and_cancelled_jobs_are_not_computed() -> None:
     ex = _executor(fwd)
     fwd.gate.clear()
     ex.submit(Job([("a", torch.ones(1))], 0.001))
-    time.sleep(0.05)
-    expired = ex.submit(Job([("a", torch.ones(4))], 0.001, deadline=time.monotonic() + 0.01))
+    assert fwd.entered.wait(5)  # the worker holds the first job
+    deadline = time.monotonic() + 0.01
+    expired = ex.submit(Job([("a", torch.ones(4))], 0.001, deadline=deadline))
     cancelled = ex.submit(Job([("a", torch.ones(5))], 0.001))
     assert cancelled.cancel()
-    time.sleep(0.05)
+    wait_until(lambda: time.monotonic() > deadline, what="the deadline")  # it can no longer be met
     fwd.gate.set()
     with pytest.raises(Expired):
         expired.result(5)
@@ -162,7 +168,7 @@ def test_bounded_queue_failures_and_drain() -> None:
     ex = _executor(fwd, max_queue=2)
     fwd.gate.clear()
     ex.submit(Job([("a", torch.ones(1))], 0.001))
-    time.sleep(0.05)
+    assert fwd.entered.wait(5)  # the worker holds the first job
     waiting = [ex.submit(Job([("a", torch.ones(16))], 0.001)) for _ in range(2)]
     with pytest.raises(QueueFull):
         ex.submit(Job([("a", torch.ones(1))], 0.001))
@@ -210,7 +216,7 @@ def test_admission_keeps_the_promises_already_made() -> None:
     ex = _executor(fwd)
     fwd.gate.clear()
     ex.submit(Job([("a", torch.ones(1))], 0.0))
-    time.sleep(0.05)
+    assert fwd.entered.wait(5)  # the worker holds the first job
     now = time.monotonic()
     first = Job([("a", torch.ones(1))], 0.3, deadline=now + 0.35)
     ex.submit(first)
@@ -235,7 +241,7 @@ def test_slowdown_learnt_under_overload_decays_once_the_host_is_idle() -> None:
     for _ in range(10):
         cm.observe_forward("a", 10, 0.05)  # five times slower than calibrated
     assert cm.slowdown > 4 and cm.predict([("a", 10)]) > 0.04
-    time.sleep(0.4)  # nothing runs: grace + 7 time constants
+    time.sleep(0.4)  # the behaviour under test: the host idles for grace + 7 time constants
     assert cm.slowdown == pytest.approx(1.0, abs=0.01)
     assert cm.predict([("a", 10)]) == pytest.approx(0.010, rel=0.02)
     cm.observe_forward("a", 10, 0.02)  # learning starts again from the decayed value
@@ -282,17 +288,34 @@ def test_explicit_budget_default_and_fixed_policies() -> None:
     assert _decide(Ask(), default_deadline_ms=100.0, default_budget=0.2).budget == 1.0
 
 
+class _WatchedCondition(threading.Condition):
+    """The scheduler's condition variable, telling when its thread waits with a timeout
+    (the wait for a fuller batch; it waits for work without one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_wait = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.timed_wait.set()  # still under the lock: whoever takes it next finds the thread waiting
+        return super().wait(timeout)
+
+
 def test_waiting_for_a_fuller_batch_serves_what_arrived_meanwhile() -> None:
     """With batch_max_wait the thread waits for more work; a job that arrives meanwhile
     joins the batch, and one that was cancelled meanwhile is never run."""
     fwd = Recorder()
-    ex = _executor(fwd, max_wait_s=0.2)
+    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16, max_wait_s=0.2)
+    ex.scheduler._cv = cv = _WatchedCondition()  # before its thread starts
+    ex.start()
     cancelled = Job([("a", torch.ones(1))], 0.001)
     ex.submit(cancelled)
-    time.sleep(0.02)  # the thread now waits for a fuller batch
-    assert ex.cancel(cancelled)
-    late = ex.submit(Job([("a", torch.ones(2))], 0.001))
-    also = ex.submit(Job([("a", torch.ones(3))], 0.001))
+    assert cv.timed_wait.wait(5)  # the thread now waits for a fuller batch
+    with cv:  # all three while it waits: the first arrival's notify must not let it run alone
+        assert ex.cancel(cancelled)
+        late = ex.submit(Job([("a", torch.ones(2))], 0.001))
+        also = ex.submit(Job([("a", torch.ones(3))], 0.001))
     late.result(5), also.result(5)
     assert fwd.calls == [("a", 5)]
     ex.shutdown(5)

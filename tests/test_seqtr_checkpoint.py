@@ -47,13 +47,13 @@ def _small_input(model: SeqTR):
 
 def test_official_layout_counts():
     shapes = official_shapes("det", vocab_size=V)
-    assert len(shapes) == 521  # brief B8: 521 state-dict tensors incl. BN buffers (and the embedding)
+    assert len(shapes) == 521  # official det layout: 521 state-dict tensors incl. BN buffers (and the embedding)
     assert "lan_enc.embedding.weight" in shapes
     with torch.device("meta"):
         m = SeqTR(SEQTR_DET(V))
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == dict(shapes)
     n = sum(p.numel() for p in m.parameters())
-    assert n == 104_274_377 + 300 * V  # brief B8
+    assert n == 104_274_377 + 300 * V  # the official det model's count (V = vocabulary size)
     split = {name: sum(p.numel() for p in getattr(m, name).parameters()) / 1e6 for name in ("vis_enc", "fusion", "head")}
     assert split["vis_enc"] == pytest.approx(56.3, abs=0.05) and split["fusion"] == pytest.approx(36.6, abs=0.05)
     assert split["head"] == pytest.approx(8.81, abs=0.01)

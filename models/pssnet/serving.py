@@ -6,9 +6,10 @@
   supernet weights plus the stored BN statistics of every retained subnet; each rung is
   extracted, given *its own* statistics and folded at load time;
 * an official ``checkpoint_*.pt``: each pool's top-1 cfg plus max_net and min_net.  Its BN
-  buffers are not valid for any served subnet (B4), so it needs calibration images (a
-  folder, e.g. ImageNet train, processed with the official training transform) or
-  ready-made batches; ``export_bundle`` then writes our bundle so later loads need none.
+  buffers are not valid for any served subnet (every subnet writes into the same BN running
+  buffers during training), so it needs calibration images (a folder, e.g. ImageNet train,
+  processed with the official training transform) or ready-made batches; ``export_bundle``
+  then writes our bundle so later loads need none.
 
 Rungs are ordered by FLOPs (ascending).  Every rung's network is a plain module in eval
 mode with no shared state, so ``forward`` may be called from several threads.
@@ -115,7 +116,8 @@ class PssNetModel:
                        calib_batch_size: int, name: str | None) -> PssNetModel:
         if calibration is None:
             raise ValueError(
-                "an official PSS-Net checkpoint's BN buffers belong to whichever subnet ran last (brief B4), so "
+                "an official PSS-Net checkpoint's BN buffers belong to whichever subnet ran last (every subnet "
+                "writes into the same BN running buffers during training), so "
                 "every served subnet needs its own statistics: pass calibration=<folder of training images> (or "
                 "batches), or load a bundle written by export_bundle / python -m models.pssnet.export")
         ckpt = load_official_checkpoint(path)
@@ -208,12 +210,6 @@ class PssNetModel:
         """The rungs a planner climbs: those not dominated on val (all of them when nothing
         was measured), by FLOPs."""
         return [r for r in self.rungs if not r.dominated] or list(self.rungs)
-
-    def rung_for_flops(self, budget_mflops: float) -> PssRung:
-        """The largest rung whose FLOPs fit the budget (the smallest rung if none does):
-        B7's "largest target <= the current budget"."""
-        fitting = [r for r in self.rungs if r.flops <= budget_mflops]
-        return fitting[-1] if fitting else self.rungs[0]
 
     def rung_by_name(self, name: str) -> PssRung:
         for r in self.rungs:

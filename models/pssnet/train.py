@@ -1,4 +1,4 @@
-"""Train a PSS-Net supernet with prioritised subnet sampling (brief B3), scaled to a CPU.
+"""Train a PSS-Net supernet with prioritised subnet sampling (the official algorithm), scaled to a CPU.
 
 Per iteration, on one batch:
 
@@ -20,10 +20,10 @@ Per iteration, on one batch:
 p_e and T_e decay per epoch e of E as 1.0 * 0.01 ** (e / E).
 
 At the end every pool's top-1 cfg (plus max and min net) is kept, each gets its own BN
-statistics (B4: reset, cumulative average over ``--calib-batches`` augmented training
-batches), is evaluated on the held-out val and test splits, and the bundle is written:
-``model.safetensors`` (shared supernet weights), ``bn_stats.safetensors`` (statistics per
-retained subnet) and ``manifest.json``.
+statistics (as the official evaluation does: reset, cumulative average over
+``--calib-batches`` augmented training batches), is evaluated on the held-out val and test
+splits, and the bundle is written: ``model.safetensors`` (shared supernet weights),
+``bn_stats.safetensors`` (statistics per retained subnet) and ``manifest.json``.
 
     python -m models.pssnet.train --model mobilenet_v1 --out runs/pssnet-mbv1-demo
 
@@ -61,7 +61,7 @@ from models.pssnet.pools import DEMO_GRIDS, Pools, StructureSampler, TargetGrid,
 
 
 def param_groups(net: PssSupernet, weight_decay: float) -> list[dict]:
-    """Weight decay on the non-depth-wise conv weights and the FC weight only (B3)."""
+    """Weight decay on the non-depth-wise conv weights and the FC weight only (the official recipe)."""
     decay, no_decay = [], []
     for module in net.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         "grids": [{"metric_type": grid.metric_type, "start": grid.start, "stop": grid.stop, "step": grid.step,
                    "targets": grid.targets}],
         "rungs": rungs_out,
-        "bn": {"note": "per-rung statistics recalibrated after training (B4); the supernet's own BN buffers are "
-                       "shared by all subnets and are not used",
+        "bn": {"note": "per-rung statistics recalibrated after training (every subnet writes into the same BN "
+                       "running buffers during training); the supernet's own BN buffers are shared by all "
+                       "subnets and are not used",
                "calibration": {"batches": args.calib_batches, "batch_size": args.calib_batch_size,
                                "augmentation": "training (Augment.demo)", "seed": args.seed + 7}},
         "arch_pools": pools.to_official(),

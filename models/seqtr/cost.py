@@ -1,15 +1,16 @@
 """Analytic FLOPs of SeqTR (FLOPs = 2 x MAC; convs, linears, GRU gates, attention matmuls).
 
 Norms, activations and softmax are not counted, matching ``torch.utils.flop_counter``
-conventions used for the brief's B9 table (DarkNet 128.6, fusion 30.7, encoder 5.0 GFLOPs
-at 640x640).  The decoder is costed as this implementation runs it (cross-attention K/V
-computed once, self-attention K/V cached); ``decoder_uncached`` is the official re-run of
-the whole prefix each step, for reference.
+conventions, as used for a torch.utils.flop_counter count of a replica of the official module
+tree (DarkNet 128.6, fusion 30.7, encoder 5.0 GFLOPs at 640x640).  The decoder is costed
+as this implementation runs it (cross-attention K/V computed once, self-attention K/V
+cached); ``decoder_uncached`` is the official re-run of the whole prefix each step, for
+reference.
 """
 
 from __future__ import annotations
 
-from models.seqtr.model import SeqTRConfig
+from models.seqtr.config import SeqTRConfig
 
 
 def _out(n: int, stride: int) -> int:

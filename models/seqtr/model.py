@@ -1,11 +1,12 @@
-"""SeqTR: visual grounding as autoregressive coordinate-token prediction (brief B1, B4, B6).
+"""SeqTR: visual grounding as autoregressive coordinate-token prediction (Zhu et al., ECCV
+2022, arXiv 2203.16265).
 
-Module tree and parameter names follow the official checkpoint layout (brief B8) so an
+Module tree and parameter names follow the official checkpoint layout so an
 official ``.pth`` loads strictly: ``vis_enc.darknet.{0..13}`` (mmcv ``ConvModule`` naming
 ``.conv`` / ``.bn``, DarknetBlock ``module_list.{j}.{0,1}``), ``lan_enc.embedding`` and
 ``lan_enc.lstm`` (a bidirectional GRU despite the name), ``head.transformer.*``,
 ``head.predictor.{0,1,2}.fc`` and ``fusion.*``.  Every size is a :class:`SeqTRConfig`
-field, so the tiny CPU-trainable model (:func:`seqtr_tiny`) is the same code.
+field (``config.py``), so the tiny CPU-trainable model (:func:`seqtr_tiny`) is the same code.
 
 Pixels are RGB float in [0, 255] (no normalisation); ``pad_mask`` is True on padding.
 """
@@ -13,137 +14,15 @@ Pixels are RGB float in [0, 255] (no normalisation); ``pad_mask`` is True on pad
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.seqtr.config import SEQTR_DET, SEQTR_SEGM, SeqTRConfig, seqtr_tiny  # noqa: F401 (re-exported)
+from models.seqtr.cost import seqtr_flops
 from models.seqtr.text import PAD
-
-
-@dataclass
-class SeqTRConfig:
-    """All sizes of a SeqTR model; the defaults are the official det model (brief B4)."""
-
-    vocab_size: int = 10000
-    word_dim: int = 300
-    gru_hidden: int = 512
-    freeze_embedding: bool = True
-    # DarkNet-53: stem conv width, then the 5 stage widths / residual block counts.
-    dark_stem: int = 32
-    dark_widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    dark_blocks: tuple[int, ...] = (1, 2, 8, 8, 4)
-    # Strides of the six plain convs (layers 0, 1, 3, 5, 7, 9); official (1, 2, 2, 2, 2, 2).
-    # A stride-1 layer 7 or 9 turns the matching fusion AvgPool into an identity, which is
-    # how a tiny model gets a stride-16 fusion output.
-    dark_strides: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
-    dark_head_blocks: int = 2  # layer 11: DarknetBlock(C5, n, no shortcut)
-    dark_head_mid: int = 512  # layer 12: 1x1 C5 -> mid; layer 13: 3x3 mid -> C5
-    # Fusion widths; None = the official choice (C3, C3'+C4, C4'+C5 as in brief B4).
-    fuse_bot2mid: int | None = None
-    fuse_mid2top: int | None = None
-    fuse_top_mid: int | None = None
-    d_model: int = 256
-    heads: int = 8
-    ffn: int = 1024
-    enc_layers: int = 6
-    dec_layers: int = 3
-    dropout: float = 0.1
-    gn_groups: int = 32
-    num_bin: int = 1000
-    task: str = "det"  # "det" | "segm"
-    num_points: int = 12  # N, segm only
-    max_token: int = 15
-    long_side: int = 640
-    size_divisor: int = 32
-    # Run the CNN in channels-last memory format (a speed choice only: same numbers up to
-    # float rounding; ~15 % faster CPU training of the tiny model).
-    channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        self.dark_widths = tuple(self.dark_widths)
-        self.dark_blocks = tuple(self.dark_blocks)
-        self.dark_strides = tuple(self.dark_strides)
-        if self.task not in ("det", "segm"):
-            raise ValueError(f"task must be 'det' or 'segm', got {self.task!r}")
-        if len(self.dark_widths) != 5 or len(self.dark_blocks) != 5 or len(self.dark_strides) != 6:
-            raise ValueError("dark_widths/dark_blocks need 5 entries, dark_strides 6")
-        if self.d_model % self.heads or self.d_model % self.gn_groups:
-            raise ValueError("d_model must be divisible by heads and gn_groups")
-
-    @property
-    def seq_len(self) -> int:
-        """Decoder positions: [start, x1, y1, x2, y2] or [start, x1 .. yN]."""
-        return 5 if self.task == "det" else 2 * self.num_points + 1
-
-    @property
-    def c3(self) -> int:
-        return self.dark_widths[2]
-
-    @property
-    def c4(self) -> int:
-        return self.dark_widths[3]
-
-    @property
-    def c5(self) -> int:
-        return self.dark_widths[4]
-
-    @property
-    def bot2mid(self) -> int:
-        return self.fuse_bot2mid or self.c3
-
-    @property
-    def mid2top(self) -> int:
-        return self.fuse_mid2top or (self.bot2mid + self.c4)
-
-    @property
-    def top_mid(self) -> int:
-        return self.fuse_top_mid or (self.mid2top + self.c5)
-
-    @property
-    def stride(self) -> int:
-        """Output stride of the fused map (32 for the official model)."""
-        return math.prod(self.dark_strides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SeqTRConfig":
-        return cls(**d)
-
-
-def SEQTR_DET(vocab_size: int, max_token: int = 15) -> SeqTRConfig:  # noqa: N802 - preset name
-    """The official REC (box) model."""
-    return SeqTRConfig(vocab_size=vocab_size, task="det", max_token=max_token)
-
-
-def SEQTR_SEGM(vocab_size: int, num_points: int = 12, max_token: int = 15) -> SeqTRConfig:  # noqa: N802
-    """The official RES (contour) model; N = 18 for RefCOCO, 12 for RefCOCO+/g (brief B5)."""
-    return SeqTRConfig(vocab_size=vocab_size, task="segm", num_points=num_points, max_token=max_token)
-
-
-def seqtr_tiny(task: str = "det", vocab_size: int = 64, num_points: int = 12, max_token: int = 8,
-               num_bin: int = 128, **overrides) -> SeqTRConfig:
-    """A CPU-trainable model of the same classes for 128x128 synthetic scenes.
-
-    Stride 16 (layers 0, 1, 3, 7 at stride 2; 5 and 9 at stride 1, so the C4->C5 fusion
-    pool is an identity) gives an 8x8 memory at 128 px: 4x4 is too coarse to place 12
-    contour points.  The learned 32-d embedding replaces frozen GloVe; dropout is 0
-    because the synthetic data is unlimited (and dropout masks cost ~20 % of a CPU step).
-    A batch-32 training step costs ~0.11 s of CPU time on one thread (docs/SEQTR.md).
-    """
-    cfg = dict(vocab_size=vocab_size, word_dim=32, gru_hidden=64, freeze_embedding=False,
-               dark_stem=8, dark_widths=(16, 24, 32, 48, 64), dark_blocks=(1, 1, 1, 1, 1),
-               dark_strides=(2, 2, 2, 1, 2, 1), dark_head_blocks=1, dark_head_mid=32,
-               fuse_bot2mid=16, fuse_mid2top=32, fuse_top_mid=64,
-               d_model=64, heads=4, ffn=256, enc_layers=2, dec_layers=2, dropout=0.0, gn_groups=32,
-               num_bin=num_bin, task=task, num_points=num_points, max_token=max_token,
-               long_side=128, size_divisor=16, channels_last=True)
-    cfg.update(overrides)
-    return SeqTRConfig(**cfg)
 
 
 # ----------------------------------------------------------------------------- vision
@@ -213,7 +92,7 @@ class LanguageEncoder(nn.Module):
     """Embedding + bi-GRU (named ``lstm`` as officially); max over the non-PAD positions.
 
     The GRU deliberately runs over the PAD positions too (no packing), as the official
-    code does: that is why ``max_token`` must match the checkpoint (brief B3).
+    code does: that is why ``max_token`` must match the checkpoint.
     """
 
     def __init__(self, cfg: SeqTRConfig):
@@ -424,7 +303,9 @@ class AutoRegressiveTransformer(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.seq_positional_encoding = SeqPositionalEncoding(cfg.seq_len, cfg.d_model)
-        for p in self.parameters():  # xavier for the transformer proper (brief B4) ...
+        # xavier for the transformer proper (xavier_uniform on every parameter with dim > 1,
+        # as the official init) ...
+        for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         # ... while query_embedding / input_proj keep their default initialisation.
@@ -523,7 +404,7 @@ class SeqTR(nn.Module):
     @torch.no_grad()
     def generate(self, img: Tensor, pad_mask: Tensor, text_ids: Tensor, use_cache: bool = True,
                  memory: Memory | None = None) -> tuple[Tensor, Tensor]:
-        """Greedy decoding: det 4 steps without EOS, segm 2N+1 steps with EOS (brief B5).
+        """Greedy decoding: det 4 steps without EOS, segm 2N+1 steps with EOS (as the official decoding).
 
         Score = mean max-probability of the emitted tokens, up to and including the first
         EOS.  ``use_cache=False`` re-runs the decoder on the whole prefix each step, as the
@@ -577,12 +458,12 @@ class SeqTR(nn.Module):
     # -- cost -------------------------------------------------------------------------
     def flops(self, h: int, w: int, text_len: int | None = None) -> dict[str, float]:
         """Analytic FLOPs (2 x MAC of convs, linears, attention matmuls) for one padded h x w image."""
-        from models.seqtr.cost import seqtr_flops
         return seqtr_flops(self.cfg, h, w, text_len)
 
 
 def seqtr_loss(logits: Tensor, targets: Tensor, task: str, num_bin: int, neg_factor: float = 0.1) -> Tensor:
-    """Label-smoothed CE of brief B6: q = 1 - neg on the target, neg / V elsewhere; weighted; / (B*T).
+    """Label-smoothed CE of the official SeqTR loss (neg_factor 0.1): q = 1 - neg on the target,
+    neg / V elsewhere; weighted; / (B*T).
 
     det: the first target token (x1) weighs 1.5; segm: EOS targets weigh 0.1.
     """

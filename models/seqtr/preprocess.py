@@ -1,4 +1,5 @@
-"""SeqTR eval pre-processing (brief B2): long side -> ``long_side``, zero-pad bottom/right.
+"""SeqTR eval pre-processing (the official eval pipeline): long side -> ``long_side``,
+zero-pad bottom/right.
 
 * Pixels stay **RGB float in [0, 255]** (mean 0, std 1: no /255, no ImageNet statistics).
 * Resize keeps the aspect ratio, ``s = long_side / max(h, w)``, new size

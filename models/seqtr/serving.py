@@ -3,9 +3,10 @@
 The server calls :meth:`SeqTRGrounder.prepare` (CPU work: decode-side resize/pad and text
 encoding) before queueing, then :meth:`SeqTRGrounder.run` on a batch of items of any
 sizes (one batched encode + greedy decode).  Post-processing uses each image's *own*
-padded size for dequantisation (brief B2/B5), divides by its scale factor, orders and
-clips boxes (the official code does neither), and rasterises polygons at the original
-resolution after scaling the vertices, instead of resizing the padded mask.
+padded size for dequantisation (as the official code: each image's own padded size, not the
+batch maximum), divides by its scale factor, orders and clips boxes (the official code does
+neither), and rasterises polygons at the original resolution after scaling the vertices,
+instead of resizing the padded mask.
 """
 
 from __future__ import annotations

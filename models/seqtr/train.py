@@ -1,4 +1,4 @@
-"""Train the tiny SeqTR demo on synthetic referring-expression scenes (brief B6 and C3, scaled to a CPU).
+"""Train the tiny SeqTR demo on synthetic referring-expression scenes (the official recipe, scaled to a CPU).
 
 The recipe is the official one, shrunk:
 
@@ -7,12 +7,13 @@ The recipe is the official one, shrunk:
   only: flips or hue shifts would change what "left" or "red" means; the official code also
   forbids flips);
 * targets: det ``[x1, y1, x2, y2, EOS]``, segm ``[x1, y1, ..., xN, yN, EOS]`` with the GT
-  contour sampled by :func:`models.seqtr.sequence.sample_contour` (brief B4, B5);
+  contour sampled by :func:`models.seqtr.sequence.sample_contour`, as the official code does;
 * loss: label-smoothed CE (:func:`models.seqtr.model.seqtr_loss`, 0.1);
 * Adam (betas 0.9/0.98, eps 1e-9, amsgrad, no weight decay), linear warm-up then cosine decay,
   gradient-norm clip; optional EMA of parameters *and* buffers (0.999, warm-up
   ``min(0.999, (step+1)/(step+10))``); at the end the raw and EMA weights are compared on val
-  and the better one is bundled (brief B8 says to check both).
+  and the better one is bundled (which of the two the official numbers come from is not
+  documented, so both are checked).
 
 ``--init <bundle>`` starts a model from another bundle's weights wherever names and shapes
 agree (a segm model from the det model: encoder, fusion, transformer; the det-length sequence
@@ -117,9 +118,9 @@ def make_targets(pool: scenes.SceneArrays, task: str, num_bin: int, num_points: 
     """Token targets for every pool sample, against the (unpadded = padded) canvas.
 
     Coordinates are shifted by half a bin before :mod:`models.seqtr.sequence` floors them, i.e.
-    quantised by rounding: serving dequantises to the *lower* bin edge (official parity, brief
-    B5), so floor-quantised targets would make every predicted vertex half a bin up-left of the
-    truth.  Box corners here are whole pixels at 1-pixel bins, where both rules agree."""
+    quantised by rounding: serving dequantises to the *lower* bin edge (as the official code
+    does, for parity), so floor-quantised targets would make every predicted vertex half a bin
+    up-left of the truth.  Box corners here are whole pixels at 1-pixel bins, where both rules agree."""
     h, w = pool.images.shape[1:3]
     hx, hy = 0.5 * w / num_bin, 0.5 * h / num_bin
     rows = []
@@ -521,7 +522,8 @@ def finish(args: argparse.Namespace, argv: list[str], name: str, cfg, vocab: Voc
         "name": name,
         "task": args.task,
         "trained_on": "synthetic referring-expression scenes (models/seqtr/scenes.py, docs/DATA_SCENES.md); "
-                      "NOT RefCOCO - see brief B7 for what the official checkpoints reach on the real benchmarks",
+                      "NOT RefCOCO - docs/DATA_SCENES.md quotes what the official checkpoints reach on the real "
+                      "benchmarks",
         "parameters": nparams,
         "config": cfg.to_dict(),
         "unknown_test_words": scenes.held_out_unknown_words(),
