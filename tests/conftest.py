@@ -91,7 +91,7 @@ def server():
 
 # Fixtures that start a real server process: a test that uses one is in the slow tier
 # (``make test-fast`` leaves it out; ``make test`` runs everything).
-SERVER_FIXTURES = {"server", "docs_server"}
+SERVER_FIXTURES = {"server", "server_url", "docs_server"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
