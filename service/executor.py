@@ -287,19 +287,18 @@ class Scheduler:
 
     def _take_batch(self) -> list[Job] | None:
         with self._cv:
-            waited = False
+            waited_for: Job | None = None  # each head waits for a fuller batch once
             while True:
                 while not self._queue:
                     if self._stopping:
                         return None
                     self._cv.wait()
-                    waited = False  # the job waited for is gone: the new head may wait too
                 head = self._queue[0]
-                if waited or self.max_wait_s <= 0 or len(self._queue) > 1 or \
+                if head is waited_for or self.max_wait_s <= 0 or len(self._queue) > 1 or \
                         head.items >= self.families[head.family].max_batch:
                     break
                 self._cv.wait(self.max_wait_s)  # for more work to batch; the queue may change meanwhile
-                waited = True
+                waited_for = head  # a new head (this one cancelled) gets its own wait
             fam = self.families[head.family]
             now = time.monotonic()
             batch = [self._queue.pop(0)]

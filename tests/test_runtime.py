@@ -319,3 +319,24 @@ def test_waiting_for_a_fuller_batch_serves_what_arrived_meanwhile() -> None:
     late.result(5), also.result(5)
     assert fwd.calls == [("a", 5)]
     ex.shutdown(5)
+
+
+def test_a_new_head_gets_its_own_wait_for_a_fuller_batch() -> None:
+    """When the job the thread waits on is cancelled, the job that takes its place waits for
+    a fuller batch too, instead of running alone at once."""
+    fwd = Recorder()
+    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16, max_wait_s=0.3)
+    ex.scheduler._cv = cv = _WatchedCondition()  # before its thread starts
+    ex.start()
+    first = Job([("a", torch.ones(1))], 0.001)
+    ex.submit(first)
+    assert cv.timed_wait.wait(5)
+    with cv:
+        cv.timed_wait.clear()
+        assert ex.cancel(first)
+        late = ex.submit(Job([("a", torch.ones(2))], 0.001))
+    assert cv.timed_wait.wait(5)  # the new head waits for company
+    also = ex.submit(Job([("a", torch.ones(3))], 0.001))
+    late.result(5), also.result(5)
+    assert fwd.calls == [("a", 5)]
+    ex.shutdown(5)
