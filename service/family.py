@@ -103,7 +103,6 @@ class Answer:
     flops_full: float
     media_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    budget_label: str | None = None  # what X-Anytime-Budget says (default: the decision's budget)
 
 
 @dataclass

@@ -308,7 +308,7 @@ class FamilyService:
             result = await self.result(request, decision, job, future)
             answer = f.respond(work, decision, result, params, request) if f.respond_inline(work, params) else \
                 await asyncio.to_thread(f.respond, work, decision, result, params, request)
-        label = pinned.label if pinned is not None else answer.budget_label or f"{round(decision.budget, 4):g}"
+        label = pinned.label if pinned is not None else f"{round(decision.budget, 4):g}"
         headers = {**self.timing_headers(decision, job, t0), "X-Anytime-Rung": answer.rung,
                    "X-Anytime-Flops": f"{answer.flops:.0f}", "X-Anytime-Flops-Full": f"{answer.flops_full:.0f}",
                    "X-Anytime-Flops-Fraction": f"{answer.flops / answer.flops_full if answer.flops_full else 0:.4f}",
