@@ -50,6 +50,7 @@ gpu = p['optional-dependencies']['gpu'] if '${TORCH_VARIANT}' != 'cpu' else []; 
 COPY service/ service/
 COPY models/ models/
 COPY bench/ bench/
+COPY compress/ compress/
 RUN pip install -c /opt/venv/torch-constraint.txt . \
  && pip check \
  && cd / && python -c "from service.config import BUNDLED_ARM; assert BUNDLED_ARM.is_file(), BUNDLED_ARM; print(BUNDLED_ARM)"

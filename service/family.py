@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,9 +46,13 @@ class RequestParams(BaseModel):
 
     model: str | None = Field(None, description="a model from GET /v1/models (default: the first that "
                                                 "serves the request)")
-    budget: str = Field("auto", description="fraction of the top rung's FLOPs in [0, 1]; 'auto' lets the "
-                                            "planner choose from the deadline and the load (the configured default "
-                                            "when there is no deadline)")
+    budget: str = Field("auto", description="a number in [0, 1]: the fraction of the top rung's cost the request "
+                                            "may use, in budget_unit; 'auto' lets the planner choose from the "
+                                            "deadline and the load (the configured default when there is no deadline)")
+    budget_unit: Literal["time", "flops"] | None = Field(None, description="what budget is a fraction of: 'time' "
+                                                         "(the top rung's predicted compute time on this host) or "
+                                                         "'flops' (its FLOPs, the papers' convention); default: the "
+                                                         "model's first unit in GET /v1/models (budget_units)")
     deadline_ms: float | None = Field(None, gt=0, le=600_000, description="answer within this many ms of "
                                       "arrival: the planner picks the largest budget that fits and sheds (429) what "
                                       "cannot fit even at min_budget")
@@ -128,6 +132,8 @@ class ServedFamily(ABC, Generic[Work, Plan]):
     uses: ClassVar[frozenset[str]] = frozenset()
     # extra words ``budget`` accepts besides 'auto' and a number (ARM: 'best'), handled by ``pin``
     budget_words: ClassVar[tuple[str, ...]] = ()
+    # what a budget can be a fraction of ("time", "flops"), the default first
+    budget_units: ClassVar[tuple[str, ...]] = ("flops",)
     name: str  # the model's name, unique on a server
 
     # --- batched compute (the scheduler thread) -------------------------------------------
@@ -154,6 +160,12 @@ class ServedFamily(ABC, Generic[Work, Plan]):
 
     max_batch: int | None = None  # items per forward pass; None: the server's batch_max_items
 
+    def calibrated(self, seconds_per_item) -> None:
+        """Called once the start-up timing is done: ``seconds_per_item(key)`` is then the
+        cost model's live prediction of one item's share of a full batch at ``key`` (what a
+        rung costs under load, when batches fill).  Families whose budgets are in time keep
+        it to order their rungs."""
+
     def calibrate_extra(self, repeats: int) -> list[tuple[float, float]]:
         """(units, seconds) samples (medians of ``repeats`` runs) of the work after the network (stitching, encoding),
         timed at start-up on the scheduler thread; the cost model fits seconds per unit
@@ -179,9 +191,10 @@ class ServedFamily(ABC, Generic[Work, Plan]):
         ``imageio.ImageError`` or ``ApiError`` for bad input (the runtime maps both)."""
 
     @abstractmethod
-    def plan(self, work: Work, budget: float) -> Plan:
-        """The best plan whose FLOPs fit ``budget`` x the top rung's (the cheapest when
-        none fits).  Must be monotone: a larger budget never gives a cheaper plan."""
+    def plan(self, work: Work, budget: float, unit: str) -> Plan:
+        """The best plan whose cost fits ``budget`` x the top rung's, in ``unit`` (one of
+        ``budget_units``: predicted time or FLOPs); the cheapest when none fits.  Must be
+        monotone: a larger budget never gives a cheaper plan."""
 
     @abstractmethod
     def top(self, work: Work) -> Plan:

@@ -129,9 +129,9 @@ class FamilyService:
         """Predicted forward seconds of a plan on this host (fixed cost per batch included)."""
         return self.runtime.cost.predict(self.family.batches(plan))
 
-    def ladder(self, work: Any) -> Ladder:
+    def ladder(self, work: Any, unit: str) -> Ladder:
         f = self.family
-        return Ladder(at_budget=lambda b: f.plan(work, b), seconds=self.seconds, top=lambda: f.top(work),
+        return Ladder(at_budget=lambda b: f.plan(work, b, unit), seconds=self.seconds, top=lambda: f.top(work),
                       bottom=lambda: f.bottom(work), flops_fraction=flops_fraction,
                       refine=lambda p: f.refine(work, p, self.seconds))
 
@@ -280,6 +280,10 @@ class FamilyService:
         f, s = self.family, self.settings
         self.open_for(request, t0, params.deadline_ms, params.policy)
         budget = parse_budget(params.budget, f.budget_words)
+        unit = params.budget_unit or f.budget_units[0]
+        if unit not in f.budget_units:
+            raise ApiError(422, f"budget_unit={unit} is not offered by {self.name}",
+                           f"budget_unit={' or '.join(f.budget_units)}")
         f.check(request, params)
         self.shed_early(t0, params.deadline_ms, params.policy)
         upload = await f.read(request, params, s.max_body_bytes)
@@ -300,7 +304,7 @@ class FamilyService:
             return result
 
         decision, job, future = await self.admit(
-            self.ladder(work), ask, t0, self.runtime.cost.predict_overhead(units) if units else 0.0,
+            self.ladder(work, unit), ask, t0, self.runtime.cost.predict_overhead(units) if units else 0.0,
             None if plan_only else (lambda d: f.prepare(work, d.plan)), finish, inline=f.plans_inline(work))
         if plan_only:
             answer = await asyncio.to_thread(f.explain, work, decision)
@@ -351,17 +355,22 @@ class FamilyService:
 
     def start(self) -> Future:
         """Calibrate on the scheduler's thread; the future completes when the model is ready."""
-        extra = self.family.calibrate_extra
-        if type(self.family).calibrate_extra is ServedFamily.calibrate_extra:
-            return self.runtime.start()
-        return self.runtime.start(extra=lambda: self.runtime.cost.calibrate_overhead(
-            extra(self.settings.calibration_repeats)))
+        f, rt = self.family, self.runtime
+        full = rt.max_batch
+
+        def after_timing() -> None:
+            if type(f).calibrate_extra is not ServedFamily.calibrate_extra:
+                rt.cost.calibrate_overhead(f.calibrate_extra(self.settings.calibration_repeats))
+            f.calibrated(lambda key: rt.cost.predict_forward(key, full) / full)
+
+        return rt.start(extra=after_timing)
 
     def describe(self) -> dict:
         """This model's entry in GET /v1/models."""
         f, rt = self.family, self.runtime
         return {"name": self.name, "family": f.family, "endpoint": self.endpoint.path,
                 **{k: v for k, v in f.selection().items()}, "flops_convention": f.flops_convention,
+                "budget_units": list(f.budget_units),
                 "rungs": [r.describe() for r in f.rungs()], **f.describe(),
                 "ready": rt.ready.is_set(), "cost_model": rt.cost.snapshot() if rt.cost.calibrated else None,
                 "calibration_s": round(rt.calibration_s, 3)}

@@ -95,9 +95,10 @@ def _post(c: TestClient, **params):
 
 
 def test_pssnet_budget_picks_the_largest_subnet_that_fits(setup) -> None:
+    """In FLOPs (the paper's convention): the largest subnet within budget x the largest's."""
     c, _ = setup
     for budget, subnet in (("1", "max"), ("0.7", "f60"), ("0.6", "f60"), ("0.59", "min"), ("0", "min")):
-        r = _post(c, model="pss-test", budget=budget, top_k=2)
+        r = _post(c, model="pss-test", budget=budget, budget_unit="flops", top_k=2)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["rung"]["name"] == subnet and r.headers["x-anytime-rung"] == subnet
@@ -107,6 +108,32 @@ def test_pssnet_budget_picks_the_largest_subnet_that_fits(setup) -> None:
     assert pinned["rung"]["cfg"] == {"resolution": 16, "width": 0} and pinned["budget"] == "rung:min"
     assert _post(c, model="pss-test", rung="nope").status_code == 422
     assert _post(c, model="pss-test", eta="0.5").status_code == 422
+
+
+def test_pssnet_time_budgets_climb_the_rungs_that_are_not_dominated() -> None:
+    """In time: rungs ordered by their predicted time per image; a rung slower than another
+    and no more accurate on validation is dominated, never chosen, and listed so."""
+    from models.pssnet.serving import PssNetModel
+    from service.bundled import bundled
+
+    model = PssNetModel.from_checkpoint(bundled("pssnet"), int8=False)
+    fam = PssNetFamily(model)
+    names = [r.name for r in fam.ladder]  # min ... top, by FLOPs and by val accuracy
+    # a made-up host where the second rung is slower than the third: it is dominated
+    ms = {n: 1.0 + i for i, n in enumerate(names)}
+    ms[names[1]] = ms[names[2]] + 0.5
+    fam.calibrated(lambda key: ms.get(key, 100.0) / 1000)
+    chosen = [p.key for p in fam.by_time]
+    assert names[1] not in chosen and chosen == [n for n in names if n != names[1]]
+    top = ms[names[-1]]
+    for budget in (0.0, 0.3, 0.5, 0.8, 1.0):
+        plan = fam.plan(None, budget, "time")
+        assert ms[plan.key] <= max(budget * top, ms[names[0]]) + 1e-9
+        better = [n for n in chosen if ms[n] <= budget * top and ms[n] > ms[plan.key]]
+        assert not better, (budget, plan.key, better)
+    listed = {r.name: r for r in fam.rungs()}
+    assert listed[names[1]].dominated and not listed[names[2]].dominated
+    assert fam.plan(None, 0.5, "flops").key == fam.plan(None, 0.5, "flops").subnet  # fp32 in FLOPs
 
 
 def test_cfvit_budget_maps_to_eta_and_reports_the_exit(setup) -> None:
@@ -183,7 +210,7 @@ def test_bundled_classifiers_serve_through_classify(bundled_model) -> None:
     with TestClient(app) as c:
         wait_ready(c, timeout=120)
         for a in adapters:
-            lo = _post(c, model=a.model.name, budget="0").json()
-            hi = _post(c, model=a.model.name, budget="1").json()
+            lo = _post(c, model=a.model.name, budget="0", budget_unit="flops").json()
+            hi = _post(c, model=a.model.name, budget="1", budget_unit="flops").json()
             assert lo["flops_expected"] <= hi["flops_expected"] and hi["flops_expected"] == hi["flops_full"]
             assert 0 < lo["predictions"][0]["probability"] <= 1 and lo["predictions"][0]["label"] in a.model.classes

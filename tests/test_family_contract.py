@@ -54,7 +54,7 @@ class Toy(ServedFamily):
         return batch * (2 if key == "big" else 1)
     async def read(self, request, params, limit): return Upload(await read_limited(request, limit), {})
     def decode(self, upload, params, settings): return torch.tensor(json.loads(upload.data)) * params.scale
-    def plan(self, work, budget): return self.top(work) if budget >= 1 else self.bottom(work)
+    def plan(self, work, budget, unit): return self.top(work) if budget >= 1 else self.bottom(work)
     def top(self, work): return ToyPlan("big", 1e4)
     def bottom(self, work): return ToyPlan("small", 1e3)
     def batches(self, plan): return [(plan.rung, 1)]
@@ -169,7 +169,7 @@ def test_plans_are_monotone_in_the_budget(real_families) -> None:
     for f in real_families:
         work = SrWork(imageio.Decoded(rgb, rgb / 255.0, None, False, 8), f.model.analyse(rgb), "image/png") \
             if f.family == "arm" else None
-        flops = [f.plan(work, b).flops for b in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]
+        flops = [f.plan(work, b, "flops").flops for b in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]
         assert flops == sorted(flops) and f.bottom(work).flops <= flops[0] and f.top(work).flops >= flops[-1], \
             (f.family, flops)
 
@@ -193,6 +193,7 @@ def test_the_server_starts_with_any_subset_of_families(families: list[str]) -> N
     settings = Settings(**{**FAST_START, "families": families})
     settings.pssnet, settings.cfvit, settings.seqtr = (type(s)() for s in (settings.pssnet, settings.cfvit,
                                                                             settings.seqtr))  # the bundled ones
+    settings.pssnet.int8 = False  # 1.5 s a rung to build; tests/test_pssnet_int8.py serves them
     paths = {"arm": "/superresolve", "pssnet": "/classify", "cfvit": "/classify", "seqtr": "/ground"}
     with TestClient(create_app(settings)) as c:
         wait_ready(c, timeout=120)

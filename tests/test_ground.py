@@ -132,8 +132,8 @@ def test_resolution_ladder_follows_the_budget(bundled_model) -> None:
     adapter = SeqTRFamily(tiny_grounder("det", 0), long_sides=[64, 96, 128])
     assert adapter.flops_by_side[64] < adapter.flops_by_side[96] < adapter.flops_full
     half = adapter.flops_by_side[96] / adapter.flops_full
-    assert adapter.plan(None, 1.0).side == 128 and adapter.plan(None, half).side == 96
-    assert adapter.plan(None, half - 1e-3).side == 64 and adapter.plan(None, 0.0).side == 64
+    assert adapter.plan(None, 1.0, "flops").side == 128 and adapter.plan(None, half, "flops").side == 96
+    assert adapter.plan(None, half - 1e-3, "flops").side == 64 and adapter.plan(None, 0.0, "flops").side == 64
     app = create_app(Settings(**FAST_START), families=[ArmFamily(bundled_model), adapter])
     with TestClient(app) as c:
         wait_ready(c)

@@ -47,12 +47,27 @@ class CfVitModel:
         self._budget_curve = sorted(curve_dense or curve, key=lambda p: p["eta"])
         self.source = source
         self.meta = meta or {}
+        # the int8 version (python -m models.cfvit.quantize): its network (CPU) and its int8.json
+        self.int8_net: CfVisionTransformer | None = None
+        self.int8_meta: dict | None = None
+
+    def load_int8(self, path: str | Path) -> bool:
+        """Build the int8 network a bundle's ``int8.json`` describes (dynamic int8 linears:
+        a fraction of a second, nothing to calibrate).  CPU only; False without one."""
+        from compress.int8 import quantize_dynamic_linear
+        from models.cfvit.quantize import load_int8
+
+        meta = load_int8(path)
+        if meta is None or self.device.type != "cpu":
+            return False
+        self.int8_net, self.int8_meta = quantize_dynamic_linear(self.net), meta
+        return True
 
     # ---- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, names_file: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> CfVitModel:
+                        device: str | torch.device = "cpu", int8: bool = True) -> CfVitModel:
         """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official ``.pth``.
         For official checkpoints the class names come from ``names_file`` (else ``class_<i>``)."""
         ck = load_checkpoint(path)
@@ -68,8 +83,11 @@ class CfVitModel:
             classes = load_class_names(names_file, cfg.num_classes)
             curve = dense = official_curve(ck.meta, cfg)
             name = cfg.name
-        return cls(ck.model, name=name, classes=classes, curve=curve, curve_dense=dense, source=ck.source,
-                   meta=ck.meta, device=device)
+        model = cls(ck.model, name=name, classes=classes, curve=curve, curve_dense=dense, source=ck.source,
+                    meta=ck.meta, device=device)
+        if int8 and ck.source == "ours":
+            model.load_int8(path)
+        return model
 
     # ---- inference ------------------------------------------------------------------------
 
@@ -89,14 +107,20 @@ class CfVitModel:
         c = self.config
         return resize_pixels(w, h, int(c.img_size / c.crop_pct), c.img_size)
 
-    def forward(self, batch: torch.Tensor, eta: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: torch.Tensor, eta: torch.Tensor | float,
+                int8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, 3, S, S) and per-row thresholds (n,) -> (logits (n, C), exited (n,) bool,
         coarse confidence (n,) float32).  Rows with confidence >= eta exit at the coarse stage;
-        the fine stage runs on the others only.  eta > 1 forces the fine stage, 0 the coarse."""
+        the fine stage runs on the others only.  eta > 1 forces the fine stage, 0 the coarse.
+        ``int8``: on the int8 network (``load_int8``; CPU)."""
+        net = self.int8_net if int8 else self.net
+        if net is None:
+            raise RuntimeError(f"{self.name} has no int8 network (python -m models.cfvit.quantize)")
+        device = torch.device("cpu") if int8 else self.device
         with torch.inference_mode():
-            x = batch.to(self.device, torch.float32)
-            eta_t = torch.as_tensor(eta, dtype=torch.float32, device=self.device)
-            out = self.net.forward_exit(x, eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t)
+            x = batch.to(device, torch.float32)
+            eta_t = torch.as_tensor(eta, dtype=torch.float32, device=device)
+            out = net.forward_exit(x, eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t)
             return out.logits.float(), out.exited, out.confidence
 
     __call__ = forward

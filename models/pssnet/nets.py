@@ -466,6 +466,29 @@ class DenseSubnet(nn.Module):
         return _head(self, _resize(x, self.resolution))
 
 
+class SubnetBody(nn.Module):
+    """A subnet without its input resize: features, average pool, classifier.  The part
+    that can be traced and quantized (the resize depends on the input's size)."""
+
+    def __init__(self, net: DenseSubnet) -> None:
+        super().__init__()
+        self.features, self.classifier = net.features, net.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _head(self, x)
+
+
+class ResizedBody(nn.Module):
+    """``body`` (e.g. an int8 ``SubnetBody``) behind the subnet's float input resize."""
+
+    def __init__(self, body: nn.Module, resolution: int) -> None:
+        super().__init__()
+        self.body, self.resolution = body, resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(_resize(x, self.resolution))
+
+
 def supernet_key_shapes(spec: SupernetSpec) -> dict[str, tuple[int, ...]]:
     """State-dict keys and shapes of the supernet (the official layout without ``module.``)."""
     with torch.device("meta"):

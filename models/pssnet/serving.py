@@ -81,6 +81,8 @@ class PssNetModel:
         self._mean = torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1)
         self._std = torch.tensor(preprocess_cfg["std"]).view(3, 1, 1)
         self.device = torch.device("cpu")
+        # rung index -> (int8 module on the CPU, its artifact entry: quality, calibration, command)
+        self.int8_rungs: dict[int, tuple[torch.nn.Module, dict]] = {}
 
     def to(self, device: str | torch.device) -> PssNetModel:
         """Serve every subnet on ``device``; ``forward`` moves its input there."""
@@ -94,7 +96,7 @@ class PssNetModel:
     def from_checkpoint(cls, path: str | Path, *, class_names: str | Path | None = None,
                         calibration: str | Path | Sequence[torch.Tensor] | None = None,
                         calib_batches: int = 9, calib_batch_size: int = 1024,
-                        name: str | None = None) -> PssNetModel:
+                        name: str | None = None, int8: bool = True) -> PssNetModel:
         """Our bundle, or an official ``.pt`` (then ``calibration`` is required: an image
         folder or a list of normalised N x 3 x S x S batches).  ``class_names``: a text
         file with one name per line (official checkpoints have none: ``class_<i>``)."""
@@ -107,8 +109,13 @@ class PssNetModel:
             m.get("classes") or _read_class_names(None, bundle.spec.num_classes))
         entries = [(r["name"], SubnetConfig.from_dict(r["cfg"]), r.get("pool", {}), r.get("accuracy") or {})
                    for r in m["rungs"]]
-        return cls._build(name or m.get("name", path.stem), bundle.spec, bundle.supernet, classes, entries,
-                          bundle.bn_stats, m["preprocess"], m)
+        model = cls._build(name or m.get("name", path.stem), bundle.spec, bundle.supernet, classes, entries,
+                           bundle.bn_stats, m["preprocess"], m)
+        if int8:  # the bundle's int8 rungs (python -m models.pssnet.quantize), rebuilt from their calibration
+            from models.pssnet.quantize import load_int8
+
+            model.int8_rungs = load_int8(model, path)
+        return model
 
     @classmethod
     def _from_official(cls, path: Path, class_names: str | Path | None,
@@ -192,6 +199,34 @@ class PssNetModel:
         """Pixels of the largest intermediate ``preprocess`` makes for a w x h image (from
         the size alone: a server checks it from the header, before decoding)."""
         return resize_pixels(w, h, int(self._pre["resize"]), self.input_size)
+
+    def int8(self, rung_index: int, calibration: Sequence[torch.Tensor]) -> torch.nn.Module:
+        """Rung ``rung_index`` on real int8 kernels (CPU): its BN-folded convolutions and
+        classifier quantized statically, activation ranges observed on ``calibration``
+        ((n, 3, H, W) batches, resized to the rung's resolution here); the stem convolution
+        and the input resize stay in float (the stem in int8 cost the smallest rung 0.4 of
+        its 0.6 points).  About 1.5 s per rung on one core."""
+        from compress.int8 import quantize_static
+        from models.pssnet.nets import ResizedBody, SubnetBody, _resize
+
+        net = self._nets[rung_index]
+        res = net.resolution
+        body = quantize_static(SubnetBody(net).cpu(), [_resize(b, res) for b in calibration],
+                               torch.zeros(1, 3, res, res), keep_float=("features.0",))
+        return ResizedBody(body, res).eval()
+
+    def with_bn(self, rung_index: int) -> tuple[torch.nn.Module, list]:
+        """Rung ``rung_index`` as a dense network with its BatchNorm layers (not folded) and
+        its own statistics, plus (layer, running mean, running var) for each: what
+        BN-statistics synthesis of calibration images needs."""
+        from models.pssnet.nets import SlimBatchNorm2d
+
+        r = self.rungs[rung_index]
+        dense = extract_subnet(self._supernet, SubnetConfig.from_dict(r.cfg))
+        load_bn_stats(dense, self._stats[r.name])
+        dense.eval()
+        layers = [(m, m.bn.running_mean, m.bn.running_var) for m in dense.modules() if isinstance(m, SlimBatchNorm2d)]
+        return dense, layers
 
     def forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
         """Logits (n, classes) of rung ``rung_index`` on a preprocessed (n, 3, S, S) batch;

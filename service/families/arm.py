@@ -135,7 +135,7 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                              limits.sr_patches(settings.max_sr_patches, params.tiling))
         return SrWork(img, self.model.analyse(img.rgb_u8, params.tiling), upload.fields["media"], params.objective)
 
-    def plan(self, work: SrWork, budget: float) -> Plan:
+    def plan(self, work: SrWork, budget: float, unit: str = "flops") -> Plan:
         return self.model.choose(work.analysis, mode="budget", budget=budget,
                                  objective=work.objective)
 

@@ -1,6 +1,6 @@
 """CF-ViT on /classify: coarse-to-fine early exit, the exit threshold eta as the rung.
 
-One batch key runs every request: a forward pass takes (images, a per-row eta), runs the
+One batch key per precision runs every request: a forward pass takes (images, a per-row eta), runs the
 coarse stage for all rows and the fine stage only for rows whose coarse confidence stays
 below their eta.  ``budget`` b picks the largest eta whose expected cost on the validation
 curve (coarse + (1 - exit rate) x fine increment) fits b x the all-fine cost.  Work is
@@ -29,7 +29,7 @@ from service.registry import register
 if TYPE_CHECKING:
     from service.config import Settings
 
-KEY = "cfvit"
+KEYS = {"fp32": "cfvit", "int8": "cfvit-int8"}  # one batch key per precision
 ALL_FINE = 1.01  # a softmax can saturate to exactly 1.0: eta > 1 forces the fine stage
 
 
@@ -41,6 +41,8 @@ class CfVitSettings(FamilySettings):
     class_names: Path | None = Field(None, validation_alias=AliasChoices("ANYTIME_CFVIT_CLASS_NAMES",
                                      "ANYTIME_CLASS_NAMES", "class_names"), description="class names file (one "
                                      "per line) for an official checkpoint")
+    int8: bool = Field(True, description="serve the bundle's int8 version (python -m models.cfvit.quantize; "
+                       "CPU only)")
 
 
 @dataclass(frozen=True)
@@ -49,69 +51,115 @@ class ExitPlan:
     flops: float  # expected, on the validation curve
     flops_full: float
     expected_accuracy: float | None
-    expected_exit_rate: float | None = field(default=None)
+    expected_exit_rate: float | None = None
+    precision: str = "fp32"
+
+    @property
+    def key(self) -> str:
+        return KEYS[self.precision]
 
     @property
     def rung(self) -> str:
-        return f"eta={self.eta:g}"
+        return f"eta={self.eta:g}" + ("-int8" if self.precision == "int8" else "")
+
+
+def point_at(curve: list[dict], eta: float) -> dict:
+    """The curve point at the largest eta not above ``eta`` ({} below the curve)."""
+    points = [p for p in curve if p["eta"] <= eta + 1e-9]
+    return points[-1] if points else {}
 
 
 class CfVitFamily(ImageClassifier):
+    """Rungs: the exit threshold eta, in fp32 and, where the bundle has it, on int8 linears
+    (``python -m models.cfvit.quantize``; CPU only).  Budgets in time (the default) pick the
+    most accurate (eta, precision) on the validation curves whose expected time, as a share
+    of a full batch, fits ``budget`` x fp32 all-fine; in FLOPs, the paper's eta rule."""
+
     family = "cfvit"
     flops_convention = "2 x multiply-accumulates of every layer (CF-ViT's and fvcore's 'FLOPs' are MACs)"
     uses: ClassVar[frozenset[str]] = frozenset({"top_k", "rung", "eta"})
+    budget_units = ("time", "flops")
 
     def __init__(self, model) -> None:
         super().__init__(model)
         self.flops_coarse, self.flops_full = 2.0 * model.flops_coarse, 2.0 * model.flops_full
+        self.curves = {"fp32": model._budget_curve}
+        meta = getattr(model, "int8_meta", None)
+        if getattr(model, "int8_net", None) is not None and meta is not None:
+            self.curves["int8"] = sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
+        self.seconds_per_item = None
+        self.by_time: list[ExitPlan] = []
 
-    def at_eta(self, eta: float) -> ExitPlan:
-        points = [p for p in self.model.curve if p["eta"] <= eta + 1e-9]
-        point = points[-1] if points else {}
-        return ExitPlan(eta, 2.0 * self.model.expected_flops(eta), self.flops_full, point.get("accuracy"),
-                        point.get("exit_rate"))
+    def at_eta(self, eta: float, precision: str = "fp32") -> ExitPlan:
+        point = point_at(self.curves[precision], eta)
+        flops = 2.0 * point["expected_flops"] if point else self.flops_full
+        return ExitPlan(eta, flops, self.flops_full, point.get("accuracy"), point.get("exit_rate"), precision)
 
     def batch_keys(self) -> dict:
-        return {KEY: KEY}
+        return {KEYS[p]: KEYS[p] for p in self.curves}
 
     def example(self, key, n: int) -> Items:
         s = self.model.input_size
         return torch.randn(n, 3, s, s), torch.full((n,), ALL_FINE)  # calibrate the all-fine path
 
     def forward(self, key, batch: Items) -> Items:
-        return self.model.forward(batch[0], batch[1])
+        return self.model.forward(batch[0], batch[1], int8=key == KEYS["int8"])
 
     def work_units(self, key, batch: Items, out: Items) -> float:
         exited = int(out[1].sum())
         return exited * self.flops_coarse / self.flops_full + (len(out[1]) - exited)
 
+    def calibrated(self, seconds_per_item) -> None:
+        """Every (eta, precision) on the curves, by expected time; keep those more accurate
+        than every faster one."""
+        self.seconds_per_item = seconds_per_item
+        plans = [self.at_eta(p["eta"], precision) for precision, curve in self.curves.items() for p in curve]
+        best, kept = -1.0, []
+        for plan in sorted(plans, key=self.expected_seconds):
+            accuracy = plan.expected_accuracy if plan.expected_accuracy is not None else plan.flops
+            if accuracy > best or not kept:
+                kept.append(plan)
+                best = max(best, accuracy)
+        self.by_time = kept
+
+    def expected_seconds(self, plan: ExitPlan) -> float:
+        return self.seconds_per_item(plan.key) * plan.flops / plan.flops_full
+
     def check(self, request, params: ClassifyParams) -> None:  # type: ignore[override]
         super().check(request, params)
-        if params.rung not in (None, "coarse", "fine"):
-            raise ApiError(422, f"rung={params.rung!r} is not a stage of {self.name}", "coarse, fine")
+        stages = [f"{s}{suffix}" for suffix in ("", "-int8") if suffix == "" or "int8" in self.curves
+                  for s in ("coarse", "fine")]
+        if params.rung not in (None, *stages):
+            raise ApiError(422, f"rung={params.rung!r} is not a stage of {self.name}", ", ".join(stages))
 
-    def plan(self, work, budget: float) -> ExitPlan:
+    def plan(self, work, budget: float, unit: str = "time") -> ExitPlan:
+        if unit == "time" and self.by_time:
+            limit = budget * self.expected_seconds(self.top(work)) * (1 + 1e-9)
+            fits = [p for p in self.by_time if self.expected_seconds(p) <= limit]
+            return fits[-1] if fits else self.by_time[0]
         return self.at_eta(self.model.eta_for_budget(budget))
 
     def top(self, work) -> ExitPlan:
         return self.at_eta(ALL_FINE)
 
     def bottom(self, work) -> ExitPlan:
-        return self.at_eta(0.0)
+        return self.by_time[0] if self.by_time else self.at_eta(0.0)
 
     def floor_batches(self) -> list:
-        return [(KEY, self.flops_coarse / self.flops_full)]
+        return self.batches(self.bottom(None))
 
     def batches(self, plan: ExitPlan) -> list:
-        return [(KEY, plan.flops / plan.flops_full)]
+        return [(plan.key, plan.flops / plan.flops_full)]
 
     def pin(self, work, params: ClassifyParams) -> Pinned | None:  # type: ignore[override]
         if params.rung is not None:
-            return Pinned(self.bottom(work) if params.rung == "coarse" else self.top(work), f"rung:{params.rung}")
+            stage, _, int8 = params.rung.partition("-")
+            return Pinned(self.at_eta(0.0 if stage == "coarse" else ALL_FINE, "int8" if int8 else "fp32"),
+                          f"rung:{params.rung}")
         return None if params.eta is None else Pinned(self.at_eta(params.eta), f"eta:{params.eta:g}")
 
     def prepare(self, work: torch.Tensor, plan: ExitPlan) -> list:
-        return [(KEY, (work[None], torch.tensor([plan.eta], dtype=torch.float32)))]
+        return [(plan.key, (work[None], torch.tensor([plan.eta], dtype=torch.float32)))]
 
     def finish(self, work, plan: ExitPlan, outputs: list) -> tuple[torch.Tensor, bool, float]:
         logits, exited, confidence = outputs[0]
@@ -120,9 +168,9 @@ class CfVitFamily(ImageClassifier):
     def respond(self, work, decision, result, params, request):
         plan: ExitPlan = decision.plan
         logits, exited, confidence = result
-        stage = "coarse" if exited else "fine"
-        return self.classified(logits, params, {"name": stage, "exit_stage": stage, "eta": plan.eta,
-                                                "coarse_confidence": round(confidence, 6),
+        stage = ("coarse" if exited else "fine") + ("-int8" if plan.precision == "int8" else "")
+        return self.classified(logits, params, {"name": stage, "exit_stage": stage.split("-")[0], "eta": plan.eta,
+                                                "precision": plan.precision, "coarse_confidence": round(confidence, 6),
                                                 "expected_exit_rate": plan.expected_exit_rate},
                                self.flops_coarse if exited else self.flops_full, plan)
 
@@ -131,15 +179,30 @@ class CfVitFamily(ImageClassifier):
         metrics.exits.labels(self.name, answer.rung).inc()
 
     def rungs(self) -> list[Rung]:
-        coarse, fine = self.at_eta(0.0), self.at_eta(ALL_FINE)
-        return [Rung("coarse", self.flops_coarse, None, {"accuracy": coarse.expected_accuracy}, False, {"eta": 0.0}),
-                Rung("fine", self.flops_full, None, {"accuracy": fine.expected_accuracy}, False, {"eta": ALL_FINE})]
+        out = []
+        for precision in self.curves:
+            suffix = "-int8" if precision == "int8" else ""
+            for stage, eta in (("coarse", 0.0), ("fine", ALL_FINE)):
+                plan = self.at_eta(eta, precision)
+                detail = {"eta": eta, "precision": precision, "key": plan.key}
+                if self.seconds_per_item is not None:
+                    detail["ms_per_item_full_batch"] = round(1000 * self.expected_seconds(plan), 4)
+                if precision == "int8":
+                    entry = next(r for r in self.model.int8_meta["rungs"] if r["rung"] == stage)
+                    detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
+                                  command=entry["command"], test_accuracy=entry["quality"]["test_accuracy"])
+                out.append(Rung(f"{stage}{suffix}", self.flops_coarse if stage == "coarse" else self.flops_full, None,
+                                {"accuracy": plan.expected_accuracy}, bool(self.by_time) and not any(
+                                    p.precision == precision and abs(p.eta - eta) < 1e-9 for p in self.by_time),
+                                detail))
+        return out
 
     def describe(self) -> dict:
         m = self.model
         return {**super().describe(), "source": m.source, "parameters": sum(p.numel() for p in m.net.parameters()),
                 "tokens": {"coarse": m.config.num_coarse + 1, "fine": m.config.fine_seq_len},
-                "eta_curve": [{**p, "expected_flops": 2.0 * p["expected_flops"]} for p in m.curve]}
+                "eta_curves": {precision: [{**p, "expected_flops": 2.0 * p["expected_flops"]} for p in curve]
+                               for precision, curve in self.curves.items()}}
 
 
 @register("cfvit")
@@ -149,4 +212,5 @@ def load(settings: Settings) -> list[CfVitFamily]:
         return []
     from models.cfvit.serving import CfVitModel
 
-    return [CfVitFamily(CfVitModel.from_checkpoint(s.checkpoint, names_file=s.class_names, device=settings.device))]
+    return [CfVitFamily(CfVitModel.from_checkpoint(s.checkpoint, names_file=s.class_names, device=settings.device,
+                                                   int8=s.int8))]

@@ -39,64 +39,118 @@ class PssNetSettings(FamilySettings):
     class_names: Path | None = Field(None, validation_alias=AliasChoices("ANYTIME_PSSNET_CLASS_NAMES",
                                      "ANYTIME_CLASS_NAMES", "class_names"), description="class names file (one "
                                      "per line) for an official checkpoint")
+    int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), built "
+                       "at start-up from their stored calibration (about 1.5 s each; CPU only)")
 
 
 @dataclass(frozen=True)
 class SubnetPlan:
-    key: int
-    rung: str
+    key: str  # the rung's name: the subnet's, with "-int8" for its int8 version
     flops: float
     flops_full: float
-    expected_accuracy: float | None
+    expected_accuracy: float | None  # held-out test top-1
+    val_accuracy: float | None  # what the planner compares (test stays held out)
     cfg: dict
+    subnet: str
+    precision: str  # "fp32" or "int8"
+    index: int
+
+    @property
+    def rung(self) -> str:
+        return self.key
 
 
 class PssNetFamily(ImageClassifier):
+    """Rungs: every retained subnet in fp32, and the ladder's subnets on real int8 kernels
+    where the bundle has them (``python -m models.pssnet.quantize``; CPU only).
+
+    Budgets in time (the default) pick the most accurate rung on validation whose predicted
+    time per image, as a share of a full batch on this host, is at most ``budget`` x the top
+    fp32 rung's; rungs that are slower and no more accurate than another are dominated and
+    never chosen.  Budgets in FLOPs keep the paper's convention: fp32 subnets by FLOPs."""
+
     family = "pssnet"
     flops_convention = "2 x multiply-accumulates of convolutions and the classifier (no bias) + the average pool"
+    budget_units = ("time", "flops")
 
     def __init__(self, model) -> None:
         super().__init__(model)
-        self.ladder = sorted(model.ladder, key=lambda r: r.flops)  # the rungs the planner climbs
+        self.ladder = sorted(model.ladder, key=lambda r: r.flops)  # the fp32 rungs the planner climbs
         self.flops_full = FLOPS_PER_MFLOP * self.ladder[-1].flops
-        self.by_name = {r.name: r for r in model.rungs}
+        self.plans: dict[str, SubnetPlan] = {}
+        for r in sorted(model.rungs, key=lambda r: r.flops):
+            self.plans[r.name] = SubnetPlan(r.name, FLOPS_PER_MFLOP * r.flops, self.flops_full, r.accuracy,
+                                            r.val_accuracy, r.cfg, r.name, "fp32", r.index)
+        self.int8 = {}  # key -> int8 module
+        on_cpu = torch.device(getattr(model, "device", "cpu")).type == "cpu"
+        for index, (module, entry) in (getattr(model, "int8_rungs", {}) if on_cpu else {}).items():
+            r = model.rungs[index]
+            q = entry.get("quality", {})
+            key = f"{r.name}-int8"
+            self.plans[key] = SubnetPlan(key, FLOPS_PER_MFLOP * r.flops, self.flops_full, q.get("test_accuracy"),
+                                         q.get("val_accuracy"), r.cfg, r.name, "int8", index)
+            self.int8[key] = module
+        self.top_plan = self.plans[self.ladder[-1].name]
+        self.seconds_per_item = None  # bound once the start-up timing is done
+        self.by_time: list[SubnetPlan] = []  # non-dominated in time, fastest first
 
-    def subnet(self, rung) -> SubnetPlan:
-        return SubnetPlan(rung.index, rung.name, FLOPS_PER_MFLOP * rung.flops, self.flops_full, rung.accuracy,
-                          rung.cfg)
+    # --- compute ------------------------------------------------------------------------
 
     def batch_keys(self) -> dict:
-        return {r.index: r.name for r in sorted(self.model.rungs, key=lambda r: r.flops)}
+        return {k: k for k in self.plans}
 
     def example(self, key, n: int) -> torch.Tensor:
         return torch.randn(n, 3, self.model.input_size, self.model.input_size)
 
     def forward(self, key, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.forward(key, batch)
+        if key in self.int8:
+            with torch.inference_mode():
+                return self.int8[key](batch.cpu())
+        return self.model.forward(self.plans[key].index, batch)
+
+    def calibrated(self, seconds_per_item) -> None:
+        """Order the candidates (the fp32 ladder and the int8 rungs) by predicted time and
+        drop those another candidate beats in time without losing validation accuracy."""
+        self.seconds_per_item = seconds_per_item
+        candidates = [self.plans[r.name] for r in self.ladder] + [self.plans[k] for k in self.int8]
+        timed = sorted(candidates, key=lambda p: seconds_per_item(p.key))
+        best, kept = -1.0, []
+        for p in timed:  # fastest first: keep a rung only if it is more accurate than every faster one
+            accuracy = next((a for a in (p.val_accuracy, p.expected_accuracy) if a is not None), p.flops)
+            if accuracy > best or not kept:
+                kept.append(p)
+                best = max(best, accuracy)
+        self.by_time = kept
+
+    # --- one request --------------------------------------------------------------------
 
     def check(self, request, params: ClassifyParams) -> None:  # type: ignore[override]
         super().check(request, params)
-        if params.rung is not None and params.rung not in self.by_name:
-            raise ApiError(422, f"rung={params.rung!r} is not a subnet of {self.name}", ", ".join(self.by_name))
+        if params.rung is not None and params.rung not in self.plans:
+            raise ApiError(422, f"rung={params.rung!r} is not a rung of {self.name}", ", ".join(self.plans))
 
-    def plan(self, work, budget: float) -> SubnetPlan:
+    def plan(self, work, budget: float, unit: str = "time") -> SubnetPlan:
+        if unit == "time" and self.by_time:
+            limit = budget * self.seconds_per_item(self.top_plan.key) * (1 + 1e-9)
+            fits = [p for p in self.by_time if self.seconds_per_item(p.key) <= limit]
+            return fits[-1] if fits else self.by_time[0]
         fits = [r for r in self.ladder if FLOPS_PER_MFLOP * r.flops <= budget * self.flops_full * (1 + 1e-9)]
-        return self.subnet(fits[-1] if fits else self.ladder[0])
+        return self.plans[(fits[-1] if fits else self.ladder[0]).name]
 
     def top(self, work) -> SubnetPlan:
-        return self.subnet(self.ladder[-1])
+        return self.top_plan
 
     def bottom(self, work) -> SubnetPlan:
-        return self.subnet(self.ladder[0])
+        return self.by_time[0] if self.by_time else self.plans[self.ladder[0].name]
 
     def floor_batches(self) -> list:
-        return [(self.ladder[0].index, 1)]
+        return [(self.bottom(None).key, 1)]
 
     def batches(self, plan: SubnetPlan) -> list:
         return [(plan.key, 1)]
 
     def pin(self, work, params: ClassifyParams) -> Pinned | None:  # type: ignore[override]
-        return None if params.rung is None else Pinned(self.subnet(self.by_name[params.rung]), f"rung:{params.rung}")
+        return None if params.rung is None else Pinned(self.plans[params.rung], f"rung:{params.rung}")
 
     def prepare(self, work: torch.Tensor, plan: SubnetPlan) -> list:
         return [(plan.key, work[None])]
@@ -106,13 +160,31 @@ class PssNetFamily(ImageClassifier):
 
     def respond(self, work, decision, result: torch.Tensor, params, request):
         plan: SubnetPlan = decision.plan
-        return self.classified(result, params, {"name": plan.rung, "subnet": plan.rung, "cfg": plan.cfg},
-                               plan.flops, plan)
+        return self.classified(result, params, {"name": plan.key, "subnet": plan.subnet, "precision": plan.precision,
+                                                "cfg": plan.cfg}, plan.flops, plan)
+
+    # --- description ----------------------------------------------------------------------
 
     def rungs(self) -> list[Rung]:
-        return [Rung(r.name, FLOPS_PER_MFLOP * r.flops, r.params,
-                     {"accuracy": r.accuracy, "val_accuracy": r.val_accuracy}, r not in self.ladder,
-                     {"index": r.index, "cfg": r.cfg}) for r in sorted(self.model.rungs, key=lambda r: r.flops)]
+        on_ladder = {r.name for r in self.ladder}
+        chosen = {p.key for p in self.by_time}
+        out = []
+        for p in self.plans.values():
+            r = self.model.rungs[p.index]
+            if self.by_time:
+                dominated = p.key not in chosen
+            else:
+                dominated = p.precision == "fp32" and p.subnet not in on_ladder
+            detail = {"key": p.key, "subnet": p.subnet, "precision": p.precision, "index": p.index, "cfg": p.cfg}
+            if self.seconds_per_item is not None:
+                detail["ms_per_item_full_batch"] = round(1000 * self.seconds_per_item(p.key), 4)
+            if p.precision == "int8":
+                entry = self.model.int8_rungs[p.index][1]
+                detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
+                              calibration=entry["calibration"], command=entry["command"])
+            out.append(Rung(p.key, p.flops, r.params, {"accuracy": p.expected_accuracy,
+                                                       "val_accuracy": p.val_accuracy}, dominated, detail))
+        return out
 
 
 @register("pssnet")
@@ -122,5 +194,6 @@ def load(settings: Settings) -> list[PssNetFamily]:
         return []
     from models.pssnet.serving import PssNetModel
 
-    model = PssNetModel.from_checkpoint(s.checkpoint, class_names=s.class_names, calibration=s.calibration)
+    model = PssNetModel.from_checkpoint(s.checkpoint, class_names=s.class_names, calibration=s.calibration,
+                                        int8=s.int8 and torch.device(settings.device).type == "cpu")
     return [PssNetFamily(model.to(settings.device))]

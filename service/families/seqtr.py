@@ -160,7 +160,7 @@ class SeqTRFamily(ServedFamily[GroundWork, SidePlan]):
         rgb = imageio.decode(upload.data, settings.max_input_pixels).rgb_u8
         return GroundWork(rgb, expression, min(len(words), self.grounder.max_token))
 
-    def plan(self, work, budget: float) -> SidePlan:
+    def plan(self, work, budget: float, unit: str = "flops") -> SidePlan:
         fits = [s for s in self.sides if self.flops_by_side[s] <= budget * self.flops_full * (1 + 1e-9)]
         return self.at_side(fits[-1] if fits else self.sides[0])
 

@@ -1,0 +1,198 @@
+"""Quantized rungs against their float ones: held-out quality, time per batch, the Pareto front.
+
+    python -m bench.quant                                 # PSS-Net and CF-ViT, bundled models
+    python -m bench.quant --family pssnet --rounds 7 --png docs/img/quant_front.png --json out.json
+
+PSS-Net: every ladder rung in fp32 and as the server builds its int8 rung (from the bundle's
+stored calibration, ``python -m models.pssnet.quantize``; oneDNN kernels), plus the same rung
+calibrated on Gaussian noise (the naive data-free baseline).  CF-ViT: fp32 and the bundle's
+int8 version (dynamic int8 linears), at eta 0 (coarse only) and eta 1.01 (all fine).
+Quality is top-1 on the 5,000 held-out test images of the glyph set.  Time: median ms per
+forward at batch 1, 8 and 32, every variant timed in each round in a shuffled order, so that
+the shared machine's drift spreads over all rows (compare ratios within one run).  A rung is
+on the Pareto front when no other rung of its model is at least as accurate and faster at
+batch 32.  The glyph test split is rendered from Debian's fonts (``make data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from service.bundled import bundled
+
+SIZES = (1, 8, 32)
+
+
+def top1(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.inference_mode():
+        pred = torch.cat([run(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((pred == y).float().mean())
+
+
+def timings(variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, rounds: int) -> dict:
+    """Median ms per forward of every variant at each batch size, interleaved."""
+    out: dict[str, dict[int, list[float]]] = {k: {n: [] for n in SIZES} for k in variants}
+    order = list(variants)
+    with torch.inference_mode():
+        for k in order:  # warm-up
+            for n in SIZES:
+                variants[k](x[:n])
+        for _ in range(rounds):
+            random.shuffle(order)
+            for k in order:
+                for n in SIZES:
+                    reps = max(1, 32 // n)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        variants[k](x[:n])
+                    out[k][n].append(1000 * (time.perf_counter() - t0) / reps)
+    return {k: {n: statistics.median(v) for n, v in per.items()} for k, per in out.items()}
+
+
+def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]) -> list[dict]:
+    from compress.calibration import gaussian_batches
+    from models.glyphs.data import load_split
+    from models.pssnet.serving import PssNetModel
+
+    progress("loading the bundle and building its int8 rungs")
+    model = PssNetModel.from_checkpoint(bundled("pssnet"))
+    if not model.int8_rungs:
+        raise SystemExit("the bundled PSS-Net has no int8 rungs: python -m models.pssnet.quantize BUNDLE")
+    test = load_split("test")
+    x = torch.stack([model.preprocess(img) for img in test.images])
+    y = torch.from_numpy(test.labels)
+    noise = gaussian_batches(tuple(x.shape[1:]), calibration_n, seed=0)
+    rows, variants = [], {}
+    for r in model.ladder:
+        progress(f"{r.name}: held-out top-1 (fp32, int8, int8 calibrated on noise)")
+        fp32 = (lambda i: lambda b: model.forward(i, b))(r.index)
+        q_served, entry = model.int8_rungs[r.index]
+        q_noise = model.int8(r.index, noise)
+        served = entry["calibration"]["source"]
+        for precision, calib, run in (("fp32", None, fp32), ("int8", served, q_served), ("int8", "noise", q_noise)):
+            name = f"{r.name}/{precision}" + (f"/{calib}" if calib == "noise" else "")
+            rows.append({"model": model.name, "rung": r.name, "precision": precision, "calibration": calib,
+                         "flops": 2e6 * r.flops, "top1": top1(run, x, y), "variant": name})
+            if calib != "noise":  # timed once per precision: calibration does not change the kernels
+                variants[name] = run
+    progress(f"timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds")
+    ms = timings(variants, x, rounds)
+    for row in rows:
+        timed = ms.get(row["variant"]) or ms[f"{row['rung']}/int8"]
+        row.update({f"ms_b{n}": timed[n] for n in SIZES})
+    return rows
+
+
+def cfvit_rows(rounds: int, progress: Callable[[str], None]) -> list[dict]:
+    from models.cfvit.serving import CfVitModel
+    from models.glyphs.data import load_split
+
+    model = CfVitModel.from_checkpoint(bundled("cfvit"))
+    test = load_split("test")
+    x = torch.stack([model.preprocess(img) for img in test.images])
+    y = torch.from_numpy(test.labels)
+    int8 = model.int8_net
+    if int8 is None:
+        raise SystemExit("the bundled CF-ViT has no int8 version: python -m models.cfvit.quantize BUNDLE")
+    rows, variants = [], {}
+    for stage, eta in (("coarse", 0.0), ("fine", 1.01)):
+        for precision, net in (("fp32", model.net), ("int8", int8)):
+            run = (lambda net, eta: lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits)(net, eta)
+            name = f"{stage}/{precision}"
+            progress(f"CF-ViT {name}: held-out top-1")
+            rows.append({"model": model.name, "rung": stage, "precision": precision, "calibration": None,
+                         "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
+                         "top1": top1(run, x, y), "variant": name})
+            variants[name] = run
+    progress(f"timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds")
+    ms = timings(variants, x, rounds)
+    for row in rows:
+        row.update({f"ms_b{n}": ms[row["variant"]][n] for n in SIZES})
+    return rows
+
+
+def mark_front(rows: list[dict]) -> None:
+    """``front``: no other timed rung of the same model is at least as accurate and faster at 32."""
+    timed = [r for r in rows if r["calibration"] != "noise"]
+    for r in rows:
+        r["front"] = r in timed and not any(
+            o is not r and o["model"] == r["model"] and o["top1"] >= r["top1"] and o["ms_b32"] < r["ms_b32"]
+            for o in timed)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(11, 4.2), squeeze=False)
+    for ax, name in zip(axes[0], sorted({r["model"] for r in rows})):
+        for precision, colour in (("fp32", "tab:blue"), ("int8", "tab:red")):
+            pts = [r for r in rows if r["model"] == name and r["precision"] == precision and r["calibration"] != "noise"]
+            ax.scatter([r["ms_b32"] for r in pts], [100 * r["top1"] for r in pts], c=colour, label=precision)
+            for r in pts:
+                ax.annotate(r["rung"], (r["ms_b32"], 100 * r["top1"]), fontsize=7, xytext=(3, 2),
+                            textcoords="offset points")
+        front = sorted((r for r in rows if r["model"] == name and r["front"]), key=lambda r: r["ms_b32"])
+        ax.plot([r["ms_b32"] for r in front], [100 * r["top1"] for r in front], "k--", lw=0.8, label="Pareto front")
+        ax.set(title=name, xlabel="ms per forward of 32 images (1 thread)", ylabel="held-out top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["pssnet", "cfvit", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calibration-n", type=int, default=512, help="noise inputs of the noise-calibrated baseline")
+    ap.add_argument("--png", type=Path, default=None, help="write the accuracy-vs-time front here")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+
+    def progress(msg: str) -> None:
+        print(f"[quant] {msg}", file=sys.stderr, flush=True)
+
+    rows = []
+    if args.family in ("pssnet", "all"):
+        rows += pssnet_rows(args.rounds, args.calibration_n, progress)
+    if args.family in ("cfvit", "all"):
+        rows += cfvit_rows(args.rounds, progress)
+    mark_front(rows)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), quantized engine "
+          f"{torch.backends.quantized.engine}; top-1 on 5,000 held-out glyph test images; ms: median per forward\n")
+    print("| model | rung | precision | calibration | GFLOPs | top-1 | ms b1 | ms b8 | ms b32 | fp32/int8 at b32 | front |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    fp32_ms = {(r["model"], r["rung"]): r["ms_b32"] for r in rows if r["precision"] == "fp32"}
+    for r in rows:
+        ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] == "int8" else None
+        print(f"| {r['model']} | {r['rung']} | {r['precision']} | {r['calibration'] or '-'} | {r['flops'] / 1e9:.3f} | "
+              f"{100 * r['top1']:.2f}% | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
+              f"{f'{ratio:.2f}x' if ratio else '-'} | {'yes' if r['front'] else ''} |")
+    if args.png is not None:
+        print(f"\nfront written to {args.png}" if plot(rows, args.png) else
+              "\nno PNG: matplotlib is not installed (pip install '.[plots]')")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

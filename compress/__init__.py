@@ -1,0 +1,12 @@
+"""Compression toolkit: rungs that are really cheaper, one job per module, no web framework.
+
+    int8.py         post-training int8 on real kernels: static (convolutions and linears,
+                    calibrated) and dynamic (linears, no calibration)
+    calibration.py  calibration batches: real images, Gaussian noise
+    artifact.py     a compressed rung's manifest: method, bits, backend, held-out quality,
+                    whether its speed is real, the exact command that made it
+
+Engines are chosen by measurement (docs/COMPRESSION.md): on torch 2.13 CPU the real int8
+kernels reachable without a new dependency are torch.ao's quantized ops (oneDNN); they are
+what this toolkit uses until another engine earns its place.
+"""

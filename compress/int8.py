@@ -1,0 +1,90 @@
+"""Post-training int8 on real CPU kernels (torch.ao's quantized ops).
+
+Two forms, chosen by what a network is made of:
+
+* ``quantize_static``: convolutions and linears with int8 weights *and* activations, the
+  activation ranges observed on calibration batches (FX graph mode).  For convolutional
+  networks (PSS-Net's MobileNets).  The engine is pinned to oneDNN: ``fbgemm`` with the full
+  8-bit activation range overflows on AVX-512 hosts (a MobileNet fell to 2.7 % top-1) and
+  ``x86`` is half-broken there; oneDNN's full range is right.
+* ``quantize_dynamic_linear``: int8 weights, activations quantized per batch at run time, on
+  every ``nn.Linear``.  For transformers (CF-ViT), whose time is in their linears and whose
+  activations vary too much between inputs for one static range.
+
+torch.ao's FX quantization is deprecated in torch 2.13 (PT2E moved to torchao and needs
+``torch.compile``, which costs 10-200 s per network at start-up); it still converts in
+seconds and runs real int8 kernels, so it is used here with its deprecation warning silenced
+in one place.  Quantized modules run on the CPU only.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+ENGINE = "onednn"
+
+
+def _quiet_deprecation():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.ao")
+    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
+    warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+    return ctx
+
+
+def set_engine(engine: str = ENGINE) -> None:
+    """Select the quantized kernels' engine (process-wide, as torch has it)."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"quantized engine {engine!r} is not available in this torch build "
+                           f"(available: {', '.join(torch.backends.quantized.supported_engines)})")
+    torch.backends.quantized.engine = engine
+
+
+def quantize_static(module: nn.Module, calibration: Iterable[torch.Tensor], example: torch.Tensor,
+                    keep_float: tuple[str, ...] = (), engine: str = ENGINE) -> nn.Module:
+    """An int8 copy of ``module`` (eval mode, CPU): activation ranges observed on every
+    ``calibration`` batch, weights per channel.  ``example`` is one input for tracing;
+    ``keep_float`` names submodules left in float (a network's first layer, whose three
+    input channels carry the most information per weight, is the usual one)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    set_engine(engine)
+    ctx = _quiet_deprecation()
+    try:
+        float_copy = copy.deepcopy(module).cpu().eval()
+        mapping = get_default_qconfig_mapping(engine)
+        for name in keep_float:
+            mapping = mapping.set_module_name(name, None)
+        prepared = prepare_fx(float_copy, mapping, example_inputs=(example,))
+        with torch.inference_mode():
+            for batch in calibration:
+                prepared(batch)
+        return convert_fx(prepared).eval()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def quantize_dynamic_linear(module: nn.Module, engine: str = ENGINE) -> nn.Module:
+    """An int8-weight copy of ``module`` whose ``nn.Linear`` layers quantize their input per
+    batch at run time (no calibration data needed)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    set_engine(engine)
+    ctx = _quiet_deprecation()
+    try:
+        return quantize_dynamic(copy.deepcopy(module).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` holds real int8 kernels (not fake-quantized float ones)."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())

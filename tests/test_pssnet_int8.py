@@ -1,0 +1,77 @@
+"""PSS-Net's int8 rungs: real int8 kernels, rebuilt at start-up exactly as measured, listed
+and served through /classify next to the fp32 rungs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import load_file
+
+from compress.calibration import batches_of
+from compress.int8 import is_quantized
+from service.bundled import bundled
+from service.config import Settings
+from tests.conftest import FAST_START, synthetic_photo, wait_ready
+
+BUNDLE = bundled("pssnet")
+pytestmark = pytest.mark.skipif(BUNDLE is None or not (BUNDLE.parent / "int8.json").exists(),
+                                reason="no bundled PSS-Net with int8 rungs (python -m models.pssnet.quantize)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from models.pssnet.serving import PssNetModel
+
+    return PssNetModel.from_checkpoint(BUNDLE)
+
+
+def test_int8_rungs_are_real_int8_and_rebuilt_exactly(model) -> None:
+    """Every ladder rung has an int8 version on quantized kernels; rebuilding it from the
+    stored calibration gives the same network (so the manifest's held-out numbers are the
+    served rung's), and it agrees with its fp32 rung on most inputs."""
+    manifest = json.loads((BUNDLE.parent / "int8.json").read_text())
+    calibration = load_file(str(BUNDLE.parent / "int8_calibration.safetensors"))
+    assert {model.rungs[i].name for i in model.int8_rungs} == {r.name for r in model.ladder}
+    for index, (q, entry) in model.int8_rungs.items():
+        name = model.rungs[index].name
+        assert is_quantized(q) and entry["real_speed"] and entry["bits"] == {"weights": 8, "activations": 8}
+        inputs = calibration.get(name, calibration.get("shared")).float()
+        x = inputs[:32]
+        with torch.inference_mode():
+            if index in (min(model.int8_rungs), max(model.int8_rungs)):  # two rebuilds: 1.5 s each
+                assert torch.equal(q(x), model.int8(index, batches_of(inputs))(x))
+            agree = (q(x).argmax(1) == model.forward(index, x).argmax(1)).float().mean()
+        assert agree >= 0.8, (name, float(agree))
+        quality = entry["quality"]
+        assert abs(quality["test_accuracy"] - quality["test_accuracy_fp32"]) <= 0.01, (name, quality)
+    assert all("models.pssnet.quantize" in r["command"] for r in manifest["rungs"])
+
+
+def test_int8_rungs_are_listed_timed_and_served() -> None:
+    settings = Settings(**{**FAST_START, "families": ["pssnet"], "pssnet_checkpoint": BUNDLE})
+    from service.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c, timeout=120)
+        [m] = c.get("/v1/models").json()["models"]
+        assert m["budget_units"] == ["time", "flops"]
+        rungs = {r["name"]: r for r in m["rungs"]}
+        int8 = [r for r in rungs.values() if r["precision"] == "int8"]
+        assert int8 and all(r["real_speed"] and r["ms_per_item_full_batch"] > 0 and r["accuracy"] for r in int8)
+        assert all(r["flops"] == rungs[r["subnet"]]["flops"] for r in int8)  # same network, same FLOPs
+        buf = io.BytesIO()
+        Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")
+        top8 = max(int8, key=lambda r: r["flops"])["name"]
+        r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
+                   params={"rung": top8})
+        assert r.status_code == 200 and r.json()["rung"]["precision"] == "int8", r.text
+        assert r.headers["x-anytime-rung"] == top8
+        for budget in ("0", "0.5", "1"):  # time budgets pick among the rungs not dominated
+            r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
+                       params={"budget": budget})
+            assert r.status_code == 200 and not rungs[r.json()["rung"]["name"]]["dominated"], r.text
