@@ -1,5 +1,6 @@
-"""PSS-Net's int8 rungs: real int8 kernels, rebuilt at start-up exactly as measured, listed
-and served through /classify next to the fp32 rungs."""
+"""The classifiers' int8 rungs: real int8 kernels, rebuilt at start-up exactly as measured,
+listed with held-out quality and measured time, and served through /classify next to the
+fp32 rungs."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ from service.config import Settings
 from tests.conftest import FAST_START, synthetic_photo, wait_ready
 
 BUNDLE = bundled("pssnet")
-pytestmark = pytest.mark.skipif(BUNDLE is None or not (BUNDLE.parent / "int8.json").exists(),
-                                reason="no bundled PSS-Net with int8 rungs (python -m models.pssnet.quantize)")
+CFVIT = bundled("cfvit")
+needs_pssnet = pytest.mark.skipif(BUNDLE is None or not (BUNDLE.parent / "int8.json").exists(),
+                                  reason="no bundled PSS-Net with int8 rungs (python -m models.pssnet.quantize)")
+pytestmark = pytest.mark.slow  # each builds int8 networks (1.5 s a PSS-Net rung)
+needs_cfvit = pytest.mark.skipif(CFVIT is None or not (CFVIT.parent / "int8.json").exists(),
+                                 reason="no bundled CF-ViT with an int8 version (python -m models.cfvit.quantize)")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +35,7 @@ def model():
     return PssNetModel.from_checkpoint(BUNDLE)
 
 
+@needs_pssnet
 def test_int8_rungs_are_real_int8_and_rebuilt_exactly(model) -> None:
     """Every ladder rung has an int8 version on quantized kernels; rebuilding it from the
     stored calibration gives the same network (so the manifest's held-out numbers are the
@@ -52,6 +58,7 @@ def test_int8_rungs_are_real_int8_and_rebuilt_exactly(model) -> None:
     assert all("models.pssnet.quantize" in r["command"] for r in manifest["rungs"])
 
 
+@needs_pssnet
 def test_int8_rungs_are_listed_timed_and_served() -> None:
     settings = Settings(**{**FAST_START, "families": ["pssnet"], "pssnet_checkpoint": BUNDLE})
     from service.app import create_app
@@ -75,3 +82,34 @@ def test_int8_rungs_are_listed_timed_and_served() -> None:
             r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
                        params={"budget": budget})
             assert r.status_code == 200 and not rungs[r.json()["rung"]["name"]]["dominated"], r.text
+
+
+@needs_cfvit
+def test_cfvit_int8_is_real_listed_and_served() -> None:
+    """CF-ViT's int8 version: dynamic int8 linears (nothing to calibrate), its held-out
+    quality and val curve from the bundle, both precisions timed and served."""
+    from models.cfvit.serving import CfVitModel
+    from service.app import create_app
+
+    model = CfVitModel.from_checkpoint(CFVIT)
+    assert model.int8_net is not None and is_quantized(model.int8_net) and not is_quantized(model.net)
+    x = torch.randn(16, 3, model.input_size, model.input_size)
+    fine = torch.full((16,), 1.01)
+    agree = (model.forward(x, fine)[0].argmax(1) == model.forward(x, fine, int8=True)[0].argmax(1)).float().mean()
+    assert agree >= 0.8
+    for entry in model.int8_meta["rungs"]:
+        q = entry["quality"]
+        assert entry["real_speed"] and abs(q["test_accuracy"] - q["test_accuracy_fp32"]) <= 0.01, entry
+    settings = Settings(**{**FAST_START, "families": ["cfvit"], "cfvit_checkpoint": CFVIT})
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c, timeout=120)
+        [m] = c.get("/v1/models").json()["models"]
+        rungs = {r["name"]: r for r in m["rungs"]}
+        assert {"coarse", "fine", "coarse-int8", "fine-int8"} <= set(rungs) and set(m["eta_curves"]) == {"fp32", "int8"}
+        assert all(rungs[n]["ms_per_item_full_batch"] > 0 for n in rungs)
+        buf = io.BytesIO()
+        Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")
+        r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
+                   params={"rung": "fine-int8"})
+        assert r.status_code == 200 and r.json()["rung"]["precision"] == "int8", r.text
+        assert r.json()["rung"]["name"] == "fine-int8" and r.json()["flops"] == r.json()["flops_full"]
