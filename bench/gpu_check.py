@@ -48,8 +48,8 @@ def requests_for(model: dict, sr_size: int) -> list[tuple[str, str, dict, dict, 
 
 def calibration_key(model: dict, rung: dict) -> str:
     """The cost model's key (as /v1/models prints it) of one listed rung."""
-    if model.get("family") == "cfvit":
-        return "cfvit"  # one key: coarse and fine are one forward with a per-row exit threshold
+    if "key" in rung:  # PSS-Net and CF-ViT name their batch keys (CF-ViT: one per precision)
+        return str(rung["key"])
     if "long_side" in rung:
         return str(rung["long_side"])
     return str(rung["index"])

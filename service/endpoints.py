@@ -17,15 +17,17 @@ from service.media import OFFERED
 
 
 class SuperresolveParams(RequestParams):
-    budget: str = Field("auto", description="fraction of full-width FLOPs in [0, 1]; 'auto' lets the planner "
-                        "choose from the deadline and the load (or uses the configured default when there is no "
-                        "deadline); 'best': the table's best rung per patch")
+    budget: str = Field("auto", description="a number in [0, 1]: the fraction of full width's predicted forward "
+                        "time for this image (budget_unit=time, the default) or of its FLOPs (budget_unit=flops); "
+                        "'auto' lets the planner choose from the deadline and the load (or uses the configured "
+                        "default when there is no deadline); 'best': the table's best rung per patch")
     rung: str | None = Field(None, description="serve every patch at one rung (a name from /v1/models such as "
                              "'w56' or 'bicubic', or an index); overrides budget")
     tiling: Literal["full", "official"] = Field("full", description="'full' covers every pixel; 'official' "
                                                 "reproduces ARM's tiling")
-    objective: Literal["mse", "psnr_sum"] = Field("mse", description="'mse' minimises predicted squared error; "
-                                                  "'psnr_sum' is the paper's rule")
+    objective: Literal["mse", "psnr_sum"] = Field("mse", description="with budget_unit=flops: 'mse' minimises "
+                                                  "predicted squared error; 'psnr_sum' is the paper's rule (budgets "
+                                                  "in time always minimise squared error)")
     explain: bool = Field(False, description="return the per-patch rung map (PNG at the input size, colours in "
                           "X-Anytime-Rung-Colours) instead of the image; plans but runs no network")
 

@@ -160,11 +160,11 @@ class ServedFamily(ABC, Generic[Work, Plan]):
 
     max_batch: int | None = None  # items per forward pass; None: the server's batch_max_items
 
-    def calibrated(self, seconds_per_item) -> None:
-        """Called once the start-up timing is done: ``seconds_per_item(key)`` is then the
-        cost model's live prediction of one item's share of a full batch at ``key`` (what a
-        rung costs under load, when batches fill).  Families whose budgets are in time keep
-        it to order their rungs."""
+    def calibrated(self, predict, max_batch: int) -> None:
+        """Called once the start-up timing is done.  ``predict([(key, n), ...])`` is then the
+        cost model's live prediction, in seconds, of those forward passes (n items at key,
+        in passes of at most ``max_batch``).  Families whose budgets are in time keep it to
+        order and choose their rungs."""
 
     def calibrate_extra(self, repeats: int) -> list[tuple[float, float]]:
         """(units, seconds) samples (medians of ``repeats`` runs) of the work after the network (stitching, encoding),

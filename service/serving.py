@@ -361,7 +361,7 @@ class FamilyService:
         def after_timing() -> None:
             if type(f).calibrate_extra is not ServedFamily.calibrate_extra:
                 rt.cost.calibrate_overhead(f.calibrate_extra(self.settings.calibration_repeats))
-            f.calibrated(lambda key: rt.cost.predict_forward(key, full) / full)
+            f.calibrated(rt.cost.predict, full)
 
         return rt.start(extra=after_timing)
 

@@ -36,7 +36,7 @@ def _post(client: TestClient, body: bytes, ctype: str = "image/png", **params) -
 
 def test_png_round_trip_with_cost_headers(client: TestClient) -> None:
     img = synthetic_photo(70, 90)
-    r = _post(client, _encode(img), budget="0.6")
+    r = _post(client, _encode(img), budget="0.6", budget_unit="flops")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     out = np.asarray(Image.open(io.BytesIO(r.content)))
@@ -61,7 +61,7 @@ def test_jpeg_and_webp_inputs(client: TestClient, fmt: str, ctype: str) -> None:
 
 def test_budget_extremes_and_best(client: TestClient) -> None:
     body = _encode(synthetic_photo(64, 64))
-    zero = _post(client, body, budget="0").headers
+    zero = _post(client, body, budget="0", budget_unit="flops").headers
     assert zero["x-anytime-flops"] == "0" and zero["x-anytime-rung-mix"].startswith("bicubic=9,")
     full = _post(client, body, budget="1").headers
     assert float(full["x-anytime-flops-fraction"]) <= 1.0
@@ -76,9 +76,10 @@ def test_budget_extremes_and_best(client: TestClient) -> None:
 
 def test_more_budget_never_predicts_worse(client: TestClient) -> None:
     body = _encode(synthetic_photo(96, 96, seed=3))
-    preds = [float(_post(client, body, budget=str(b)).headers["x-anytime-predicted-patch-psnr"])
-             for b in (0.2, 0.4, 0.6, 0.8, 1.0)]
-    assert preds == sorted(preds)
+    for unit in ("time", "flops"):
+        preds = [float(_post(client, body, budget=str(b), budget_unit=unit).headers["x-anytime-predicted-patch-psnr"])
+                 for b in (0.2, 0.4, 0.6, 0.8, 1.0)]
+        assert preds == sorted(preds), unit
 
 
 def test_official_tiling_still_returns_the_whole_image(client: TestClient) -> None:
@@ -206,7 +207,7 @@ def test_impossible_deadline_is_shed_at_once_with_retry_after(client: TestClient
     r = _post(client, _encode(synthetic_photo(96, 96)), deadline_ms="1")
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert "deadline" in r.json()["error"]["message"]
-    floor = _post(client, _encode(synthetic_photo(96, 96)), deadline_ms="60000", min_budget="0.9")
+    floor = _post(client, _encode(synthetic_photo(96, 96)), deadline_ms="60000", min_budget="0.9", budget_unit="flops")
     assert floor.status_code == 200 and float(floor.headers["x-anytime-flops-fraction"]) >= 0.85
     assert _post(client, _encode(synthetic_photo(8, 8)), deadline_ms="abc").status_code == 422
 

@@ -131,3 +131,31 @@ def test_table_build_uses_equal_width_bins_over_the_score_range() -> None:
     in_first = scores <= scores.min() + (scores.max() - scores.min()) / 10
     assert np.isclose(t.mse[0, 0], mse[in_first, 0].mean())
     assert t.mse[0, 0] >= psnr_to_mse(t.psnr[0, 0])  # Jensen
+
+
+def test_budgets_in_seconds_fit_and_pay_for_fixed_costs() -> None:
+    """The time budget counts each rung's fixed cost per forward pass: the chosen plan's
+    predicted seconds fit the limit, its predicted error never rises with the limit, and at
+    any limit it is at least as good as the best plan that uses one rung only."""
+    from models.arm.dispatch import RungTimes, min_error_within_seconds
+
+    rng = np.random.default_rng(7)
+    n = 60
+    err = np.sort(rng.uniform(1, 50, size=(n, 4)), axis=1)[:, ::-1].copy()  # higher rungs: less error
+    times = RungTimes(np.array([0.0002, 0.0009, 0.0009, 0.0009]), np.array([0.00002, 0.0003, 0.0005, 0.0008]), 128)
+    full = times.seconds(np.full(n, 3))
+    previous = np.inf
+    for fraction in np.linspace(0.0, 1.0, 11):
+        rungs = min_error_within_seconds(err, times, fraction * full)
+        total = err[np.arange(n), rungs].sum()
+        fits = times.seconds(rungs) <= fraction * full * (1 + 1e-9)
+        assert fits or (rungs == rungs[0]).all()  # nothing fits: all at the fastest rung
+        assert total <= previous + 1e-9
+        previous = total
+        for k in range(4):  # no single-rung plan within the limit is better
+            if times.seconds(np.full(n, k)) <= fraction * full:
+                assert total <= err[:, k].sum() + 1e-9
+    # a few patches do not buy a rung's fixed cost: at a tight limit no rung serves 1-2 patches
+    rungs = min_error_within_seconds(err, times, 0.35 * full)
+    counts = np.bincount(rungs, minlength=4)
+    assert not ((counts > 0) & (counts < 3)).any(), counts

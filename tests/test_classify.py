@@ -122,7 +122,7 @@ def test_pssnet_time_budgets_climb_the_rungs_that_are_not_dominated() -> None:
     # a made-up host where the second rung is slower than the third: it is dominated
     ms = {n: 1.0 + i for i, n in enumerate(names)}
     ms[names[1]] = ms[names[2]] + 0.5
-    fam.calibrated(lambda key: ms.get(key, 100.0) / 1000)
+    fam.calibrated(lambda batches: sum(n * ms.get(key, 100.0) / 1000 for key, n in batches), 32)
     chosen = [p.key for p in fam.by_time]
     assert names[1] not in chosen and chosen == [n for n in names if n != names[1]]
     top = ms[names[-1]]

@@ -153,3 +153,47 @@ def fastest_within(pred_err: np.ndarray, cost: np.ndarray, budget: float,
         if float(pred_err[idx, rungs].sum()) <= limit and (t := seconds(rungs)) < chosen_s:
             chosen, chosen_s, barred = rungs, t, trial
     return chosen
+
+
+@dataclass(frozen=True)
+class RungTimes:
+    """Predicted seconds of the forward passes at each rung on the serving host: a pass of
+    n <= ``max_batch`` patches at rung r costs ``fixed[r] + n * per_item[r]``; more patches
+    take more passes."""
+
+    fixed: np.ndarray  # (R,)
+    per_item: np.ndarray  # (R,)
+    max_batch: int
+
+    def seconds(self, rungs: np.ndarray) -> float:
+        counts = np.bincount(rungs, minlength=len(self.fixed))
+        passes = np.ceil(counts / self.max_batch)
+        return float((passes * self.fixed + counts * self.per_item).sum())
+
+
+def min_error_within_seconds(pred_err: np.ndarray, times: RungTimes, limit_s: float) -> np.ndarray:
+    """Rungs (N,) minimising predicted total squared error with predicted forward seconds
+    ``times.seconds(rungs) <= limit_s``: the budget in time, batch-size aware.
+
+    Time is not additive per patch: every rung used costs a fixed amount per forward pass.
+    So for each set S of rungs that may be used (2^R - 1 of them; 15 for ARM's four rungs) the
+    fixed costs of S come off the limit and the rest is a knapsack in per-patch seconds over
+    S's rungs alone (``min_error_under_budget`` on those columns, cheapest first); the best
+    assignment that really fits wins.  When none fits, every patch goes to the fastest rung."""
+    n, r = pred_err.shape
+    best, best_err = None, np.inf
+    for mask in range(1, 1 << r):
+        cols = [k for k in range(r) if mask >> k & 1]
+        cols.sort(key=lambda k: times.per_item[k])
+        per = times.per_item[cols]
+        left = limit_s - float(times.fixed[cols].sum()) * max(1.0, np.ceil(n / times.max_batch))
+        if per[-1] <= 0 or left < per[0] * n:
+            continue
+        sol = min_error_under_budget(pred_err[:, cols], per, min(1.0, left / (per[-1] * n)))
+        rungs = np.asarray(cols)[sol.rungs]
+        if times.seconds(rungs) <= limit_s * (1 + 1e-9) and sol.total_error < best_err:
+            best, best_err = rungs, sol.total_error
+    if best is None:
+        fastest = min(range(r), key=lambda k: times.seconds(np.full(n, k)))
+        best = np.full(n, fastest, dtype=np.int64)
+    return best

@@ -34,7 +34,7 @@ from models.arm.table import EdgeTable, mse_to_psnr
 # it only takes effect before the process's first convolution, hence here, at import.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
-Mode = Literal["budget", "best", "fixed", "eta"]
+Mode = Literal["budget", "seconds", "best", "fixed", "eta"]
 Objective = Literal["mse", "psnr_sum"]
 IMAGE_PSNR_CROP = 4  # output pixels of border an image PSNR leaves out (metrics.psnr_rgb, evaluate.py)
 
@@ -280,16 +280,27 @@ class ArmSR:
                         img.shape[:2], (SCALE * h, SCALE * w), tiling_mode)
 
     def choose(self, a: Analysis, *, mode: Mode = "budget", budget: float = 1.0, objective: Objective = "mse",
-               rung: int | None = None, eta: float | None = None) -> Plan:
+               rung: int | None = None, eta: float | None = None,
+               times: dispatch.RungTimes | None = None) -> Plan:
         """One rung per tile of an analysed image; costs microseconds to milliseconds.
 
         mode ``budget``: total FLOPs <= budget x full width, choosing by ``objective``
         (``mse``: minimise predicted squared error; ``psnr_sum``: the paper's eta rule at
         the largest eta that fits).  ``best``: the table's best rung per tile.  ``fixed``:
-        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost."""
+        ``rung`` everywhere.  ``eta``: the paper's rule with eta = ``eta`` x full cost.
+        ``seconds``: minimise predicted squared error with the predicted forward time at most
+        ``budget`` x that of the whole image at full width, on the host ``times`` describes
+        (``dispatch.min_error_within_seconds``)."""
         psnr, mse = a.pred_psnr, a.pred_mse
         info: dict = {"mode": mode}
-        if mode == "budget":
+        if mode == "seconds":
+            if times is None or not 0.0 <= budget <= 1.0:
+                raise ValueError("seconds mode needs times and a budget in [0, 1]")
+            top = times.seconds(np.full(len(mse), len(self.rungs) - 1))
+            rungs = dispatch.min_error_within_seconds(mse, times, budget * top)
+            info["predicted_s"] = times.seconds(rungs)
+            info["predicted_s_full"] = top
+        elif mode == "budget":
             if not 0.0 <= budget <= 1.0:
                 raise ValueError(f"budget must be in [0, 1], got {budget}")
             if objective == "mse":

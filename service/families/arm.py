@@ -23,6 +23,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from starlette.requests import Request
 
+from models.arm.dispatch import RungTimes
 from models.arm.pipeline import Analysis, ArmSR, Plan, rung_work
 from models.common.synthetic import synthetic_photo
 from service import imageio, limits
@@ -72,12 +73,27 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                        "per 32x32 LR patch (ARM's count; bicubic counts 0)"
     uses: ClassVar[frozenset[str]] = frozenset({"rung", "tiling", "objective", "explain"})
     budget_words = ("best",)
+    budget_units = ("time", "flops")
 
     def __init__(self, model: ArmSR, time_slack_db: float = 0.05, png_compress_level: int = 1,
                  jpeg_quality: int = 95) -> None:
         self.model, self.name = model, model.name
         self.time_slack_db, self.png_level, self.jpeg_quality = time_slack_db, png_compress_level, jpeg_quality
         self.top_index = len(model.rungs) - 1
+        self.predict = None  # the cost model's predictor, once the start-up timing is done
+        self.max_batch = None
+
+    def calibrated(self, predict, max_batch: int) -> None:
+        self.predict, self.max_batch = predict, max_batch
+
+    def times(self) -> RungTimes:
+        """Each rung's predicted fixed and per-patch seconds per forward pass, from the live
+        cost model (two predictions per rung: one patch and a full pass)."""
+        m = self.max_batch
+        one = np.array([self.predict([(r.index, 1)]) for r in self.model.rungs])
+        full = np.array([self.predict([(r.index, m)]) for r in self.model.rungs])
+        per_item = (full - one) / (m - 1) if m > 1 else full
+        return RungTimes(np.maximum(one - per_item, 0.0), np.maximum(per_item, 1e-9), m)
 
     # --- compute -----------------------------------------------------------------------
 
@@ -135,9 +151,13 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                              limits.sr_patches(settings.max_sr_patches, params.tiling))
         return SrWork(img, self.model.analyse(img.rgb_u8, params.tiling), upload.fields["media"], params.objective)
 
-    def plan(self, work: SrWork, budget: float, unit: str = "flops") -> Plan:
-        return self.model.choose(work.analysis, mode="budget", budget=budget,
-                                 objective=work.objective)
+    def plan(self, work: SrWork, budget: float, unit: str = "time") -> Plan:
+        """In time (the default): the least predicted squared error whose predicted forward
+        seconds, fixed cost per pass included, fit ``budget`` x the whole image at full width;
+        in FLOPs: the paper's convention (``objective`` applies to FLOPs budgets only)."""
+        if unit == "time" and self.predict is not None:
+            return self.model.choose(work.analysis, mode="seconds", budget=budget, times=self.times())
+        return self.model.choose(work.analysis, mode="budget", budget=budget, objective=work.objective)
 
     def top(self, work: SrWork) -> Plan:
         return self.model.choose(work.analysis, mode="fixed", rung=self.top_index)

@@ -109,10 +109,10 @@ class CfVitFamily(ImageClassifier):
         exited = int(out[1].sum())
         return exited * self.flops_coarse / self.flops_full + (len(out[1]) - exited)
 
-    def calibrated(self, seconds_per_item) -> None:
+    def calibrated(self, predict, max_batch: int) -> None:
         """Every (eta, precision) on the curves, by expected time; keep those more accurate
         than every faster one."""
-        self.seconds_per_item = seconds_per_item
+        self.seconds_per_item = seconds_per_item = lambda key: predict([(key, max_batch)]) / max_batch
         plans = [self.at_eta(p["eta"], precision) for precision, curve in self.curves.items() for p in curve]
         best, kept = -1.0, []
         for plan in sorted(plans, key=self.expected_seconds):

@@ -108,10 +108,10 @@ class PssNetFamily(ImageClassifier):
                 return self.int8[key](batch.cpu())
         return self.model.forward(self.plans[key].index, batch)
 
-    def calibrated(self, seconds_per_item) -> None:
+    def calibrated(self, predict, max_batch: int) -> None:
         """Order the candidates (the fp32 ladder and the int8 rungs) by predicted time and
         drop those another candidate beats in time without losing validation accuracy."""
-        self.seconds_per_item = seconds_per_item
+        self.seconds_per_item = seconds_per_item = lambda key: predict([(key, max_batch)]) / max_batch
         candidates = [self.plans[r.name] for r in self.ladder] + [self.plans[k] for k in self.int8]
         timed = sorted(candidates, key=lambda p: seconds_per_item(p.key))
         best, kept = -1.0, []
