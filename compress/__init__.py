@@ -3,6 +3,8 @@
     int8.py         post-training int8 on real kernels: static (convolutions and linears,
                     calibrated) and dynamic (linears, no calibration)
     calibration.py  calibration batches: real images, Gaussian noise
+    fakequant.py    simulated k-bit quantizers for quantization-aware training: DDTB's
+                    dynamic dual trainable bounds, a PAMS-like symmetric baseline
     artifact.py     a compressed rung's manifest: method, bits, backend, held-out quality,
                     whether its speed is real, the exact command that made it
 
