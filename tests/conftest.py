@@ -78,7 +78,8 @@ def server():
     from bench import server as bench_server
 
     try:
-        proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0")
+        proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0",
+                                              ANYTIME_PSSNET_INT8="false")  # int8 rungs: test_int8_rungs.py
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:

@@ -415,6 +415,7 @@ def test_training_runs_and_resumes(tmp_path, monkeypatch):
     assert sm.curve == man["evaluation"]["val"]["eta_curve"]
 
 
+@pytest.mark.slow  # renders and classifies the 5,000-image test split
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled CF-ViT demo weights not built")
 def test_bundled_demo_trades_flops_for_accuracy_on_held_out_fonts():
     """Re-measures the demo's claim on the held-out test fonts: coarse-only is clearly worse

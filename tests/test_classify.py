@@ -203,7 +203,8 @@ def test_bundled_classifiers_serve_through_classify(bundled_model) -> None:
 
     if bundled("pssnet") is None and bundled("cfvit") is None:
         pytest.skip("no bundled classification weights under models/pssnet/weights or models/cfvit/weights")
-    settings = Settings(**{**FAST_START, "pssnet_checkpoint": bundled("pssnet"), "cfvit_checkpoint": bundled("cfvit")})
+    settings = Settings(**{**FAST_START, "pssnet_checkpoint": bundled("pssnet"), "cfvit_checkpoint": bundled("cfvit"),
+                           "pssnet_int8": False})  # the int8 rungs: tests/test_int8_rungs.py
     settings.families = ["pssnet", "cfvit"]
     adapters = registry.load(settings)
     app = create_app(settings, families=adapters)

@@ -186,6 +186,7 @@ def test_dashboard_is_provisioned_with_its_datasource() -> None:
     assert f"./grafana/dashboards:{providers[0]['options']['path']}:ro" in mounts
 
 
+@pytest.mark.slow  # the real app with every bundled model, int8 rungs included
 def test_app_metrics_endpoint_exports_the_dashboard_families() -> None:
     """The running app (in process) exposes the same families as the registry."""
     from fastapi.testclient import TestClient

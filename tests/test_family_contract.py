@@ -193,7 +193,7 @@ def test_the_server_starts_with_any_subset_of_families(families: list[str]) -> N
     settings = Settings(**{**FAST_START, "families": families})
     settings.pssnet, settings.cfvit, settings.seqtr = (type(s)() for s in (settings.pssnet, settings.cfvit,
                                                                             settings.seqtr))  # the bundled ones
-    settings.pssnet.int8 = False  # 1.5 s a rung to build; tests/test_pssnet_int8.py serves them
+    settings.pssnet.int8 = False  # 1.5 s a rung to build; tests/test_int8_rungs.py serves them
     paths = {"arm": "/superresolve", "pssnet": "/classify", "cfvit": "/classify", "seqtr": "/ground"}
     with TestClient(create_app(settings)) as c:
         wait_ready(c, timeout=120)
