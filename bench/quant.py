@@ -27,15 +27,10 @@ from pathlib import Path
 
 import torch
 
+from compress.artifact import top1
 from service.bundled import bundled
 
 SIZES = (1, 8, 32)
-
-
-def top1(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.inference_mode():
-        pred = torch.cat([run(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    return float((pred == y).float().mean())
 
 
 def timings(variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, rounds: int) -> dict:

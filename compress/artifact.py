@@ -31,6 +31,22 @@ class RungArtifact:
         return asdict(self)
 
 
+def bundle_dir(path: str | Path) -> Path:
+    """The folder of a bundle given as the folder or as one of its files (its artifacts lie there)."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def top1(run, x, y, batch: int = 500) -> float:
+    """Top-1 accuracy of ``run`` (a batch of inputs -> logits) on ``x`` with labels ``y``: the
+    held-out quality of a classification rung."""
+    import torch
+
+    with torch.inference_mode():
+        pred = torch.cat([run(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).float().mean())
+
+
 def command_line(module: str, argv: list[str] | None = None) -> str:
     """The shell command that ran ``python -m module`` with ``argv`` (default: this process's)."""
     args = sys.argv[1:] if argv is None else argv

@@ -20,14 +20,9 @@ from pathlib import Path
 
 import torch
 
-from compress.artifact import RungArtifact, command_line, write
+from compress.artifact import RungArtifact, bundle_dir, command_line, write
 
 INT8_MANIFEST = "int8.json"
-
-
-def bundle_dir(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_dir() else path.parent
 
 
 def load_int8(path: str | Path) -> dict | None:

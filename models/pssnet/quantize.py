@@ -29,17 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.artifact import RungArtifact, command_line, write
+from compress.artifact import RungArtifact, bundle_dir, command_line, top1, write
 from compress.calibration import batches_of, bn_statistics_synthesis, gaussian_batches
 
 INT8_MANIFEST = "int8.json"
 INT8_CALIBRATION = "int8_calibration.safetensors"
 SHARED = "shared"  # the key of a calibration set every rung uses
-
-
-def bundle_dir(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_dir() else path.parent
 
 
 def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]]:
@@ -59,12 +54,6 @@ def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]
             continue
         out[rung.index] = (model.int8(rung.index, batches_of(inputs.float())), entry)
     return out
-
-
-def top1(run, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.inference_mode():
-        pred = torch.cat([run(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    return round(float((pred == y).float().mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         q = model.int8(rung.index, batches_of(calib))
         quality = {}
         for split, (x, y) in held_out.items():
-            quality[f"{split}_accuracy"] = top1(q, x, y)
-            quality[f"{split}_accuracy_fp32"] = top1(lambda b, i=rung.index: model.forward(i, b), x, y)
+            quality[f"{split}_accuracy"] = round(top1(q, x, y), 4)
+            quality[f"{split}_accuracy_fp32"] = round(top1(lambda b, i=rung.index: model.forward(i, b), x, y), 4)
         say(f"{rung.name}: int8 test {quality['test_accuracy']:.4f} vs fp32 {quality['test_accuracy_fp32']:.4f} "
             f"({time.perf_counter() - t0:.0f} s)")
         stored[rung.name if args.calibration == "bns" else SHARED] = calib.half().contiguous()

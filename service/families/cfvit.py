@@ -10,7 +10,7 @@ paper's count (multiply-accumulates, as fvcore reports them) doubled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -112,7 +112,7 @@ class CfVitFamily(ImageClassifier):
     def calibrated(self, predict, max_batch: int) -> None:
         """Every (eta, precision) on the curves, by expected time; keep those more accurate
         than every faster one."""
-        self.seconds_per_item = seconds_per_item = lambda key: predict([(key, max_batch)]) / max_batch
+        self.seconds_per_item = lambda key: predict([(key, max_batch)]) / max_batch
         plans = [self.at_eta(p["eta"], precision) for precision, curve in self.curves.items() for p in curve]
         best, kept = -1.0, []
         for plan in sorted(plans, key=self.expected_seconds):
