@@ -302,13 +302,19 @@ class _WatchedCondition(threading.Condition):
         return super().wait(timeout)
 
 
+def _waiting_executor(max_wait_s: float) -> tuple[Recorder, Executor, _WatchedCondition]:
+    """A started executor that waits ``max_wait_s`` for fuller batches, its condition watched."""
+    fwd = Recorder()
+    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16, max_wait_s=max_wait_s)
+    ex.scheduler._cv = cv = _WatchedCondition()  # before its thread starts
+    ex.start()
+    return fwd, ex, cv
+
+
 def test_waiting_for_a_fuller_batch_serves_what_arrived_meanwhile() -> None:
     """With batch_max_wait the thread waits for more work; a job that arrives meanwhile
     joins the batch, and one that was cancelled meanwhile is never run."""
-    fwd = Recorder()
-    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16, max_wait_s=0.2)
-    ex.scheduler._cv = cv = _WatchedCondition()  # before its thread starts
-    ex.start()
+    fwd, ex, cv = _waiting_executor(0.2)
     cancelled = Job([("a", torch.ones(1))], 0.001)
     ex.submit(cancelled)
     assert cv.timed_wait.wait(5)  # the thread now waits for a fuller batch
@@ -324,10 +330,7 @@ def test_waiting_for_a_fuller_batch_serves_what_arrived_meanwhile() -> None:
 def test_a_new_head_gets_its_own_wait_for_a_fuller_batch() -> None:
     """When the job the thread waits on is cancelled, the job that takes its place waits for
     a fuller batch too, instead of running alone at once."""
-    fwd = Recorder()
-    ex = Executor("t", fwd, _model(), max_queue=8, max_batch=16, max_wait_s=0.3)
-    ex.scheduler._cv = cv = _WatchedCondition()  # before its thread starts
-    ex.start()
+    fwd, ex, cv = _waiting_executor(0.3)
     first = Job([("a", torch.ones(1))], 0.001)
     ex.submit(first)
     assert cv.timed_wait.wait(5)

@@ -98,21 +98,32 @@ def _hull_upgrades(err: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(a) for a in (patches, tos, dcs, gains, steps))
 
 
-def min_error_under_budget(pred_err: np.ndarray, cost: np.ndarray, budget: float) -> BudgetSolution:
-    """Rung per patch minimising predicted total squared error with total cost <=
-    budget x N x cost_full (budget in [0, 1]); ``pred_err`` is (N, R) per-pixel MSE."""
-    n = len(pred_err)
-    rungs = np.zeros(n, dtype=np.int64)
-    base = float(pred_err[:, 0].sum())
-    # Every patch costs at least rung 0 (free in FLOPs, not in seconds).
-    left = budget * cost[-1] * n * (1 + 1e-12) - cost[0] * n
+@dataclass
+class Upgrades:
+    """A budgeted assignment prepared once for many budgets: every patch's steps along its
+    lower convex hull of (cost, error), most error saved per unit of cost first."""
+
+    n: int
+    base: float  # total error with every patch at rung 0
+    patch: np.ndarray
+    to: np.ndarray
+    dc: np.ndarray
+    gain: np.ndarray
+
+
+def prepare_upgrades(pred_err: np.ndarray, cost: np.ndarray) -> Upgrades:
     patch, to, dc, gain, step = _hull_upgrades(pred_err, cost)
     # Along one patch's hull the efficiency falls, so a stable sort by efficiency keeps each
     # patch's steps in order; ties are broken by step then patch for determinism.
     order = np.lexsort((patch, step, -gain / dc))
-    patch, to, dc, gain = patch[order], to[order], dc[order], gain[order]
-    total, bound, blocked, bounded = base, None, np.zeros(n, dtype=bool), False
-    for p, t, c, g in zip(patch.tolist(), to.tolist(), dc.tolist(), gain.tolist()):
+    return Upgrades(len(pred_err), float(pred_err[:, 0].sum()), patch[order], to[order], dc[order], gain[order])
+
+
+def fill(up: Upgrades, left: float) -> BudgetSolution:
+    """Take the prepared upgrades in order while they fit ``left`` (cost beyond rung 0)."""
+    rungs = np.zeros(up.n, dtype=np.int64)
+    total, bound, blocked, bounded = up.base, None, np.zeros(up.n, dtype=bool), False
+    for p, t, c, g in zip(up.patch.tolist(), up.to.tolist(), up.dc.tolist(), up.gain.tolist()):
         if blocked[p]:
             continue
         if c <= left:
@@ -126,6 +137,14 @@ def min_error_under_budget(pred_err: np.ndarray, cost: np.ndarray, budget: float
     if bound is None:
         bound = total
     return BudgetSolution(rungs, float(total), float(min(bound, total)))
+
+
+def min_error_under_budget(pred_err: np.ndarray, cost: np.ndarray, budget: float) -> BudgetSolution:
+    """Rung per patch minimising predicted total squared error with total cost <=
+    budget x N x cost_full (budget in [0, 1]); ``pred_err`` is (N, R) per-pixel MSE."""
+    n = len(pred_err)
+    # Every patch costs at least rung 0 (free in FLOPs, not in seconds).
+    return fill(prepare_upgrades(pred_err, cost), budget * cost[-1] * n * (1 + 1e-12) - cost[0] * n)
 
 
 def fastest_within(pred_err: np.ndarray, cost: np.ndarray, budget: float,
@@ -171,29 +190,48 @@ class RungTimes:
         return float((passes * self.fixed + counts * self.per_item).sum())
 
 
-def min_error_within_seconds(pred_err: np.ndarray, times: RungTimes, limit_s: float) -> np.ndarray:
+class SecondsDispatch:
     """Rungs (N,) minimising predicted total squared error with predicted forward seconds
-    ``times.seconds(rungs) <= limit_s``: the budget in time, batch-size aware.
+    ``times.seconds(rungs) <= limit_s``: the budget in time, batch-size aware, for one image
+    and any number of limits (a planner tries several).
 
     Time is not additive per patch: every rung used costs a fixed amount per forward pass.
     So for each set S of rungs that may be used (2^R - 1 of them; 15 for ARM's four rungs) the
     fixed costs of S come off the limit and the rest is a knapsack in per-patch seconds over
-    S's rungs alone (``min_error_under_budget`` on those columns, cheapest first); the best
+    S's rungs alone (cheapest first), prepared once per set and filled per limit; the best
     assignment that really fits wins.  When none fits, every patch goes to the fastest rung."""
-    n, r = pred_err.shape
-    best, best_err = None, np.inf
-    for mask in range(1, 1 << r):
-        cols = [k for k in range(r) if mask >> k & 1]
-        cols.sort(key=lambda k: times.per_item[k])
-        per = times.per_item[cols]
-        left = limit_s - float(times.fixed[cols].sum()) * max(1.0, np.ceil(n / times.max_batch))
-        if per[-1] <= 0 or left < per[0] * n:
-            continue
-        sol = min_error_under_budget(pred_err[:, cols], per, min(1.0, left / (per[-1] * n)))
-        rungs = np.asarray(cols)[sol.rungs]
-        if times.seconds(rungs) <= limit_s * (1 + 1e-9) and sol.total_error < best_err:
-            best, best_err = rungs, sol.total_error
-    if best is None:
-        fastest = min(range(r), key=lambda k: times.seconds(np.full(n, k)))
-        best = np.full(n, fastest, dtype=np.int64)
-    return best
+
+    def __init__(self, pred_err: np.ndarray, times: RungTimes) -> None:
+        self.pred_err, self.times = pred_err, times
+        n, r = pred_err.shape
+        self.sets: list[tuple[list[int], np.ndarray, float]] = []
+        for mask in range(1, 1 << r):
+            cols = sorted((k for k in range(r) if mask >> k & 1), key=lambda k: times.per_item[k])
+            per = times.per_item[cols]
+            if per[-1] > 0:
+                self.sets.append((cols, per, float(times.fixed[cols].sum()) * max(1.0, np.ceil(n / times.max_batch))))
+        self._prepared: dict[int, Upgrades] = {}
+
+    def solve(self, limit_s: float) -> np.ndarray:
+        n, r = self.pred_err.shape
+        best, best_err = None, np.inf
+        for i, (cols, per, fixed) in enumerate(self.sets):
+            left = limit_s - fixed
+            if left < per[0] * n:
+                continue
+            if i not in self._prepared:
+                self._prepared[i] = prepare_upgrades(self.pred_err[:, cols], per)
+            budget = min(1.0, left / (per[-1] * n))
+            sol = fill(self._prepared[i], budget * per[-1] * n * (1 + 1e-12) - per[0] * n)
+            rungs = np.asarray(cols)[sol.rungs]
+            if self.times.seconds(rungs) <= limit_s * (1 + 1e-9) and sol.total_error < best_err:
+                best, best_err = rungs, sol.total_error
+        if best is None:
+            fastest = min(range(r), key=lambda k: self.times.seconds(np.full(n, k)))
+            best = np.full(n, fastest, dtype=np.int64)
+        return best
+
+
+def min_error_within_seconds(pred_err: np.ndarray, times: RungTimes, limit_s: float) -> np.ndarray:
+    """``SecondsDispatch(pred_err, times).solve(limit_s)`` for a single limit."""
+    return SecondsDispatch(pred_err, times).solve(limit_s)

@@ -71,6 +71,14 @@ class Plan:
     def __post_init__(self) -> None:
         if self.pixel_weight is None or self.fill_weight is None:
             self.pixel_weight, self.fill_weight = patch_pixel_weights(self.positions, self.out_hw)
+
+    def seconds_dispatch(self, times: dispatch.RungTimes) -> dispatch.SecondsDispatch:
+        """The time-budget solver for this image on ``times``, kept for the next budget a
+        planner tries (it prepares one knapsack per set of rungs)."""
+        cached = self.__dict__.get("_seconds")
+        if cached is None or cached[0] is not times:
+            cached = self.__dict__["_seconds"] = (times, dispatch.SecondsDispatch(self.pred_mse, times))
+        return cached[1]
         if self.fill_mse is None:
             self.fill_mse = self.pred_mse
 
@@ -139,6 +147,14 @@ class Analysis:
     def __post_init__(self) -> None:
         if self.pixel_weight is None or self.fill_weight is None:
             self.pixel_weight, self.fill_weight = patch_pixel_weights(self.positions, self.out_hw)
+
+    def seconds_dispatch(self, times: dispatch.RungTimes) -> dispatch.SecondsDispatch:
+        """The time-budget solver for this image on ``times``, kept for the next budget a
+        planner tries (it prepares one knapsack per set of rungs)."""
+        cached = self.__dict__.get("_seconds")
+        if cached is None or cached[0] is not times:
+            cached = self.__dict__["_seconds"] = (times, dispatch.SecondsDispatch(self.pred_mse, times))
+        return cached[1]
 
 
 def patch_pixel_weights(positions: np.ndarray, out_hw: tuple[int, int], crop: int = IMAGE_PSNR_CROP,
@@ -297,7 +313,7 @@ class ArmSR:
             if times is None or not 0.0 <= budget <= 1.0:
                 raise ValueError("seconds mode needs times and a budget in [0, 1]")
             top = times.seconds(np.full(len(mse), len(self.rungs) - 1))
-            rungs = dispatch.min_error_within_seconds(mse, times, budget * top)
+            rungs = a.seconds_dispatch(times).solve(budget * top)
             info["predicted_s"] = times.seconds(rungs)
             info["predicted_s_full"] = top
         elif mode == "budget":

@@ -64,6 +64,7 @@ class SrWork:
     media: str
     objective: str = "mse"
     groups: list = field(default_factory=list)
+    times: RungTimes | None = None  # the rungs' predicted seconds, read once per request
 
 
 class ArmFamily(ServedFamily[SrWork, Plan]):
@@ -156,7 +157,9 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
         seconds, fixed cost per pass included, fit ``budget`` x the whole image at full width;
         in FLOPs: the paper's convention (``objective`` applies to FLOPs budgets only)."""
         if unit == "time" and self.predict is not None:
-            return self.model.choose(work.analysis, mode="seconds", budget=budget, times=self.times())
+            if work.times is None:  # one reading of the cost model per request, for every budget tried
+                work.times = self.times()
+            return self.model.choose(work.analysis, mode="seconds", budget=budget, times=work.times)
         return self.model.choose(work.analysis, mode="budget", budget=budget, objective=work.objective)
 
     def top(self, work: SrWork) -> Plan:
