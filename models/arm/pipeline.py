@@ -71,14 +71,6 @@ class Plan:
     def __post_init__(self) -> None:
         if self.pixel_weight is None or self.fill_weight is None:
             self.pixel_weight, self.fill_weight = patch_pixel_weights(self.positions, self.out_hw)
-
-    def seconds_dispatch(self, times: dispatch.RungTimes) -> dispatch.SecondsDispatch:
-        """The time-budget solver for this image on ``times``, kept for the next budget a
-        planner tries (it prepares one knapsack per set of rungs)."""
-        cached = self.__dict__.get("_seconds")
-        if cached is None or cached[0] is not times:
-            cached = self.__dict__["_seconds"] = (times, dispatch.SecondsDispatch(self.pred_mse, times))
-        return cached[1]
         if self.fill_mse is None:
             self.fill_mse = self.pred_mse
 
