@@ -108,3 +108,15 @@ def test_measure_matches_upscale(bundled_model) -> None:
     sr, _ = bundled_model.upscale(lr, budget=0.65)
     measured, _, _ = _measured_and_oracle(bundled_model, hr, 0.65)
     assert measured == pytest.approx(psnr_rgb(sr, hr), abs=1e-9)
+
+
+def test_a_plan_without_fill_errors_prices_its_fill_at_its_own_predictions(bundled_model) -> None:
+    """``fill_mse`` defaults to the plan's own predicted MSE (what a plan built without the
+    table's bicubic column uses)."""
+    from dataclasses import replace
+
+    from models.common.synthetic import synthetic_photo
+
+    plan = bundled_model.plan(synthetic_photo(40, 56, seed=2), budget=0.5)
+    bare = replace(plan, fill_mse=None)
+    assert bare.fill_mse is bare.pred_mse
