@@ -1,16 +1,20 @@
 """Quantized rungs against their float ones: held-out quality, time per batch, the Pareto front.
 
-    python -m bench.quant                                 # PSS-Net and CF-ViT, bundled models
+    python -m bench.quant                                 # ARM, PSS-Net and CF-ViT, bundled models
     python -m bench.quant --family pssnet --rounds 7 --png docs/img/quant_front.png --json out.json
+    python -m bench.quant --family arm --arm-checkpoint arm-fsrcnn.pth --arm-int8-dir runs/arm-official-int8
 
 PSS-Net: every ladder rung in fp32 and as the server builds its int8 rung (from the bundle's
 stored calibration, ``python -m models.pssnet.quantize``; oneDNN kernels), plus the same rung
 calibrated on Gaussian noise (the naive data-free baseline).  CF-ViT: fp32 and the bundle's
 int8 version (dynamic int8 linears), at eta 0 (coarse only) and eta 1.01 (all fine).
-Quality is top-1 on the 5,000 held-out test images of the glyph set.  Time: median ms per
+ARM: bicubic, every width in fp32 and as the int8 rung ``models.arm.quantize`` trained (DDTB
+8-bit QAT, oneDNN kernels); quality is RGB PSNR on the 8 test photos (whole images at one rung),
+time is per forward of n 32x32 LR patches cut from them.
+Classifier quality is top-1 on the 5,000 held-out test images of the glyph set.  Time: median ms per
 forward at batch 1, 8 and 32, every variant timed in each round in a shuffled order, so that
 the shared machine's drift spreads over all rows (compare ratios within one run).  A rung is
-on the Pareto front when no other rung of its model is at least as accurate and faster at
+on the Pareto front when no other rung of its model is at least as good and faster at
 batch 32.  The glyph test split is rendered from Debian's fonts (``make data``).
 """
 
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compress.artifact import top1
@@ -53,6 +58,16 @@ def timings(variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tens
     return {k: {n: statistics.median(v) for n, v in per.items()} for k, per in out.items()}
 
 
+def timed(rows: list[dict], variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, rounds: int,
+          progress: Callable[[str], None]) -> list[dict]:
+    """``rows`` with the ms of their variant (``timings``) at every batch size."""
+    progress(f"timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds")
+    ms = timings(variants, x, rounds)
+    for row in rows:
+        row.update({f"ms_b{n}": ms[row["variant"]][n] for n in SIZES})
+    return rows
+
+
 def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]) -> list[dict]:
     from compress.calibration import gaussian_batches
     from models.glyphs.data import load_split
@@ -76,7 +91,8 @@ def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]
         for precision, calib, run in (("fp32", None, fp32), ("int8", served, q_served), ("int8", "noise", q_noise)):
             name = f"{r.name}/{precision}" + (f"/{calib}" if calib == "noise" else "")
             rows.append({"model": model.name, "rung": r.name, "precision": precision, "calibration": calib,
-                         "flops": 2e6 * r.flops, "top1": top1(run, x, y), "variant": name})
+                         "flops": 2e6 * r.flops, "quality": 100 * top1(run, x, y), "metric": "top-1 %",
+                         "variant": name})
             if calib != "noise":  # timed once per precision: calibration does not change the kernels
                 variants[name] = run
     progress(f"timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds")
@@ -106,21 +122,42 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None]) -> list[dict]:
             progress(f"CF-ViT {name}: held-out top-1")
             rows.append({"model": model.name, "rung": stage, "precision": precision, "calibration": None,
                          "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
-                         "top1": top1(run, x, y), "variant": name})
+                         "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
             variants[name] = run
-    progress(f"timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds")
-    ms = timings(variants, x, rounds)
-    for row in rows:
-        row.update({f"ms_b{n}": ms[row["variant"]][n] for n in SIZES})
-    return rows
+    return timed(rows, variants, x, rounds, progress)
+
+
+def arm_rows(rounds: int, checkpoint: Path | None, int8_dir: Path | None,
+             progress: Callable[[str], None]) -> list[dict]:
+    from models.arm import data, tiling
+    from models.arm.pipeline import ArmSR
+    from models.arm.quantize import held_out_psnr
+
+    progress("loading the ARM model and its int8 rungs")
+    model = ArmSR.from_checkpoint(checkpoint or bundled("arm"), int8=int8_dir or True)
+    if not model.compressed:
+        raise SystemExit("the ARM model has no int8 rungs: python -m models.arm.quantize CHECKPOINT")
+    test = data.load_split("test")
+    patches = [tiling.extract(lr, tiling.positions(*lr.shape[:2])) for _n, _hr, lr in test]
+    x = torch.from_numpy(np.concatenate(patches)[:64].transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    rows, variants = [], {}
+    for r in model.rungs:
+        run = (lambda i: lambda b: model.run_patches(i, b))(r.index)
+        progress(f"{r.name}: PSNR on the test photos")
+        name = r.name
+        rows.append({"model": model.name, "rung": r.name.removesuffix("-int8"), "precision": r.precision,
+                     "calibration": None, "flops": float(r.flops_per_patch), "quality": held_out_psnr(run, test),
+                     "metric": "PSNR dB", "variant": name})
+        variants[name] = run
+    return timed(rows, variants, x, rounds, progress)
 
 
 def mark_front(rows: list[dict]) -> None:
-    """``front``: no other timed rung of the same model is at least as accurate and faster at 32."""
+    """``front``: no other timed rung of the same model is at least as good and faster at 32."""
     timed = [r for r in rows if r["calibration"] != "noise"]
     for r in rows:
         r["front"] = r in timed and not any(
-            o is not r and o["model"] == r["model"] and o["top1"] >= r["top1"] and o["ms_b32"] < r["ms_b32"]
+            o is not r and o["model"] == r["model"] and o["quality"] >= r["quality"] and o["ms_b32"] < r["ms_b32"]
             for o in timed)
 
 
@@ -132,17 +169,20 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(11, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(5.5 * len({r["model"] for r in rows}), 4.2),
+                             squeeze=False)
     for ax, name in zip(axes[0], sorted({r["model"] for r in rows})):
         for precision, colour in (("fp32", "tab:blue"), ("int8", "tab:red")):
             pts = [r for r in rows if r["model"] == name and r["precision"] == precision and r["calibration"] != "noise"]
-            ax.scatter([r["ms_b32"] for r in pts], [100 * r["top1"] for r in pts], c=colour, label=precision)
+            ax.scatter([r["ms_b32"] for r in pts], [r["quality"] for r in pts], c=colour, label=precision)
             for r in pts:
-                ax.annotate(r["rung"], (r["ms_b32"], 100 * r["top1"]), fontsize=7, xytext=(3, 2),
+                ax.annotate(r["rung"], (r["ms_b32"], r["quality"]), fontsize=7, xytext=(3, 2),
                             textcoords="offset points")
         front = sorted((r for r in rows if r["model"] == name and r["front"]), key=lambda r: r["ms_b32"])
-        ax.plot([r["ms_b32"] for r in front], [100 * r["top1"] for r in front], "k--", lw=0.8, label="Pareto front")
-        ax.set(title=name, xlabel="ms per forward of 32 images (1 thread)", ylabel="held-out top-1 (%)")
+        ax.plot([r["ms_b32"] for r in front], [r["quality"] for r in front], "k--", lw=0.8, label="Pareto front")
+        metric = next(r["metric"] for r in rows if r["model"] == name)
+        unit = "32x32 patches" if metric.startswith("PSNR") else "images"
+        ax.set(title=name, xlabel=f"ms per forward of 32 {unit} (1 thread)", ylabel=f"held-out {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -153,7 +193,9 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=["pssnet", "cfvit", "all"], default="all")
+    ap.add_argument("--family", choices=["arm", "pssnet", "cfvit", "all"], default="all")
+    ap.add_argument("--arm-checkpoint", type=Path, default=None, help="default: the bundled ARM-FSRCNN")
+    ap.add_argument("--arm-int8-dir", type=Path, default=None, help="its int8 rungs (default: beside it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calibration-n", type=int, default=512, help="noise inputs of the noise-calibrated baseline")
@@ -167,20 +209,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[quant] {msg}", file=sys.stderr, flush=True)
 
     rows = []
+    if args.family in ("arm", "all"):
+        rows += arm_rows(args.rounds, args.arm_checkpoint, args.arm_int8_dir, progress)
     if args.family in ("pssnet", "all"):
         rows += pssnet_rows(args.rounds, args.calibration_n, progress)
     if args.family in ("cfvit", "all"):
         rows += cfvit_rows(args.rounds, progress)
     mark_front(rows)
     print(f"torch {torch.__version__}, {args.threads} thread(s), quantized engine "
-          f"{torch.backends.quantized.engine}; top-1 on 5,000 held-out glyph test images; ms: median per forward\n")
-    print("| model | rung | precision | calibration | GFLOPs | top-1 | ms b1 | ms b8 | ms b32 | fp32/int8 at b32 | front |")
+          f"{torch.backends.quantized.engine}; quality: RGB PSNR on the 8 ARM test photos, top-1 on 5,000 held-out "
+          f"glyph test images; ms: median per forward (ARM: of n 32x32 LR patches)\n")
+    print("| model | rung | precision | calibration | GFLOPs | quality | ms b1 | ms b8 | ms b32 | fp32/int8 at b32 | front |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fp32_ms = {(r["model"], r["rung"]): r["ms_b32"] for r in rows if r["precision"] == "fp32"}
     for r in rows:
         ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] == "int8" else None
         print(f"| {r['model']} | {r['rung']} | {r['precision']} | {r['calibration'] or '-'} | {r['flops'] / 1e9:.3f} | "
-              f"{100 * r['top1']:.2f}% | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
+              f"{r['quality']:.2f} {r['metric'].split()[-1]} | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
               f"{f'{ratio:.2f}x' if ratio else '-'} | {'yes' if r['front'] else ''} |")
     if args.png is not None:
         print(f"\nfront written to {args.png}" if plot(rows, args.png) else

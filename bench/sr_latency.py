@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     images = data.load_folder(args.images) if args.images else data.load_split("test")
     with httpx.Client(base_url=args.url, timeout=300) as client:
-        full_rung = client.get("/v1/models").json()["models"][0]["rungs"][-1]["name"]
+        rungs = client.get("/v1/models").json()["models"][0]["rungs"]
+        full_rung = [r for r in rungs if r.get("precision", "fp32") == "fp32"][-1]["name"]  # the top fp32 width
         rows = []
         for name, _hr, lr in images:
             body = _png(lr)

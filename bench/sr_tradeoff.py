@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                         "ms_per_image": 1000 * float(np.median([r["seconds"] for r in res])),
                         "rung_share": (np.sum([r["rung_counts"] for r in res], axis=0)
                                        / np.sum([r["rung_counts"] for r in res])).round(3).tolist()})
-    full = next(s for s in summary if s["setting"] == model.rungs[-1].name)
+    full = next(s for s in summary if s["setting"] == model.rungs[model.top].name)
     for s in summary:
         s["drop_vs_full_db"] = full["psnr_rgb"] - s["psnr_rgb"]
         s["time_vs_full"] = s["ms_per_image"] / full["ms_per_image"]
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     t = result["seconds_per_patch"]
     for r in model.rungs:
-        print(f"| {r.name} | {r.flops_per_patch:,} | {1e6 * t[r.name]:.1f} | {t[r.name] / t[model.rungs[-1].name]:.2f} | "
-              f"{r.flops_per_patch / model.rungs[-1].flops_per_patch:.2f} |")
+        print(f"| {r.name} | {r.flops_per_patch:,} | {1e6 * t[r.name]:.1f} | {t[r.name] / t[model.rungs[model.top].name]:.2f} | "
+              f"{r.flops_per_patch / model.rungs[model.top].flops_per_patch:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     calibration.py  calibration batches: real images, Gaussian noise
     fakequant.py    simulated k-bit quantizers for quantization-aware training: DDTB's
                     dynamic dual trainable bounds, a PAMS-like symmetric baseline
+    qat.py          8-bit quantization-aware training with DDTB's trainable bounds, exported
+                    to real int8 kernels (torch.ao graph mode, oneDNN)
     artifact.py     a compressed rung's manifest: method, bits, backend, held-out quality,
                     whether its speed is real, the exact command that made it
 

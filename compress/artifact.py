@@ -53,7 +53,13 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in ["python", "-m", module, *args])
 
 
-def write(path: Path, artifacts: list[RungArtifact], **extra) -> Path:
+def write(path: Path, artifacts: list[RungArtifact | dict], **extra) -> Path:
     """A JSON manifest of ``artifacts`` (and ``extra`` top-level facts) at ``path``."""
-    path.write_text(json.dumps({**extra, "rungs": [a.to_dict() for a in artifacts]}, indent=2) + "\n")
+    rungs = [a.to_dict() if isinstance(a, RungArtifact) else a for a in artifacts]
+    path.write_text(json.dumps({**extra, "rungs": rungs}, indent=2) + "\n")
     return path
+
+
+def read(path: Path) -> dict:
+    """A manifest ``write`` wrote."""
+    return json.loads(Path(path).read_text())

@@ -86,3 +86,16 @@ def bn_statistics_synthesis(model: torch.nn.Module, shape: tuple[int, ...], n: i
         for h in handles:
             h.remove()
     return torch.cat(out)
+
+
+def one_per_class(labels: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Indices of one randomly chosen sample of every class present in ``labels``, in class
+    order: the labelled real data FDDA may use (one image per class), drawn by ``seed`` so
+    that repeated runs see different images."""
+    labels = torch.as_tensor(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        picks.append(int(members[torch.randint(len(members), (1,), generator=g)]))
+    return torch.tensor(picks)

@@ -88,3 +88,17 @@ def quantize_dynamic_linear(module: nn.Module, engine: str = ENGINE) -> nn.Modul
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` holds real int8 kernels (not fake-quantized float ones)."""
     return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+
+
+def prelu_as_leaky_relu(module: nn.Module) -> nn.Module:
+    """Replace every single-slope ``nn.PReLU`` by the ``nn.LeakyReLU`` it equals (in place).
+
+    torch's ``quantized::prelu`` is wrong when the quantized slope's zero point is 0 (it
+    multiplies positive inputs by the slope too); the quantized leaky ReLU is right.  The
+    slope stops being trainable, which quantization-aware fine-tuning can afford."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.PReLU) and child.weight.numel() == 1:
+            setattr(module, name, nn.LeakyReLU(float(child.weight.detach())))
+        else:
+            prelu_as_leaky_relu(child)
+    return module

@@ -41,7 +41,7 @@ def golden(official: Path) -> dict:
 def bundled_model():
     from models.arm.pipeline import ArmSR
 
-    return ArmSR.from_checkpoint(BUNDLED_ARM)
+    return ArmSR.from_checkpoint(BUNDLED_ARM, int8=False)  # the fp32 ladder; int8: tests/test_arm_int8.py
 
 
 def wait_until(condition, timeout: float = 5.0, interval: float = 0.01, what: str = "the condition"):
@@ -68,7 +68,8 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 
 # Settings that keep the start-up calibration short in tests.
 FAST_START = {"calibration_repeats": 1, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
-              "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": []}
+              "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": [],
+              "arm_int8": False}  # ARM's int8 rungs: tests/test_arm_int8.py
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def server():
 
     try:
         proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0",
-                                              ANYTIME_PSSNET_INT8="false")  # int8 rungs: test_int8_rungs.py
+                                              ANYTIME_PSSNET_INT8="false",  # int8 rungs: test_int8_rungs.py,
+                                              ANYTIME_ARM_INT8="false")  # test_arm_int8.py
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +31,25 @@ from models.arm.table import EdgeTable
 from models.common.progress import progress
 
 
-def patch_measurements(model: ArmSR, images: list[tuple[str, np.ndarray, np.ndarray]],
-                       step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (N,), mse (N, R)) over all validation patches."""
-    scores, mses = [], []
-    for _name, hr, lr in progress(images, desc="table", log_interval=5):
+def patch_pairs(images: Iterable[tuple[str, np.ndarray, np.ndarray]],
+                step: int) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    """Per image: its LR patches (N, 32, 32, 3) uint8 at stride ``step``, the HR patches they
+    map to (N, 128, 128, 3), and the LR patches as a float NCHW batch in [0, 1] (images
+    smaller than a patch give none)."""
+    for _name, hr, lr in images:
         if min(lr.shape[:2]) < tiling.PATCH:
             continue
         pos = tiling.positions(lr.shape[0], lr.shape[1], "full", step=step)
         lr_p = tiling.extract(lr, pos)
         hr_p = tiling.extract(hr, pos * tiling.SCALE, tiling.PATCH * tiling.SCALE)
-        x = torch.from_numpy(np.ascontiguousarray(lr_p.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
+        yield lr_p, hr_p, torch.from_numpy(np.ascontiguousarray(lr_p.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
+
+
+def patch_measurements(model: ArmSR, images: list[tuple[str, np.ndarray, np.ndarray]],
+                       step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N,), mse (N, R)) over all validation patches."""
+    scores, mses = [], []
+    for lr_p, hr_p, x in patch_pairs(progress(images, desc="table", log_interval=5), step):
         per_rung = []
         for r in range(len(model.rungs)):
             sr = torch.cat([model.run_patches(r, x[i:i + 256]) for i in range(0, len(x), 256)])

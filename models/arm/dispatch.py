@@ -199,23 +199,46 @@ class SecondsDispatch:
     So for each set S of rungs that may be used (2^R - 1 of them; 15 for ARM's four rungs) the
     fixed costs of S come off the limit and the rest is a knapsack in per-patch seconds over
     S's rungs alone (cheapest first), prepared once per set and filled per limit; the best
-    assignment that really fits wins.  When none fits, every patch goes to the fastest rung."""
+    assignment that really fits wins.  When none fits, every patch goes to the fastest rung.
 
-    def __init__(self, pred_err: np.ndarray, times: RungTimes) -> None:
+    With precisions the ladder grows (seven rungs: 127 sets, 25 ms for a planner's nine
+    budgets), so three cuts keep it to milliseconds: a rung another rung beats for this image
+    (no slower per patch or per pass, and no worse on any patch) is left out; sets are tried in
+    the order of the least error they could reach, and the search stops at the first that
+    cannot beat the best plan found (both exact); and a set holds at most ``max_rungs`` rungs
+    (each one more costs a pass; four rungs were the whole ladder before precisions)."""
+
+    def __init__(self, pred_err: np.ndarray, times: RungTimes, max_rungs: int = 4) -> None:
         self.pred_err, self.times = pred_err, times
         n, r = pred_err.shape
+        useful = [k for k in range(r) if not any(
+            j != k and times.per_item[j] <= times.per_item[k] and times.fixed[j] <= times.fixed[k]
+            and bool(np.all(pred_err[:, j] <= pred_err[:, k]))
+            and (times.per_item[j] < times.per_item[k] or bool(np.any(pred_err[:, j] < pred_err[:, k])) or j < k)
+            for j in range(r))]
         self.sets: list[tuple[list[int], np.ndarray, float]] = []
-        for mask in range(1, 1 << r):
-            cols = sorted((k for k in range(r) if mask >> k & 1), key=lambda k: times.per_item[k])
+        for mask in range(1, 1 << len(useful)):
+            if bin(mask).count("1") > max_rungs:
+                continue
+            members = [useful[i] for i in range(len(useful)) if mask >> i & 1]
+            cols = sorted(members, key=lambda k: times.per_item[k])
             per = times.per_item[cols]
             if per[-1] > 0:
                 self.sets.append((cols, per, float(times.fixed[cols].sum()) * max(1.0, np.ceil(n / times.max_batch))))
+        # Least error each set could reach with time to spare: visited in that order, the
+        # search stops at the first set that cannot beat the best plan found (exact).
+        floors = [float(pred_err[:, cols].min(axis=1).sum()) for cols, _per, _fixed in self.sets]
+        order = np.argsort(floors, kind="stable")
+        self.sets = [self.sets[i] for i in order]
+        self.floors = [floors[i] for i in order]
         self._prepared: dict[int, Upgrades] = {}
 
     def solve(self, limit_s: float) -> np.ndarray:
         n, r = self.pred_err.shape
         best, best_err = None, np.inf
         for i, (cols, per, fixed) in enumerate(self.sets):
+            if self.floors[i] >= best_err:
+                break
             left = limit_s - fixed
             if left < per[0] * n:
                 continue

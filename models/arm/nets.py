@@ -289,17 +289,26 @@ class SubPixelDeconv(nn.Module):
             self.conv.bias.copy_(bias.repeat(s * s))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        n, _, h, w = y.shape
-        s, c = self.scale, self.out_channels
-        # (n, h, w, [ry, rx, c]) -> (n, h, ry, w, [rx, c]); a view whatever y's memory format.
-        phases = y.permute(0, 2, 3, 1).unflatten(3, (s, s * c)).permute(0, 1, 3, 2, 4)
-        out = torch.empty((n, h, s, w, s * c), dtype=y.dtype, device=y.device)
-        if self.clamp is None:
-            out.copy_(phases)
-        else:
-            torch.clamp(phases, *self.clamp, out=out)
-        return out.view(n, s * h, s * w, c).permute(0, 3, 1, 2)
+        return sub_pixel_shuffle(self.conv(x), self.scale, self.out_channels, self.clamp)
+
+
+@torch.fx.wrap
+def sub_pixel_shuffle(y: torch.Tensor, s: int, c: int, clamp: tuple[float, float] | None) -> torch.Tensor:
+    """SubPixelDeconv's shuffle of its (n, s*s*c, h, w) phases, (ry, rx, c) ordered, into
+    (n, c, s*h, s*w) channels-last, clipped to ``clamp`` in the same copy when given.
+
+    A leaf for torch.fx (``torch.fx.wrap``), so graph-mode quantization sees a plain
+    convolution followed by a float function: the int8 convolution's output is dequantized
+    before it, which the shuffle's float buffer needs."""
+    n, _, h, w = y.shape
+    # (n, h, w, [ry, rx, c]) -> (n, h, ry, w, [rx, c]); a view whatever y's memory format.
+    phases = y.permute(0, 2, 3, 1).unflatten(3, (s, s * c)).permute(0, 1, 3, 2, 4)
+    out = torch.empty((n, h, s, w, s * c), dtype=y.dtype, device=y.device)
+    if clamp is None:
+        out.copy_(phases)
+    else:
+        torch.clamp(phases, *clamp, out=out)
+    return out.view(n, s * h, s * w, c).permute(0, 3, 1, 2)
 
 
 def to_serving_form(module: nn.Module) -> nn.Module:

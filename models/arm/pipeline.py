@@ -42,10 +42,11 @@ IMAGE_PSNR_CROP = 4  # output pixels of border an image PSNR leaves out (metrics
 @dataclass(frozen=True)
 class Rung:
     index: int
-    name: str  # "bicubic" or "w56"
+    name: str  # "bicubic", "w56" or "w56-int8"
     width: int  # 0 for bicubic
-    flops_per_patch: int  # official convention (32x32 LR patch)
+    flops_per_patch: int  # official convention (32x32 LR patch), whatever the precision
     params: int
+    precision: str = "fp32"  # "fp32" or "int8" (real int8 kernels)
 
 
 @dataclass
@@ -228,6 +229,8 @@ class ArmSR:
                  name: str = "", device: str = "cpu", max_batch: int = 256, interpolate_table: bool = True,
                  meta: dict | None = None) -> None:
         self.backbone, self.table, self.device = backbone, table, torch.device(device)
+        self.full_state = full_state  # the supernet's tensors, for compressed rungs made from it
+        self.compressed: dict[str, dict] = {}  # manifest entry of each compressed rung, by name
         self.name = name or f"arm-{backbone.name}"
         self.max_batch = max_batch
         self.interpolate_table = interpolate_table
@@ -244,15 +247,44 @@ class ArmSR:
         if table is not None and table.rungs != len(self.rungs):
             raise ValueError(f"table has {table.rungs} rungs, model has {len(self.rungs)}")
 
+    @property
+    def top(self) -> int:
+        """The full-width fp32 rung: the best quality, which budgets are fractions of."""
+        return len(self.backbone.widths)
+
+    def add_int8(self, nets: dict[int, nn.Module], mse_ratio: dict[int, np.ndarray],
+                 manifests: dict[str, dict] | None = None) -> None:
+        """Append an int8 rung per width in ``nets`` (real int8 kernels, CPU only), after the
+        fp32 rungs so their indices keep their meaning.
+
+        Its table row is its fp32 width's row times ``mse_ratio[width]`` (per bin, the int8
+        network's mean squared error over the fp32 network's, measured on the same validation
+        patches): a quantization's damage carries over to a table measured on other photos,
+        as an official checkpoint's is.  ``manifests``: each rung's manifest entry by name
+        (method, held-out quality, command), kept in ``compressed``."""
+        if self.device.type != "cpu":
+            return  # torch's int8 kernels run on the CPU only
+        for width, net in sorted(nets.items()):
+            fp32 = self.rungs[self.backbone.widths.index(width) + 1]
+            index = len(self.rungs)
+            self.rungs.append(Rung(index, f"{fp32.name}-int8", width, fp32.flops_per_patch, fp32.params, "int8"))
+            self.subnets.append(net)
+            self._clamps_itself.append(_clamps_in_graph(net))
+            self.compressed[f"{fp32.name}-int8"] = (manifests or {}).get(f"{fp32.name}-int8", {})
+            if self.table is not None:
+                self.table = self.table.with_scaled_row(fp32.index, mse_ratio[width])
+        self.cost = np.array([r.flops_per_patch for r in self.rungs], dtype=np.float64)
+
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backbone: str | None = None, table: str | Path | None = None,
-                        require_table: bool = True, **kw) -> ArmSR:
+                        require_table: bool = True, int8: bool | str | Path = True, **kw) -> ArmSR:
         """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official
         ``arm-<backbone>.pth`` (with ``arm-<backbone>.state`` or a table JSON beside it).
         ``table`` names a table JSON explicitly; ``require_table=False`` loads without one
-        (for building a table)."""
+        (for building a table).  ``int8``: add the int8 rungs ``models.arm.quantize`` trained
+        beside the checkpoint (True) or into that folder (a path); False: none."""
         path = Path(path)
         state = load_full_state(path)
         manifest_path = path.with_name("manifest.json")
@@ -267,7 +299,12 @@ class ArmSR:
                 if require_table:
                     raise
                 found = None
-        return cls(get_backbone(name), state, found, name=manifest.get("name", path.stem), meta=manifest, **kw)
+        model = cls(get_backbone(name), state, found, name=manifest.get("name", path.stem), meta=manifest, **kw)
+        if int8 is not False and found is not None:
+            from models.arm.quantize import load_int8
+
+            model.add_int8(*load_int8(model.backbone, state, path.parent if int8 is True else Path(int8)))
+        return model
 
     # --- planning -----------------------------------------------------------------------
 
@@ -304,7 +341,7 @@ class ArmSR:
         if mode == "seconds":
             if times is None or not 0.0 <= budget <= 1.0:
                 raise ValueError("seconds mode needs times and a budget in [0, 1]")
-            top = times.seconds(np.full(len(mse), len(self.rungs) - 1))
+            top = times.seconds(np.full(len(mse), self.top))
             rungs = a.seconds_dispatch(times).solve(budget * top)
             info["predicted_s"] = times.seconds(rungs)
             info["predicted_s_full"] = top
@@ -435,6 +472,14 @@ class ArmSR:
         plan = self.plan(lr_u8, **plan_kw)
         canvas = self.run(plan, lr_u8.astype(np.float32) / 255.0)
         return np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8), plan
+
+
+def _clamps_in_graph(net: nn.Module) -> bool:
+    """Whether a traced (int8) network's output shuffle clips to [0, 1] itself."""
+    graph = getattr(net, "graph", None)
+    return graph is not None and any(
+        node.op == "call_function" and getattr(node.target, "__name__", "") == "sub_pixel_shuffle"
+        and node.args[3] == (0.0, 1.0) for node in graph.nodes)
 
 
 def _clamp_in_last_layer(net: nn.Module) -> bool:

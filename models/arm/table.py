@@ -89,6 +89,18 @@ class EdgeTable:
             return self.mse[:, self.bins(scores)].T.copy()
         return np.stack([np.interp(scores, self.x_centers, row) for row in self.mse], axis=1)
 
+    def with_scaled_row(self, rung: int, mse_ratio: np.ndarray) -> EdgeTable:
+        """This table plus one row: ``rung``'s row with its squared error scaled per bin by
+        ``mse_ratio`` (B,) (the new rung costs what ``rung`` costs in FLOPs)."""
+        ratio = np.asarray(mse_ratio, dtype=np.float64)
+        if ratio.shape != self.x_centers.shape:
+            raise ValueError(f"a row of {ratio.shape} for a table of {len(self.x_centers)} bins")
+        base_mse = self.mse[rung] if self.mse is not None else psnr_to_mse(self.psnr[rung])
+        psnr_row = self.psnr[rung] - 10.0 * np.log10(ratio)
+        mse = None if self.mse is None else np.vstack([self.mse, base_mse * ratio])
+        return EdgeTable(self.x_centers, np.vstack([self.psnr, psnr_row]), np.append(self.cost, self.cost[rung]),
+                         self.counts, mse, self.source, self.meta)
+
     # --- construction and files -------------------------------------------------------
 
     @classmethod

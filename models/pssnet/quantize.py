@@ -2,11 +2,14 @@
 
     python -m models.pssnet.quantize models/pssnet/weights/pss-mbv1-glyphs
     python -m models.pssnet.quantize BUNDLE --calibration real --n 512     # the real-data baseline
+    python -m models.pssnet.quantize BUNDLE --calibration fdda --n 108 --steps 200
 
 For every rung of the ladder (the subnets the planner climbs): synthesise calibration
 inputs from the rung's own BatchNorm statistics (``--calibration bns``: no image needed,
-what an official checkpoint without its data can use too; or ``real`` training-split
-images, or ``noise``), quantize the rung to int8 (``PssNetModel.int8``), and measure top-1 on
+what an official checkpoint without its data can use too; ``intraq``: the same, with
+IntraQ's class-aware losses; ``fdda``: with FDDA's, which also read ONE real training image
+per class, drawn by ``--seed``; see ``compress.synthesis``), or take ``real`` training-split
+images, or ``noise``; quantize the rung to int8 (``PssNetModel.int8``), and measure top-1 on
 the held-out val and test splits next to the fp32 rung.  Writes into the bundle:
 
 * ``int8_calibration.safetensors``: the calibration inputs (float16; one set per rung when
@@ -15,7 +18,9 @@ the held-out val and test splits next to the fp32 rung.  Writes into the bundle:
 * ``int8.json``: per rung, a ``compress.artifact.RungArtifact``: method, bits, backend,
   held-out quality, ``real_speed: true``, the calibration and this command.
 
-Synthesis takes about 15 s (the smallest rung) to 60 s (the largest) per rung on one core.
+Synthesis takes about 15 s (the smallest rung) to 60 s (the largest) per rung on one core
+(BNS at the defaults); FDDA and IntraQ cost about as much per image and step.
+``python -m bench.calibration_methods`` compares the sources.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compress.artifact import RungArtifact, bundle_dir, command_line, top1, write
-from compress.calibration import batches_of, bn_statistics_synthesis, gaussian_batches
+from compress.calibration import batches_of, bn_statistics_synthesis, gaussian_batches, one_per_class
 
 INT8_MANIFEST = "int8.json"
 INT8_CALIBRATION = "int8_calibration.safetensors"
 SHARED = "shared"  # the key of a calibration set every rung uses
+SOURCES = ("bns", "real", "noise", "fdda", "intraq")
+PER_RUNG = ("bns", "fdda", "intraq")  # synthesised from each rung's own network: one set per rung
+FDDA_POOL = 512  # FDDA's one image per class is drawn from the first FDDA_POOL training images
 
 
 def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]]:
@@ -56,16 +64,21 @@ def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (separate from ``main`` so that they can be checked without a run)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--calibration", choices=["bns", "real", "noise"], default="bns")
+    ap.add_argument("--calibration", choices=list(SOURCES), default="bns")
     ap.add_argument("--n", type=int, default=64, help="calibration inputs per rung")
-    ap.add_argument("--steps", type=int, default=100, help="BN-statistics synthesis: Adam steps per batch")
+    ap.add_argument("--steps", type=int, default=100, help="synthesis (bns, fdda, intraq): Adam steps per batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from models.glyphs.data import load_split
     from models.pssnet.serving import PssNetModel
@@ -83,14 +96,38 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibration == "real":
         train = load_split("train", n=args.n)
         real = torch.stack([model.preprocess(i) for i in train.images])
+    one_each = None
+    if args.calibration == "fdda":  # FDDA's labelled real data: one training image per class
+        pool = load_split("train", n=FDDA_POOL)
+        idx = one_per_class(pool.labels, args.seed)
+        one_each = (torch.stack([model.preprocess(pool.images[i]) for i in idx.tolist()]),
+                    torch.from_numpy(pool.labels[idx.numpy()]))
+    extra = {}
     stored, artifacts = {}, []
     for rung in model.ladder:
         t0 = time.perf_counter()
         res = rung.resolution
+        progress = lambda m, r=rung.name: say(f"{r}: {m}")  # noqa: E731
         if args.calibration == "bns":
             dense, layers = model.with_bn(rung.index)
             calib = bn_statistics_synthesis(dense, (3, res, res), args.n, steps=args.steps, seed=args.seed,
-                                            layers=layers, progress=lambda m, r=rung.name: say(f"{r}: {m}"))
+                                            layers=layers, progress=progress)
+        elif args.calibration in ("fdda", "intraq"):
+            from compress.synthesis import fdda_centres, fdda_synthesis, intraq_synthesis
+
+            dense, layers = model.with_bn(rung.index)
+            if args.calibration == "fdda":
+                centres = fdda_centres(dense, *one_each, layers=layers)
+                synthetic = fdda_synthesis(dense, (3, res, res), centres, args.n, steps=args.steps, seed=args.seed,
+                                           layers=layers, progress=progress)
+                extra = {"real_images": {"split": "train", "per_class": 1, "pool": FDDA_POOL,
+                                         "count": len(one_each[1])}}
+            else:
+                synthetic = intraq_synthesis(dense, (3, res, res), len(model.classes), args.n, steps=args.steps,
+                                             seed=args.seed, layers=layers, progress=progress)
+            calib = synthetic.inputs
+            extra = {**extra, "settings": {k: v for k, v in synthetic.info.items()
+                                           if k not in ("final_losses", "seconds")}}
         elif args.calibration == "real":
             calib = real
         else:
@@ -102,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             quality[f"{split}_accuracy_fp32"] = round(top1(lambda b, i=rung.index: model.forward(i, b), x, y), 4)
         say(f"{rung.name}: int8 test {quality['test_accuracy']:.4f} vs fp32 {quality['test_accuracy_fp32']:.4f} "
             f"({time.perf_counter() - t0:.0f} s)")
-        stored[rung.name if args.calibration == "bns" else SHARED] = calib.half().contiguous()
+        stored[rung.name if args.calibration in PER_RUNG else SHARED] = calib.half().contiguous()
         artifacts.append(RungArtifact(
             rung.name, "ptq-static", {"weights": 8, "activations": 8}, "torch.ao onednn (stem in float)", True,
-            quality, {"source": args.calibration, "n": args.n, "steps": args.steps if args.calibration == "bns" else None,
-                      "seed": args.seed, "resolution": res}, command_line("models.pssnet.quantize", argv)))
+            quality, {"source": args.calibration, "n": args.n,
+                      "steps": args.steps if args.calibration in PER_RUNG else None,
+                      "seed": args.seed, "resolution": res, **extra}, command_line("models.pssnet.quantize", argv)))
     print(json.dumps([a.to_dict() for a in artifacts], indent=2))
     if not args.dry_run:
         folder = bundle_dir(args.bundle)

@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 # the hop to the planning thread and back.
 INLINE_PLAN_PATCHES = 64  # about 230x230 LR
 
-# Rung colours of explain=true maps (bicubic grey, then blue -> green -> red by width).
-RUNG_COLOURS = [(128, 128, 128), (66, 133, 244), (52, 168, 83), (234, 67, 53), (251, 188, 4), (171, 71, 188)]
+# Rung colours of explain=true maps by rung index: bicubic grey, the fp32 widths blue -> green
+# -> red, their int8 rungs the same hues lighter (then spares for longer ladders).
+RUNG_COLOURS = [(128, 128, 128), (66, 133, 244), (52, 168, 83), (234, 67, 53),
+                (161, 194, 250), (153, 214, 168), (245, 166, 160), (251, 188, 4), (171, 71, 188)]
 
 
 class ArmSettings(FamilySettings):
@@ -52,6 +54,10 @@ class ArmSettings(FamilySettings):
     checkpoint: Path | None = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an "
                                     "official .pth ('' to serve none)")
     table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
+    int8: bool = Field(False, description="serve the int8 rungs models.arm.quantize made for the checkpoint "
+                       "(real int8 kernels, CPU only). Off by default: with seven rungs the time-budget "
+                       "planner costs 6-8 ms per request, more than the int8 rungs save on small images")
+    int8_dir: Path | None = Field(None, description="folder of those int8 rungs (default: the checkpoint's own)")
     time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="among plans within this many dB of the best "
                                  "predicted quality at the budget, serve the one predicted fastest (0: always "
                                  "the best predicted quality)")
@@ -80,7 +86,7 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                  jpeg_quality: int = 95) -> None:
         self.model, self.name = model, model.name
         self.time_slack_db, self.png_level, self.jpeg_quality = time_slack_db, png_compress_level, jpeg_quality
-        self.top_index = len(model.rungs) - 1
+        self.top_index = model.top
         self.predict = None  # the cost model's predictor, once the start-up timing is done
         self.max_batch = None
 
@@ -232,8 +238,28 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
     # --- description -------------------------------------------------------------------
 
     def rungs(self) -> list[Rung]:
-        return [Rung(r.name, float(r.flops_per_patch), r.params, {}, False, {"index": r.index, "width": r.width})
-                for r in self.model.rungs]
+        """Every rung with its held-out PSNR (test photos, the whole image at that rung) and,
+        once timed, its predicted ms per patch in a full batch.  Dominated: another rung is
+        faster per patch and predicted at least as good in every edge bin of the table, so
+        the per-patch dispatch never picks it."""
+        m = self.model
+        measured = (m.meta.get("metrics") or {}).get("results", {})
+        per_patch = self.times().per_item if self.predict is not None else None
+        table_mse = m.table.mse if m.table is not None and m.table.mse is not None else None
+        out = []
+        for r in m.rungs:
+            entry = m.compressed.get(r.name, {})
+            quality = {"psnr_rgb": entry.get("quality", {}).get("psnr_rgb", measured.get(r.name, {}).get("psnr_rgb"))}
+            detail: dict = {"index": r.index, "width": r.width, "precision": r.precision}
+            if per_patch is not None:
+                detail["ms_per_patch_full_batch"] = round(1000 * float(per_patch[r.index]), 4)
+            if entry:
+                detail.update({k: entry[k] for k in ("method", "backend", "real_speed", "command") if k in entry})
+            dominated = per_patch is not None and table_mse is not None and any(
+                per_patch[o.index] < per_patch[r.index] and bool(np.all(table_mse[o.index] <= table_mse[r.index]))
+                for o in m.rungs if o.index != r.index)
+            out.append(Rung(r.name, float(r.flops_per_patch), r.params, quality, dominated, detail))
+        return out
 
     def describe(self) -> dict:
         m = self.model
@@ -262,5 +288,6 @@ def load(settings: Settings) -> list[ArmFamily]:
     s: ArmSettings = settings.arm
     if s.checkpoint is None:
         return []
-    model = ArmSR.from_checkpoint(s.checkpoint, table=s.table, device=settings.device)
+    int8 = (s.int8_dir or True) if s.int8 else False
+    model = ArmSR.from_checkpoint(s.checkpoint, table=s.table, device=settings.device, int8=int8)
     return [ArmFamily(model, s.time_slack_db, settings.png_compress_level, settings.jpeg_quality)]

@@ -1,0 +1,252 @@
+"""Real int8 rungs for an ARM model: DDTB 8-bit quantization-aware training, exported to
+oneDNN int8 kernels.
+
+    python -m models.arm.quantize models/arm/weights/arm-fsrcnn/model.safetensors
+    python -m models.arm.quantize ../shared/fixtures/arm-official/arm-fsrcnn.pth --out runs/arm-official-int8
+
+Per width: the dense fp32 subnet is the teacher; its copy with fake quantizers at every
+point the int8 network holds an 8-bit tensor (DDTB's trainable dual bounds on activations,
+per-channel int8 weights) is fine-tuned on random 32x32 patches of the training photos with
+DDTB's loss, L1 to the HR patch plus 1000 x the attention-transfer distance of the body
+features to the teacher's.  Post-training int8 loses 1.6-2.3 dB on FSRCNN (long negative
+pre-activation tails share one grid with the detail); QAT learns to live on the grid.
+
+Writes into ``--out`` (default: the checkpoint's folder): ``int8_qat.safetensors`` (the
+trained fake-quantized tensors of every width, rebuilt into int8 at start-up in well under a
+second) and ``int8.json`` (per width: method, bits, backend, ``real_speed``, held-out PSNR of
+the int8 and fp32 width on the test photos, the exact command).  The ARM family serves the
+int8 widths as extra rungs; their table rows come from ``build_table`` as for any rung.
+Progress is printed every ``--log-every`` steps; a 4,000-step run of the three FSRCNN widths
+takes about 25 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from compress import artifact, qat
+from compress.fakequant import attention_transfer_loss
+from compress.int8 import ENGINE, prelu_as_leaky_relu
+from models.arm import data
+from models.arm.metrics import psnr_rgb
+from models.arm.nets import Backbone, SubPixelDeconv, extract_subnet
+
+QAT_FILE, MANIFEST_FILE = "int8_qat.safetensors", "int8.json"
+# The body features DDTB distils (the output of the last layer before the upsampler).
+FEATURE_LAYER = {"fsrcnn": "body_conv.6.1"}
+AT_WEIGHT = 1000.0  # DDTB's weight of the attention-transfer term
+
+
+def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int,
+               clamp: bool = False) -> nn.Module:
+    """The fp32 serving-form subnet a width's int8 rung is made from (PReLU as leaky ReLU).
+    ``clamp``: clip the output to [0, 1] inside the last layer's shuffle (the served form:
+    it saves the int8 rung a separate pass over its output, about 9 % of w16's time)."""
+    net = prelu_as_leaky_relu(extract_subnet(backbone, full_state, width))
+    if clamp and isinstance(getattr(net, "tail_conv", None), SubPixelDeconv):
+        net.tail_conv.clamp = (0.0, 1.0)
+    return net
+
+
+def example_input() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32)
+
+
+def _capture(module: nn.Module, name: str | None) -> tuple[list[torch.Tensor], object | None]:
+    store: list[torch.Tensor] = []
+    if name is None:
+        return store, None
+    handle = module.get_submodule(name).register_forward_hook(lambda _m, _i, out: store.append(out))
+    return store, handle
+
+
+def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
+                bound_lr: float, feature_layer: str | None, log_every: int, label: str,
+                target: str = "hr") -> nn.Module:
+    """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
+
+    ``target``: what the L1 term pulls the output to: ``hr``, DDTB's choice, or ``teacher``,
+    the fp32 width's own output (plain output distillation).  Measured on the bundled model,
+    the teacher target did worse: w36 lost 0.62 dB after 3,000 steps against 0.44 after 4,000
+    with the HR target, w56 0.56 after 3,000 (docs/COMPRESSION.md)."""
+    teacher = teacher.eval().requires_grad_(False)
+    student = qat.prepare(teacher, example_input())
+    qat.calibrate(student, [torch.from_numpy(sampler.batch(32)[0]) for _ in range(8)])
+    opt = torch.optim.Adam(qat.parameter_groups(student, lr, bound_lr), betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.01)
+    t_feat, t_hook = _capture(teacher, feature_layer)
+    s_feat, s_hook = _capture(student, feature_layer)
+    start, running = time.time(), []
+    for step in range(1, steps + 1):
+        lr_np, hr_np = sampler.batch(batch)
+        x, hr = torch.from_numpy(lr_np), torch.from_numpy(hr_np)
+        t_feat.clear()
+        s_feat.clear()
+        with torch.no_grad():
+            fp32_out = teacher(x)  # also fills the teacher's features for attention transfer
+        loss = F.l1_loss(student(x), fp32_out if target == "teacher" else hr)
+        if feature_layer is not None:
+            loss = loss + AT_WEIGHT * attention_transfer_loss(s_feat[-1], t_feat[-1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(float(loss.detach()))
+        if step % log_every == 0 or step == steps:
+            rate = step / (time.time() - start)
+            print(f"[{label}] step {step}/{steps}  loss {np.mean(running[-log_every:]):.5f}  "
+                  f"{rate:.1f} steps/s  eta {(steps - step) / rate / 60:.1f} min", flush=True)
+    for handle in (t_hook, s_hook):
+        if handle is not None:
+            handle.remove()
+    return student.eval()
+
+
+def held_out_psnr(net: nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]]) -> float:
+    """Mean RGB PSNR (4 px crop) of ``net`` applied to whole LR test images (padded to a
+    multiple of 4 pixels): the fixed-width number ``models.arm.evaluate`` reports."""
+    values = []
+    with torch.inference_mode():
+        for _name, hr, lr in images:
+            x = torch.from_numpy(lr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            sr = net(x.contiguous(memory_format=torch.channels_last)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+            sr8 = np.clip(np.rint(sr * 255), 0, 255).astype(np.uint8)
+            values.append(psnr_rgb(sr8[: hr.shape[0], : hr.shape[1]], hr))
+    return float(np.mean(values))
+
+
+def load_int8(backbone: Backbone, full_state: dict[str, torch.Tensor],
+              folder: Path) -> tuple[dict[int, nn.Module], dict[int, np.ndarray], dict[str, dict]]:
+    """The int8 network of every width trained into ``folder``, its table row's per-bin MSE
+    ratio to the fp32 width, and its manifest entry by rung name (all empty when the folder
+    has none)."""
+    path, manifest_path = folder / QAT_FILE, folder / MANIFEST_FILE
+    if not path.exists() or not manifest_path.exists():
+        return {}, {}, {}
+    manifest = artifact.read(manifest_path)
+    ratios = {int(w): np.asarray(v, dtype=np.float64) for w, v in manifest.get("table_mse_ratio", {}).items()}
+    entries = {r["rung"]: r for r in manifest.get("rungs", [])}
+    tensors = load_file(path)
+    nets: dict[int, nn.Module] = {}
+    for width in backbone.widths:
+        prefix = f"w{width}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if own and width in ratios:
+            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True), example_input(), own)
+    return nets, ratios, entries
+
+
+def table_mse_ratio(table, fp32: nn.Module, int8: nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]],
+                    step: int = 8) -> np.ndarray:
+    """Per bin of ``table``, the int8 network's mean patch MSE over the fp32 network's, on the
+    validation patches (bins without a patch take the median ratio)."""
+    from models.arm.build_table import patch_pairs
+    from models.arm.edge import edge_scores
+    from models.arm.metrics import patch_mse
+
+    bins, fp32_mse, int8_mse = [], [], []
+    for lr_p, hr_p, x in patch_pairs(images, step):
+        for net, acc in ((fp32, fp32_mse), (int8, int8_mse)):
+            with torch.inference_mode():
+                sr = torch.cat([net(x[i:i + 256]).clamp(0, 1) for i in range(0, len(x), 256)])
+            acc.append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
+        bins.append(table.bins(edge_scores(lr_p)))
+    idx, a, b = np.concatenate(bins), np.concatenate(fp32_mse), np.concatenate(int8_mse)
+    n = len(table.x_centers)
+    counts = np.bincount(idx, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.bincount(idx, weights=b, minlength=n) / np.bincount(idx, weights=a, minlength=n)
+    ratio[counts == 0] = np.nan
+    ratio[~np.isfinite(ratio)] = np.nanmedian(ratio)
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="bundle folder (default: the checkpoint's)")
+    ap.add_argument("--widths", default="all", help="comma-separated widths, or all")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4, help="weights (DDTB: 1e-4)")
+    ap.add_argument("--bound-lr", type=float, default=1e-2, help="activation bounds (DDTB: 1e-2)")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="train nothing: measure the int8 widths already in --out again (quality, table rows)")
+    ap.add_argument("--split", default="train-ext", help="training photos")
+    ap.add_argument("--target", choices=["hr", "teacher"], default="hr",
+                    help="the L1 term's target: the HR patch (DDTB, default) or the fp32 width's output")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=200)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from models.arm.pipeline import ArmSR  # the loader of both checkpoint kinds
+
+    model = ArmSR.from_checkpoint(args.checkpoint, int8=False)
+    backbone, full_state = model.backbone, model.full_state
+    widths = backbone.widths if args.widths == "all" else tuple(int(w) for w in args.widths.split(","))
+    out = args.out or artifact.bundle_dir(args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = data.PatchSampler([(hr, lr) for _n, hr, lr in data.load_split(args.split)], seed=args.seed)
+    test, val = data.load_split("test"), data.load_split("val")
+    command = artifact.command_line("models.arm.quantize", argv)
+
+    tensors = load_file(out / QAT_FILE) if (out / QAT_FILE).exists() else {}
+    manifest_path = out / MANIFEST_FILE
+    old = artifact.read(manifest_path) if manifest_path.exists() else {}
+    previous = {r["rung"]: r for r in old.get("rungs", [])}
+    ratios = dict(old.get("table_mse_ratio", {}))
+    for width in widths:
+        teacher = float_form(backbone, full_state, width)
+        prefix = f"w{width}."
+        if args.measure_only:
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not own:
+                raise SystemExit(f"no trained int8 w{width} in {out / QAT_FILE}")
+            int8 = qat.load(teacher, example_input(), own)
+        else:
+            prepared = train_width(teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr,
+                                   bound_lr=args.bound_lr, feature_layer=FEATURE_LAYER.get(backbone.name),
+                                   log_every=args.log_every, label=f"w{width}", target=args.target)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+            tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
+            int8 = qat.export(prepared)
+        fp32_db, int8_db = held_out_psnr(teacher, test), held_out_psnr(int8, test)
+        print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, int8 {int8_db:.3f} dB ({int8_db - fp32_db:+.3f})", flush=True)
+        ratios[str(width)] = [round(float(v), 5) for v in table_mse_ratio(model.table, teacher, int8, val)]
+        rung = f"w{width}-int8"
+        quality = {"psnr_rgb": round(int8_db, 4), "fp32_psnr_rgb": round(fp32_db, 4),
+                   "drop_db": round(fp32_db - int8_db, 4)}
+        if args.measure_only:
+            previous[rung]["quality"] = quality
+        else:
+            previous[rung] = artifact.RungArtifact(
+                rung=rung, method="qat-ddtb-8bit", bits={"weights": 8, "activations": 8},
+                backend=f"torch.ao {ENGINE}", real_speed=True, quality=quality,
+                calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                             "bound_lr": args.bound_lr, "seed": args.seed,
+                             "loss": f"L1 to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
+                                     f"{AT_WEIGHT:g} x attention transfer"},
+                command=command)
+        save_file(tensors, str(out / QAT_FILE))
+        artifact.write(manifest_path, list(previous.values()), date=date.today().isoformat(),
+                       test_images="test split: " + ", ".join(p.name for p in data.split("test")),
+                       table_rows="per width, per bin of the checkpoint's table: the int8 rung's mean patch MSE "
+                                  "over its fp32 width's on the val split",
+                       table_mse_ratio=ratios)
+    print(f"int8 rungs written to {out / QAT_FILE} and {manifest_path}")
+
+
+if __name__ == "__main__":
+    main()

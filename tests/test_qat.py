@@ -1,0 +1,74 @@
+"""Quantization-aware training with DDTB bounds, exported to real int8 kernels (compress.qat)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress import int8, qat
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+
+def _train(prepared: nn.Module, target: nn.Module, steps: int) -> None:
+    opt = torch.optim.Adam(qat.parameter_groups(prepared, 1e-3, 1e-2))
+    for _ in range(steps):
+        x = torch.rand(8, 3, 16, 16)
+        loss = (prepared(x) - target(x).detach()).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_the_exported_int8_network_computes_what_was_trained():
+    net = int8.prelu_as_leaky_relu(_net())
+    prepared = qat.prepare(net, torch.rand(2, 3, 16, 16))
+    qat.calibrate(prepared, [torch.rand(8, 3, 16, 16) for _ in range(4)])
+    bounds_before = [(q.lower.item(), q.upper.item()) for q in qat.activation_bounds(prepared)]
+    _train(prepared, net, 30)
+    assert [(q.lower.item(), q.upper.item()) for q in qat.activation_bounds(prepared)] != bounds_before  # bounds learn
+    real = qat.export(prepared)
+    assert int8.is_quantized(real)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.inference_mode():
+        fake, exported = prepared.eval()(x), real(x)
+    out_scale = qat.activation_bounds(prepared)[-1].calculate_qparams()[0].item()
+    assert float((fake - exported).abs().max()) <= 1.01 * out_scale  # at most one output step apart
+
+
+def test_a_saved_state_rebuilds_the_same_int8_network():
+    net = int8.prelu_as_leaky_relu(_net())
+    example = torch.rand(2, 3, 16, 16)
+    prepared = qat.prepare(net, example)
+    qat.calibrate(prepared, [torch.rand(8, 3, 16, 16) for _ in range(2)])
+    _train(prepared, net, 5)
+    rebuilt = qat.load(net, example, qat.state(prepared))
+    x = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(qat.export(prepared)(x), rebuilt(x))
+
+
+def test_the_range_before_a_nearly_flat_leaky_relu_cuts_the_negative_tail():
+    """FSRCNN's case: a long negative tail that a slope of 0.006 nearly erases.  Judged after
+    the activation, the grid goes to the positive values; judged before it, it must not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(50_000, generator=g) * 5, -torch.randn(50_000, generator=g).abs() * 4])
+    lo, hi = float(x.min()), float(x.max())  # about -18.6 and 5
+    lower_after, upper_after = qat.best_range(x, lo, hi, 0.006, 255)
+    lower_plain, _ = qat.best_range(x, lo, hi, None, 255)
+    assert lower_after > 0.4 * lo  # the tail is cut
+    assert upper_after > 0.9 * hi  # the detail keeps its range
+    assert lower_plain < 0.8 * lo  # without the activation the tail carries error and is kept
+
+
+def test_prelu_becomes_the_leaky_relu_it_equals():
+    net = _net()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = net(x)
+        after = int8.prelu_as_leaky_relu(net)(x)
+    assert isinstance(net[1], nn.LeakyReLU)
+    assert torch.allclose(before, after, atol=1e-6)
