@@ -25,7 +25,7 @@ pytest.importorskip("skimage", reason="the held-out test photos come with scikit
 @pytest.fixture(scope="module")
 def model() -> ArmSR:
     torch.set_num_threads(2)
-    return ArmSR.from_checkpoint(BUNDLED_ARM)
+    return ArmSR.from_checkpoint(BUNDLED_ARM, int8=True)
 
 
 def test_the_bundled_model_has_an_int8_rung_per_width_after_its_fp32_rungs(model):
@@ -38,7 +38,7 @@ def test_the_bundled_model_has_an_int8_rung_per_width_after_its_fp32_rungs(model
         entry = model.compressed[r.name]
         assert entry["real_speed"] is True and entry["method"] == "qat-ddtb-8bit"
         assert entry["command"].startswith("python -m models.arm.quantize")
-    assert ArmSR.from_checkpoint(BUNDLED_ARM, int8=False).rungs[-1].name == "w56"
+    assert ArmSR.from_checkpoint(BUNDLED_ARM).rungs[-1].name == "w56"  # opt-in
 
 
 def test_each_int8_width_loses_at_most_half_a_db_and_exactly_what_its_manifest_says(model):

@@ -279,12 +279,13 @@ class ArmSR:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backbone: str | None = None, table: str | Path | None = None,
-                        require_table: bool = True, int8: bool | str | Path = True, **kw) -> ArmSR:
+                        require_table: bool = True, int8: bool | str | Path = False, **kw) -> ArmSR:
         """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official
         ``arm-<backbone>.pth`` (with ``arm-<backbone>.state`` or a table JSON beside it).
         ``table`` names a table JSON explicitly; ``require_table=False`` loads without one
         (for building a table).  ``int8``: add the int8 rungs ``models.arm.quantize`` trained
-        beside the checkpoint (True) or into that folder (a path); False: none."""
+        beside the checkpoint (True) or into that folder (a path); False (the default, so
+        tools that build tables or evaluate widths see the fp32 ladder): none."""
         path = Path(path)
         state = load_full_state(path)
         manifest_path = path.with_name("manifest.json")
