@@ -159,3 +159,23 @@ def test_budgets_in_seconds_fit_and_pay_for_fixed_costs() -> None:
     rungs = min_error_within_seconds(err, times, 0.35 * full)
     counts = np.bincount(rungs, minlength=4)
     assert not ((counts > 0) & (counts < 3)).any(), counts
+
+
+def test_a_seven_rung_ladder_plans_within_the_limit_and_beats_every_single_rung():
+    """With int8 rungs beside the fp32 widths the planner no longer searches every set of
+    rungs: its plan must still fit the time and be no worse than any one rung that fits."""
+    rng = np.random.default_rng(0)
+    n = 40
+    quality = np.array([0.0, 1.0, 1.6, 1.7, 0.8, 1.3, 1.45])  # bicubic, w16/36/56, their int8
+    err = 60 * np.exp(-quality[None, :] * rng.uniform(0.2, 1.0, size=(n, 1)))
+    times = dispatch.RungTimes(np.full(7, 4e-4), np.array([0.4, 0.4, 0.62, 0.84, 0.19, 0.27, 0.36]) * 1e-3, 64)
+    solver = dispatch.SecondsDispatch(err, times)
+    assert solver.joint is not None  # more than four useful rungs: the joint knapsack is used
+    full = times.seconds(np.full(n, 3))
+    for budget in (0.3, 0.5, 0.65, 0.9):
+        rungs = solver.solve(budget * full)
+        assert times.seconds(rungs) <= budget * full * (1 + 1e-9)
+        total = err[np.arange(n), rungs].sum()
+        for k in range(7):
+            if times.seconds(np.full(n, k)) <= budget * full:
+                assert total <= err[:, k].sum() + 1e-9

@@ -217,6 +217,12 @@ class SecondsDispatch:
             and (times.per_item[j] < times.per_item[k] or bool(np.any(pred_err[:, j] < pred_err[:, k])) or j < k)
             for j in range(r))]
         self.sets: list[tuple[list[int], np.ndarray, float]] = []
+        self.joint: list[int] | None = None
+        if len(useful) > max_rungs:
+            # Too many sets to search: single rungs, plus one knapsack over all useful rungs
+            # whose fixed costs are settled by iterating (``_solve_joint``).
+            self.joint = sorted(useful, key=lambda k: times.per_item[k])
+            max_rungs = 1
         for mask in range(1, 1 << len(useful)):
             if bin(mask).count("1") > max_rungs:
                 continue
@@ -232,6 +238,7 @@ class SecondsDispatch:
         self.sets = [self.sets[i] for i in order]
         self.floors = [floors[i] for i in order]
         self._prepared: dict[int, Upgrades] = {}
+        self._joint_prepared: Upgrades | None = None
 
     def solve(self, limit_s: float) -> np.ndarray:
         n, r = self.pred_err.shape
@@ -249,10 +256,37 @@ class SecondsDispatch:
             rungs = np.asarray(cols)[sol.rungs]
             if self.times.seconds(rungs) <= limit_s * (1 + 1e-9) and sol.total_error < best_err:
                 best, best_err = rungs, sol.total_error
+        if self.joint is not None:
+            joint = self._solve_joint(limit_s)
+            if joint is not None and float(self.pred_err[np.arange(n), joint].sum()) < best_err:
+                best = joint
         if best is None:
             fastest = min(range(r), key=lambda k: self.times.seconds(np.full(n, k)))
             best = np.full(n, fastest, dtype=np.int64)
         return best
+
+
+    def _solve_joint(self, limit_s: float, rounds: int = 4) -> np.ndarray | None:
+        """The knapsack over every useful rung at once, the fixed costs first guessed as one
+        pass of the cheapest rung, then as those of the rungs the last solution used, until
+        a solution fits (None if none does within ``rounds``)."""
+        n = len(self.pred_err)
+        cols = np.asarray(self.joint)
+        per = self.times.per_item[cols]
+        if self._joint_prepared is None:
+            self._joint_prepared = prepare_upgrades(self.pred_err[:, cols], per)
+        passes = max(1.0, np.ceil(n / self.times.max_batch))
+        fixed = float(self.times.fixed[cols].min()) * passes
+        for _ in range(rounds):
+            left = limit_s - fixed
+            if left < per[0] * n:
+                return None
+            budget = min(1.0, left / (per[-1] * n))
+            rungs = cols[fill(self._joint_prepared, budget * per[-1] * n * (1 + 1e-12) - per[0] * n).rungs]
+            if self.times.seconds(rungs) <= limit_s * (1 + 1e-9):
+                return rungs
+            fixed = float(self.times.fixed[np.unique(rungs)].sum()) * passes
+        return None
 
 
 def min_error_within_seconds(pred_err: np.ndarray, times: RungTimes, limit_s: float) -> np.ndarray:

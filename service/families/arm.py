@@ -54,9 +54,8 @@ class ArmSettings(FamilySettings):
     checkpoint: Path | None = Field(BUNDLED_ARM, description="our .safetensors (manifest beside it) or an "
                                     "official .pth ('' to serve none)")
     table: Path | None = Field(None, description="table JSON overriding the one found beside the checkpoint")
-    int8: bool = Field(False, description="serve the int8 rungs models.arm.quantize made for the checkpoint "
-                       "(real int8 kernels, CPU only). Off by default: with seven rungs the time-budget "
-                       "planner costs 6-8 ms per request, more than the int8 rungs save on small images")
+    int8: bool = Field(True, description="serve the int8 rungs models.arm.quantize made for the checkpoint "
+                       "(real int8 kernels, CPU only)")
     int8_dir: Path | None = Field(None, description="folder of those int8 rungs (default: the checkpoint's own)")
     time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="among plans within this many dB of the best "
                                  "predicted quality at the budget, serve the one predicted fastest (0: always "
