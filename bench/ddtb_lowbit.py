@@ -10,7 +10,7 @@ FSRCNN after k-bit quantization-aware training with each activation quantizer, m
 sample standard deviation over seeds, beside the fp32 network and bicubic.  Everything is
 fake quantization: the tensors stay float32, rounded onto a k-bit grid, so the numbers are
 the accuracy a k-bit kernel would give, not a speed (stock PyTorch has no 2-4 bit conv;
-docs: COMPRESSION.md section 1).
+docs/COMPRESSION.md).
 
 Why this layout.  DDTB (Zhong et al., ECCV 2022) keeps EDSR's head and tail in fp32 and
 quantizes the body; here FSRCNN's head conv (3 -> 56, 5x5) and tail deconvolution

@@ -1,5 +1,5 @@
 """Synthetic calibration data with class structure: FDDA and IntraQ, re-implemented from
-their formulas (docs: /work/shared/docs/COMPRESSION.md sections 5 and 6).
+their papers' formulas (FDDA: Zhong et al., ECCV 2022; IntraQ: Zhong et al., CVPR 2022).
 
 Plain BN-statistics synthesis (``compress.calibration.bn_statistics_synthesis``) makes every
 image of a batch match the statistics the network stored over *all* its training data, so
@@ -406,7 +406,7 @@ def intraq_synthesis(model: nn.Module, shape: tuple[int, ...], num_classes: int,
     aug_margin 0.5): the shipped ImageNet script sets target_pro 1, m_low 0, m_up 2, which
     switches the soft label and both margins off (cosine distance lies in [0, 2]), i.e. it
     would not be IntraQ.  Scaled down: ``steps`` instead of 1000 (the plateau keeps its
-    patience of 50 steps), ``n`` images instead of 5,120.  Left open by the brief and chosen here:
+    patience of 50 steps), ``n`` images instead of 5,120.  Left open by the papers and chosen here:
     ``flip`` defaults to False, unlike IntraQ's RandomHorizontalFlip, because the crop is a
     prior of what the network saw in training and ours was trained without mirroring (b/d,
     p/q are different glyph classes); pass ``flip=True`` for a flip-trained network.

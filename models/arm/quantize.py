@@ -2,7 +2,7 @@
 oneDNN int8 kernels.
 
     python -m models.arm.quantize models/arm/weights/arm-fsrcnn/model.safetensors
-    python -m models.arm.quantize ../shared/fixtures/arm-official/arm-fsrcnn.pth --out runs/arm-official-int8
+    python -m models.arm.quantize checkpoints/arm-fsrcnn.pth --out runs/arm-official-int8
 
 Per width: the dense fp32 subnet is the teacher; its copy with fake quantizers at every
 point the int8 network holds an 8-bit tensor (DDTB's trainable dual bounds on activations,
@@ -12,12 +12,14 @@ features to the teacher's.  Post-training int8 loses 1.6-2.3 dB on FSRCNN (long 
 pre-activation tails share one grid with the detail); QAT learns to live on the grid.
 
 Writes into ``--out`` (default: the checkpoint's folder): ``int8_qat.safetensors`` (the
-trained fake-quantized tensors of every width, rebuilt into int8 at start-up in well under a
-second) and ``int8.json`` (per width: method, bits, backend, ``real_speed``, held-out PSNR of
-the int8 and fp32 width on the test photos, the exact command).  The ARM family serves the
-int8 widths as extra rungs; their table rows come from ``build_table`` as for any rung.
-Progress is printed every ``--log-every`` steps; a 4,000-step run of the three FSRCNN widths
-takes about 25 minutes on a 2-core CPU.
+trained fake-quantized tensors of every width, rebuilt into int8 at start-up in about 0.5 s
+each once torch.ao is imported) and ``int8.json`` (per width: method, bits, backend,
+``real_speed``, held-out PSNR of the int8 and fp32 width on the test photos, the exact command,
+and the table row: per edge bin of the checkpoint's own table, the int8 width's mean patch MSE
+over its fp32 width's on the validation photos).  The ARM family serves the int8 widths as
+extra rungs (``ANYTIME_ARM_INT8``, ``ANYTIME_ARM_INT8_DIR``).  Progress is printed every
+``--log-every`` steps; a 4,000-step run of the three FSRCNN widths takes about 25 minutes on a
+quiet 2-core CPU.
 """
 
 from __future__ import annotations
