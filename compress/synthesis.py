@@ -164,6 +164,17 @@ def _frozen_eval(model: nn.Module) -> nn.Module:
     return model
 
 
+def _synthesis_setup(model: nn.Module, layers: list | None, n: int, steps: int) -> tuple[nn.Module, list]:
+    """Check a synthesis request and freeze the network: (the model in eval mode without
+    gradients, its BN layers with their statistics)."""
+    if steps < 1 or n < 1:
+        raise ValueError("need at least one image and one step")
+    bns = layers if layers is not None else bn_layers(model)
+    if not bns:
+        raise ValueError("the model has no BatchNorm layers to take statistics from")
+    return _frozen_eval(model), bns
+
+
 def _last_linear(model: nn.Module) -> nn.Module:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -277,12 +288,7 @@ def fdda_synthesis(model: nn.Module, shape: tuple[int, ...], centres: BnsCentres
     * the optimiser is IntraQ's pixel recipe from the same authors (Adam at ``lr``,
       ReduceLROnPlateau with patience 50), at far fewer steps than its 1000.
     """
-    if steps < 1 or n < 1:
-        raise ValueError("need at least one image and one step")
-    bns = layers if layers is not None else bn_layers(model)
-    if not bns:
-        raise ValueError("the model has no BatchNorm layers to take statistics from")
-    model = _frozen_eval(model)
+    model, bns = _synthesis_setup(model, layers, n, steps)
     L = len(bns)
     s = fdda_start_layer(L)
     k = len(centres.classes)
@@ -411,12 +417,7 @@ def intraq_synthesis(model: nn.Module, shape: tuple[int, ...], num_classes: int,
     prior of what the network saw in training and ours was trained without mirroring (b/d,
     p/q are different glyph classes); pass ``flip=True`` for a flip-trained network.
     """
-    if steps < 1 or n < 1:
-        raise ValueError("need at least one image and one step")
-    bns = layers if layers is not None else bn_layers(model)
-    if not bns:
-        raise ValueError("the model has no BatchNorm layers to take statistics from")
-    model = _frozen_eval(model)
+    model, bns = _synthesis_setup(model, layers, n, steps)
     feature_layer = feature_layer if feature_layer is not None else _last_linear(model)
     g = torch.Generator().manual_seed(seed)
     feature_sum: torch.Tensor | None = None
