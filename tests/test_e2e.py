@@ -40,7 +40,9 @@ def server_url():
 def test_superresolve_over_http(server_url: str) -> None:
     buf = io.BytesIO()
     Image.fromarray(synthetic_photo(60, 80)).save(buf, format="PNG")
-    r = httpx.post(f"{server_url}/superresolve?budget=0.6", content=buf.getvalue(),
+    # FLOPs budget: the FLOPs fraction is bounded exactly (a time budget may buy int8 patches,
+    # which cost full width's FLOPs in less time).
+    r = httpx.post(f"{server_url}/superresolve?budget=0.6&budget_unit=flops", content=buf.getvalue(),
                    headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200
     assert Image.open(io.BytesIO(r.content)).size == (320, 240)
