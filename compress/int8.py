@@ -47,26 +47,55 @@ def set_engine(engine: str = ENGINE) -> None:
     torch.backends.quantized.engine = engine
 
 
-def quantize_static(module: nn.Module, calibration: Iterable[torch.Tensor], example: torch.Tensor,
-                    keep_float: tuple[str, ...] = (), engine: str = ENGINE) -> nn.Module:
-    """An int8 copy of ``module`` (eval mode, CPU): activation ranges observed on every
-    ``calibration`` batch, weights per channel.  ``example`` is one input for tracing;
-    ``keep_float`` names submodules left in float (a network's first layer, whose three
-    input channels carry the most information per weight, is the usual one)."""
+def _prepare_static(module: nn.Module, example: torch.Tensor, keep_float: tuple[str, ...]) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    mapping = get_default_qconfig_mapping(ENGINE)
+    for name in keep_float:
+        mapping = mapping.set_module_name(name, None)
+    return prepare_fx(copy.deepcopy(module).cpu().eval(), mapping, example_inputs=(example,))
+
+
+def observe_static(module: nn.Module, calibration: Iterable[torch.Tensor], example: torch.Tensor,
+                   keep_float: tuple[str, ...] = (), engine: str = ENGINE) -> dict[str, torch.Tensor]:
+    """The activation observers' state after ``calibration``: all ``quantize_static`` needs
+    to rebuild the same int8 network later without the data (plain tensors, so a bundle can
+    keep them in safetensors)."""
+    set_engine(engine)
+    ctx = _quiet_deprecation()
+    try:
+        prepared = _prepare_static(module, example, keep_float)
+        with torch.inference_mode():
+            for batch in calibration:
+                prepared(batch)
+        return {k: v.detach().clone().contiguous() for k, v in prepared.state_dict().items()
+                if "activation_post_process" in k}
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def quantize_static(module: nn.Module, calibration: Iterable[torch.Tensor] | dict[str, torch.Tensor],
+                    example: torch.Tensor, keep_float: tuple[str, ...] = (), engine: str = ENGINE) -> nn.Module:
+    """An int8 copy of ``module`` (eval mode, CPU): activation ranges observed on every
+    ``calibration`` batch (or taken from an earlier ``observe_static``), weights per channel.
+    ``example`` is one input for tracing; ``keep_float`` names submodules left in float (a
+    network's first layer, whose three input channels carry the most information per weight,
+    is the usual one)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
 
     set_engine(engine)
     ctx = _quiet_deprecation()
     try:
-        float_copy = copy.deepcopy(module).cpu().eval()
-        mapping = get_default_qconfig_mapping(engine)
-        for name in keep_float:
-            mapping = mapping.set_module_name(name, None)
-        prepared = prepare_fx(float_copy, mapping, example_inputs=(example,))
-        with torch.inference_mode():
-            for batch in calibration:
-                prepared(batch)
+        prepared = _prepare_static(module, example, keep_float)
+        if isinstance(calibration, dict):
+            missing = prepared.load_state_dict(calibration, strict=False).missing_keys
+            if any("activation_post_process" in k for k in missing):
+                raise ValueError(f"the stored observer ranges do not fit this network (missing {missing[:3]})")
+        else:
+            with torch.inference_mode():
+                for batch in calibration:
+                    prepared(batch)
         return convert_fx(prepared).eval()
     finally:
         ctx.__exit__(None, None, None)

@@ -86,15 +86,20 @@ def test_int8_rungs_are_listed_timed_and_served() -> None:
 
 @needs_cfvit
 def test_cfvit_int8_is_real_listed_and_served() -> None:
-    """CF-ViT's int8 version: dynamic int8 linears (nothing to calibrate), its held-out
-    quality and val curve from the bundle, both precisions timed and served."""
+    """CF-ViT's int8 version: dynamic int8 linears (nothing to calibrate) and a static int8
+    stem rebuilt from the bundle's stored ranges, its held-out quality and val curve from the
+    bundle, both precisions timed and served."""
     from models.cfvit.serving import CfVitModel
     from service.app import create_app
 
     model = CfVitModel.from_checkpoint(CFVIT)
     assert model.int8_net is not None and is_quantized(model.int8_net) and not is_quantized(model.net)
-    x = torch.randn(16, 3, model.input_size, model.input_size)
-    fine = torch.full((16,), 1.01)
+    assert is_quantized(model.int8_net.patch_embed), "the stem should run on int8 kernels"
+    # images inside the stem's calibrated range (Gaussian noise is far outside it)
+    from models.cfvit.data import synthetic_shapes, to_tensor
+
+    x = to_tensor(synthetic_shapes(64, seed=5, size=model.input_size).images, model.config.mean, model.config.std)
+    fine = torch.full((64,), 1.01)
     agree = (model.forward(x, fine)[0].argmax(1) == model.forward(x, fine, int8=True)[0].argmax(1)).float().mean()
     assert agree >= 0.8
     for entry in model.int8_meta["rungs"]:
@@ -113,3 +118,26 @@ def test_cfvit_int8_is_real_listed_and_served() -> None:
                    params={"rung": "fine-int8"})
         assert r.status_code == 200 and r.json()["rung"]["precision"] == "int8", r.text
         assert r.json()["rung"]["name"] == "fine-int8" and r.json()["flops"] == r.json()["flops_full"]
+
+
+def test_static_int8_rebuilds_from_stored_ranges_exactly() -> None:
+    """``observe_static`` keeps all a static int8 network needs: rebuilding from its stored
+    ranges gives the network calibrated on the data itself, to the bit; ranges of another
+    network are refused."""
+    from torch import nn
+
+    from compress.int8 import observe_static, quantize_static
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 2, stride=2)).eval()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    example = torch.zeros(1, 3, 16, 16)
+    ranges = observe_static(net, data, example)
+    assert ranges and all(isinstance(v, torch.Tensor) for v in ranges.values())
+    direct, rebuilt = quantize_static(net, data, example), quantize_static(net, ranges, example)
+    assert is_quantized(rebuilt)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(direct(x), rebuilt(x))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with pytest.raises(ValueError, match="do not fit"):
+        quantize_static(other, {k + "_x": v for k, v in ranges.items()}, example)

@@ -52,15 +52,15 @@ class CfVitModel:
         self.int8_meta: dict | None = None
 
     def load_int8(self, path: str | Path) -> bool:
-        """Build the int8 network a bundle's ``int8.json`` describes (dynamic int8 linears:
-        a fraction of a second, nothing to calibrate).  CPU only; False without one."""
-        from compress.int8 import quantize_dynamic_linear
-        from models.cfvit.quantize import load_int8
+        """Build the int8 network a bundle's ``int8.json`` describes (dynamic int8 linears and,
+        with the bundle's stored ranges, a static int8 stem: a fraction of a second, no data).
+        CPU only; False without one."""
+        from models.cfvit.quantize import int8_network, load_int8, load_stem_ranges
 
         meta = load_int8(path)
         if meta is None or self.device.type != "cpu":
             return False
-        self.int8_net, self.int8_meta = quantize_dynamic_linear(self.net), meta
+        self.int8_net, self.int8_meta = int8_network(self.net, load_stem_ranges(path)), meta
         return True
 
     # ---- construction ---------------------------------------------------------------------
