@@ -63,6 +63,18 @@ class CfVitModel:
         self.int8_net, self.int8_meta = int8_network(self.net, load_stem_ranges(path)), meta
         return True
 
+    def build_int8_estimated(self) -> None:
+        """An int8 version for a checkpoint that has none measured (an official one): dynamic
+        int8 linears, which need no data, with each stage's accuracy drop estimated on
+        synthetic images (``models.cfvit.quantize.estimated_manifest``).  CPU only."""
+        from models.cfvit.quantize import estimated_manifest, int8_network, probe_images
+
+        if self.device.type != "cpu":
+            return
+        int8 = int8_network(self.net, None)
+        self.int8_meta = estimated_manifest(self.net, int8, self._budget_curve, probe_images(self.preprocess))
+        self.int8_net = int8
+
     # ---- construction ---------------------------------------------------------------------
 
     @classmethod
@@ -85,8 +97,8 @@ class CfVitModel:
             name = cfg.name
         model = cls(ck.model, name=name, classes=classes, curve=curve, curve_dense=dense, source=ck.source,
                     meta=ck.meta, device=device)
-        if int8 and ck.source == "ours":
-            model.load_int8(path)
+        if int8 and not model.load_int8(path) and ck.source == "official":
+            model.build_int8_estimated()
         return model
 
     # ---- inference ------------------------------------------------------------------------

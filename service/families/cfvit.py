@@ -42,6 +42,7 @@ class CfVitSettings(FamilySettings):
                                      "ANYTIME_CLASS_NAMES", "class_names"), description="class names file (one "
                                      "per line) for an official checkpoint")
     int8: bool = Field(True, description="serve the bundle's int8 version (python -m models.cfvit.quantize; "
+                       "an official checkpoint gets dynamic int8 linears built at start-up, quality estimated; "
                        "CPU only)")
 
 
@@ -190,7 +191,8 @@ class CfVitFamily(ImageClassifier):
                 if precision == "int8":
                     entry = next(r for r in self.model.int8_meta["rungs"] if r["rung"] == stage)
                     detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
-                                  command=entry["command"], test_accuracy=entry["quality"]["test_accuracy"])
+                                  command=entry["command"], **{k: v for k, v in entry["quality"].items() if k in (
+                                      "test_accuracy", "accuracy_drop_estimate", "estimate")})
                 out.append(Rung(f"{stage}{suffix}", self.flops_coarse if stage == "coarse" else self.flops_full, None,
                                 {"accuracy": plan.expected_accuracy}, bool(self.by_time) and not any(
                                     p.precision == precision and abs(p.eta - eta) < 1e-9 for p in self.by_time),
