@@ -30,6 +30,7 @@ def test_the_exported_int8_network_computes_what_was_trained():
     bounds_before = [(q.lower.item(), q.upper.item()) for q in qat.activation_bounds(prepared)]
     _train(prepared, net, 30)
     assert [(q.lower.item(), q.upper.item()) for q in qat.activation_bounds(prepared)] != bounds_before  # bounds learn
+    qat.settle_weight_ranges(prepared)
     real = qat.export(prepared)
     assert int8.is_quantized(real)
     x = torch.rand(4, 3, 16, 16)
@@ -72,3 +73,19 @@ def test_prelu_becomes_the_leaky_relu_it_equals():
         after = int8.prelu_as_leaky_relu(net)(x)
     assert isinstance(net[1], nn.LeakyReLU)
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_the_narrow_weight_grid_keeps_each_channels_largest_weight():
+    """torch.ao's full int8 grid ([-128, 127], scale max|w| / 127.5) clips every channel's
+    largest positive weight by half a step; the narrow grid puts it exactly on code 127."""
+    net = int8.prelu_as_leaky_relu(_net())
+    with torch.no_grad():
+        net[0].weight[:, 0, 1, 1] = 1.0  # a positive largest tap in every channel, like an identity pass-through
+    example = torch.rand(2, 3, 16, 16)
+    for grid, exact in (("narrow", True), ("full", False)):
+        prepared = qat.prepare(net, example, weight_grid=grid)
+        qat.calibrate(prepared, [torch.rand(8, 3, 16, 16)])
+        weight = qat.export(prepared).get_submodule("0").weight()
+        kept = weight.dequantize()[:, 0, 1, 1]
+        assert torch.allclose(kept, torch.ones(8), atol=1e-6) == exact, (grid, kept)
+        assert int(weight.int_repr().max()) == 127

@@ -73,7 +73,7 @@ def _capture(module: nn.Module, name: str | None) -> tuple[list[torch.Tensor], o
 
 def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
                 bound_lr: float, feature_layer: str | None, log_every: int, label: str,
-                target: str = "hr") -> nn.Module:
+                target: str = "hr", weight_grid: str = "narrow") -> nn.Module:
     """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
 
     ``target``: what the L1 term pulls the output to: ``hr``, DDTB's choice, or ``teacher``,
@@ -81,7 +81,7 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
     the teacher target did worse: w36 lost 0.62 dB after 3,000 steps against 0.44 after 4,000
     with the HR target, w56 0.56 after 3,000 (docs/COMPRESSION.md)."""
     teacher = teacher.eval().requires_grad_(False)
-    student = qat.prepare(teacher, example_input())
+    student = qat.prepare(teacher, example_input(), weight_grid=weight_grid)
     qat.calibrate(student, [torch.from_numpy(sampler.batch(32)[0]) for _ in range(8)])
     opt = torch.optim.Adam(qat.parameter_groups(student, lr, bound_lr), betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.01)
@@ -143,8 +143,15 @@ def load_int8(backbone: Backbone, full_state: dict[str, torch.Tensor],
         prefix = f"w{width}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if own and width in ratios:
-            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True), example_input(), own)
+            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True), example_input(), own,
+                                   weight_grid=weight_grid(entries.get(f"w{width}-int8")))
     return nets, ratios, entries
+
+
+def weight_grid(entry: dict | None) -> str:
+    """The int8 weight grid a rung was trained on (rungs trained before the choice was
+    recorded used torch.ao's full grid)."""
+    return ((entry or {}).get("calibration") or {}).get("weight_grid", "full")
 
 
 def table_mse_ratio(table, fp32: nn.Module, int8: nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]],
@@ -179,13 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--widths", default="all", help="comma-separated widths, or all")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4, help="weights (DDTB: 1e-4)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="weights (DDTB: 1e-4; 5e-4 measured better here)")
     ap.add_argument("--bound-lr", type=float, default=1e-2, help="activation bounds (DDTB: 1e-2)")
     ap.add_argument("--measure-only", action="store_true",
                     help="train nothing: measure the int8 widths already in --out again (quality, table rows)")
     ap.add_argument("--split", default="train-ext", help="training photos")
     ap.add_argument("--target", choices=["hr", "teacher"], default="hr",
                     help="the L1 term's target: the HR patch (DDTB, default) or the fp32 width's output")
+    ap.add_argument("--weight-grid", choices=list(qat.WEIGHT_GRIDS), default="narrow",
+                    help="int8 weight codes [-127, 127] (narrow: each channel's largest weight exact) or [-128, 127]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=200)
@@ -216,11 +225,12 @@ def main(argv: list[str] | None = None) -> None:
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if not own:
                 raise SystemExit(f"no trained int8 w{width} in {out / QAT_FILE}")
-            int8 = qat.load(teacher, example_input(), own)
+            int8 = qat.load(teacher, example_input(), own, weight_grid=weight_grid(previous.get(f"w{width}-int8")))
         else:
             prepared = train_width(teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr,
                                    bound_lr=args.bound_lr, feature_layer=FEATURE_LAYER.get(backbone.name),
-                                   log_every=args.log_every, label=f"w{width}", target=args.target)
+                                   log_every=args.log_every, label=f"w{width}", target=args.target,
+                                   weight_grid=args.weight_grid)
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
             int8 = qat.export(prepared)
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 rung=rung, method="qat-ddtb-8bit", bits={"weights": 8, "activations": 8},
                 backend=f"torch.ao {ENGINE}", real_speed=True, quality=quality,
                 calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                             "bound_lr": args.bound_lr, "seed": args.seed,
+                             "bound_lr": args.bound_lr, "seed": args.seed, "weight_grid": args.weight_grid,
                              "loss": f"L1 to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
                                      f"{AT_WEIGHT:g} x attention transfer"},
                 command=command)
