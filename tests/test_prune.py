@@ -1,0 +1,93 @@
+"""CLR-RNF filter pruning (compress.prune): cross-layer widths and the k-reciprocal choice of
+filters, checked against the method's own loop written out literally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compress import prune
+
+
+def _literal_rnf_bounds(w: torch.Tensor, m: int) -> tuple[set[int], set[int]]:
+    """The method's loop, as written: S = row-normalised exp(-D), N_k(i) the k largest of
+    row i, I_k the intersection over i, k from m up until |I_k| >= m. Returns (I_{k-1}, I_k):
+    RNF keeps all of the first and fills from the second."""
+    flat = w.flatten(1).double()
+    d = torch.cdist(flat, flat).pow(2)
+    s = torch.exp(-d)
+    s = s / s.norm(dim=1, keepdim=True)
+    n = len(w)
+
+    def nearest(i: int, k: int) -> set[int]:  # row i's k largest, itself first
+        return set(sorted(range(n), key=lambda j: (j != i, -float(s[i, j]), j))[:k])
+
+    def intersection(k: int) -> set[int]:
+        return set.intersection(*(nearest(i, k) for i in range(n)))
+
+    k = m
+    while len(intersection(k)) < m:
+        k += 1
+    return intersection(k - 1), intersection(k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 14), frac=st.floats(0.1, 1.0))
+def test_rnf_keeps_what_the_literal_loop_keeps(seed: int, n: int, frac: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, 3, 2, 2, generator=g) * 0.5
+    m = max(1, round(frac * n))
+    kept = set(prune.rnf_select(w, m, torch.Generator().manual_seed(1)).tolist())
+    sure, allowed = _literal_rnf_bounds(w, m)
+    assert len(kept) == m and sure <= kept <= allowed
+
+
+def test_rnf_keeps_typical_filters_and_drops_outliers_where_l1_keeps_them():
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(1, 16, generator=g)
+    typical = centre + 0.05 * torch.randn(12, 16, generator=g)
+    outliers = 4.0 * torch.randn(4, 16, generator=g)
+    w = torch.cat([typical, outliers]).view(16, 4, 2, 2)
+    rnf = set(prune.rnf_select(w, 8).tolist())
+    l1 = set(prune.l1_select(w, 8).tolist())
+    assert rnf <= set(range(12))
+    assert {12, 13, 14, 15} <= l1
+
+
+def test_clr_prunes_costly_layers_more_and_keeps_all_at_zero():
+    torch.manual_seed(0)
+    w = torch.randn(32, 16, 3, 3)
+    assert prune.clr_keep_counts([w, w.clone()], [1.0, 1.0], 1.0, 0.0) == [32, 32]
+    cheap, costly = prune.clr_keep_counts([w, w.clone()], [1.0, 4.0], 1.0, 0.5)
+    assert costly < cheap
+    assert prune.clr_keep_counts([w, w.clone()], [1.0, 4.0], 0.0, 0.5) == [16, 16]  # lam 0: plain magnitude
+    with pytest.raises(ValueError):
+        prune.clr_keep_counts([w], [1.0, 2.0], 1.0, 0.5)
+
+
+def test_clr_for_flops_is_the_widest_network_within_the_target():
+    torch.manual_seed(1)
+    weights = [torch.randn(c, 8, 3, 3) for c in (16, 32, 64)]
+    costs = [1.0, 2.0, 4.0]
+
+    def flops(widths: list[int]) -> float:
+        return float(sum(c * w for c, w in zip(costs, widths)))
+
+    target = 0.5 * flops([16, 32, 64])
+    widths, ratio = prune.clr_for_flops(weights, costs, 1.0, flops, target)
+    assert flops(widths) <= target
+    assert flops(prune.clr_keep_counts(weights, costs, 1.0, max(0.0, ratio - 0.01))) > target
+    assert prune.clr_for_flops(weights, costs, 1.0, flops, 1e9) == ([16, 32, 64], 0.0)
+
+
+def test_every_selector_returns_sorted_distinct_indices_and_refuses_bad_counts():
+    w = torch.randn(10, 4, 3, 3)
+    for name, select in prune.SELECTORS.items():
+        idx = select(w, 4, torch.Generator().manual_seed(0))
+        assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 4 and idx.max() < 10, name
+        with pytest.raises(ValueError):
+            select(w, 11, None)
+        with pytest.raises(ValueError):
+            select(w, 0, None)
