@@ -91,3 +91,44 @@ def test_every_selector_returns_sorted_distinct_indices_and_refuses_bad_counts()
             select(w, 11, None)
         with pytest.raises(ValueError):
             select(w, 0, None)
+
+
+def _mbv1_subnet(seed: int = 0):
+    from models.pssnet.calibrate import recalibrate_bn
+    from models.pssnet.nets import PssSupernet, demo_spec, extract_subnet
+
+    torch.manual_seed(seed)
+    spec = demo_spec("mobilenet_v1", 7)
+    dense = extract_subnet(PssSupernet(spec), spec.max_cfg())
+    recalibrate_bn(dense, [torch.randn(8, 3, 32, 32) for _ in range(2)])  # BN statistics of its own
+    return dense.eval()
+
+
+def test_cutting_with_every_filter_in_any_order_changes_nothing():
+    """Channel surgery moves every tensor that follows a filter (its BN entries, the next
+    depth-wise filter and BN, the next point-wise inputs, the classifier's inputs): keeping
+    all filters in a shuffled order must compute the same function."""
+    from models.pssnet.prune import cut, prunable_convs
+
+    net = _mbv1_subnet()
+    g = torch.Generator().manual_seed(3)
+    order = [torch.randperm(c.out_channels, generator=g) for c in prunable_convs(net)]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(cut(net, order)(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_pruning_to_a_flops_target_fits_it_and_runs():
+    from models.pssnet.nets import widths_flops
+    from models.pssnet.prune import prunable_convs, prune_to_flops
+
+    net = _mbv1_subnet(1)
+    full = widths_flops(net.spec, net.widths, net.resolution)
+    x = torch.randn(4, 3, 32, 32)
+    for name in prune.SELECTORS:
+        small, ratio = prune_to_flops(net, 0.7 * full, prune.SELECTORS[name], torch.Generator().manual_seed(0))
+        assert 0.6 * full < widths_flops(small.spec, small.widths, small.resolution) <= 0.7 * full and 0 < ratio < 1
+        widths = [c.out_channels for c in prunable_convs(small)]
+        assert all(1 <= w <= c.out_channels for w, c in zip(widths, prunable_convs(net)))
+        with torch.inference_mode():
+            assert small(x).shape == (4, 7)

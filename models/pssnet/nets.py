@@ -265,9 +265,13 @@ def subnet_flops(spec: SupernetSpec, cfg: SubnetConfig | None = None) -> float:
 
     Analytic, so the structure-space sampler can evaluate it hundreds of thousands of
     times; ``tests/test_pssnet_nets.py`` checks it against hooks on the real modules."""
-    w = subnet_widths(spec, cfg)
-    h = cfg.resolution if cfg is not None else spec.resolutions[1]
-    h = _conv_out(h, spec.stem_stride)
+    return widths_flops(spec, subnet_widths(spec, cfg), cfg.resolution if cfg is not None else spec.resolutions[1])
+
+
+def widths_flops(spec: SupernetSpec, w: SubnetWidths, resolution: int) -> float:
+    """``subnet_flops`` of any widths (a pruned network's per-layer widths need not come from
+    stage multipliers)."""
+    h = _conv_out(resolution, spec.stem_stride)
     macs = 9 * 3 * w.stem * h * h
     for b in w.blocks:
         if b.expand:
@@ -454,10 +458,12 @@ class DenseSubnet(nn.Module):
     """One subnet as a plain network of its own widths (the serving form once folded).
     It resizes its input to its resolution, like the supernet."""
 
-    def __init__(self, spec: SupernetSpec, cfg: SubnetConfig) -> None:
+    def __init__(self, spec: SupernetSpec, cfg: SubnetConfig, widths: SubnetWidths | None = None) -> None:
+        """``widths``: per-layer widths other than ``cfg``'s (a pruned network; ``cfg`` then
+        gives its resolution and the subnet it was cut from)."""
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        self.widths = subnet_widths(spec, cfg)
+        self.widths = widths or subnet_widths(spec, cfg)
         self.resolution = cfg.resolution
         self.folded = False
         _build_tree(self, spec, self.widths, _DENSE)
