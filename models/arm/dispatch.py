@@ -266,29 +266,6 @@ class SecondsDispatch:
         return best
 
 
-    def fastest_within(self, reference: np.ndarray, slack_db: float, steps: int = 8) -> np.ndarray:
-        """Rungs predicted faster than ``reference`` whose predicted total error is at most
-        ``slack_db`` above its error (``reference`` itself when none is found).
-
-        Bisects the time limit between 0 and the reference's seconds: the least error within a
-        limit can only fall as the limit grows, so the smallest limit that still keeps the
-        error within the slack gives the fastest such plan, to 1/2^``steps`` of the
-        reference's time (``steps`` more solves; about 0.1 ms each for seven rungs)."""
-        idx = np.arange(len(self.pred_err))
-        allowed = float(self.pred_err[idx, reference].sum()) * 10 ** (slack_db / 10) * (1 + 1e-12)
-        chosen, chosen_s = reference, self.times.seconds(reference)
-        lo, hi = 0.0, chosen_s
-        for _ in range(steps if slack_db > 0 else 0):
-            mid = (lo + hi) / 2
-            rungs = self.solve(mid)
-            if float(self.pred_err[idx, rungs].sum()) <= allowed:
-                hi = mid
-                if (t := self.times.seconds(rungs)) < chosen_s:
-                    chosen, chosen_s = rungs, t
-            else:
-                lo = mid
-        return chosen
-
     def _solve_joint(self, limit_s: float, rounds: int = 4) -> np.ndarray | None:
         """The knapsack over every useful rung at once, the fixed costs first guessed as one
         pass of the cheapest rung, then as those of the rungs the last solution used, until

@@ -395,21 +395,6 @@ class ArmSR:
         info = {**plan.info, "time_slack_db": slack_db, "predicted_s_saved": seconds(plan.rungs) - seconds(rungs)}
         return self._plan(a, rungs, plan.budget, info)
 
-    def faster_in_time(self, a: Analysis, plan: Plan, times: dispatch.RungTimes, slack_db: float) -> Plan:
-        """A time-budget plan (mode ``seconds``) or, if one is predicted faster, the fastest plan
-        whose predicted error is within ``slack_db`` of its own (``SecondsDispatch.fastest_within``).
-        A time budget is a ceiling, not a target: where the table sees no difference in quality
-        between spending all of it and spending less, the request should spend less (and leave
-        the machine to the next one)."""
-        if slack_db <= 0 or plan.info.get("mode") != "seconds":
-            return plan
-        rungs = a.seconds_dispatch(times).fastest_within(plan.rungs, slack_db)
-        if np.array_equal(rungs, plan.rungs):
-            return plan
-        info = {**plan.info, "time_slack_db": slack_db, "predicted_s_saved": times.seconds(plan.rungs) - times.seconds(rungs),
-                "predicted_s": times.seconds(rungs)}
-        return self._plan(a, rungs, None, info)
-
     def plan(self, lr_u8: np.ndarray, *, tiling_mode: tiling.Tiling = "full", interpolate: bool | None = None,
              **choose_kw) -> Plan:
         """Decide a rung per tile of a uint8 RGB LR image (``analyse`` then ``choose``, whose

@@ -177,11 +177,6 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
         return rung_work(plan.rungs)
 
     def refine(self, work: SrWork, plan: Plan, seconds) -> Plan:
-        """Within ``time_slack_db`` of the chosen plan's predicted quality, the plan predicted
-        fastest: for a time budget by the time solver, for a FLOPs budget among plans of the
-        same FLOPs."""
-        if plan.info.get("mode") == "seconds" and work.times is not None:
-            return self.model.faster_in_time(work.analysis, plan, work.times, self.time_slack_db)
         return self.model.faster_within(work.analysis, plan, lambda rungs: seconds(replace(plan, rungs=rungs)),
                                         self.time_slack_db)
 
