@@ -132,3 +132,37 @@ def test_pruning_to_a_flops_target_fits_it_and_runs():
         assert all(1 <= w <= c.out_channels for w, c in zip(widths, prunable_convs(net)))
         with torch.inference_mode():
             assert small(x).shape == (4, 7)
+
+
+def test_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupted after its last save and rerun, fine-tuning continues from the saved state to
+    exactly the weights an uninterrupted run reaches (same batches, augmentation, optimizer
+    and learning-rate state)."""
+    import numpy as np
+
+    import models.common.progress as progress_module
+    from models.pssnet.prune import finetune
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 7, size=64).astype(np.int64)
+    kw = dict(steps=6, batch=16, lr=0.01, weight_decay=5e-4, seed=0)
+    straight = finetune(_mbv1_subnet(2), images, labels, **kw)
+
+    real_progress = progress_module.progress
+
+    def interrupted(items, **options):  # the process dies during step 5
+        for i, item in enumerate(real_progress(items, **options)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    state = tmp_path / "state.pt"
+    monkeypatch.setattr(progress_module, "progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_mbv1_subnet(2), images, labels, state_path=state, save_every=3, **kw)
+    monkeypatch.setattr(progress_module, "progress", real_progress)
+    assert torch.load(state, weights_only=True)["step"] == 3
+    resumed = finetune(_mbv1_subnet(2), images, labels, state_path=state, save_every=3, **kw)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)

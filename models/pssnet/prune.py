@@ -2,6 +2,8 @@
 L1-norm and random filter choice at the same widths.
 
     python -m models.pssnet.prune models/pssnet/weights/pss-mbv1-glyphs --like f10 --seeds 0 1 2
+    python -m models.pssnet.prune models/pssnet/weights/pss-mbv1-glyphs --like f10 --selectors rnf \
+        --seeds 0 --steps 3000 --out runs/prune/f10-rnf-s0
 
 The largest subnet, as a dense network with its own BN statistics, is cut to the FLOPs of the
 ladder rung ``--like`` names: CLR sets each layer's width (``compress.prune.clr_for_flops``),
@@ -9,6 +11,14 @@ then each selector (RNF, L1, random) picks the filters at those widths, and the 
 (``cut``: a kept filter takes its BN entries along, and the next depth-wise convolution, its BN
 and the next point-wise convolution's inputs follow it). Prints the held-out top-1 of every
 cut network before any fine-tuning, per seed, next to the ladder rung's own.
+
+With ``--out`` (one selector, one seed) the cut network is then fine-tuned with plain
+cross-entropy, as CLR-RNF does (SGD with momentum 0.9, weight decay on the convolution and
+classifier weights but not the depth-wise ones, a cosine learning rate instead of the
+paper's steps, the glyph training augmentation), printing progress and saving a resumable
+state every ``--save-every`` steps (rerun the same command to continue), and written as
+``model.safetensors`` (the dense network with its BN layers) and ``manifest.json`` (the
+command, widths, FLOPs, and held-out top-1 before and after fine-tuning).
 
 Prunable layers: the stem and every point-wise convolution (a depth-wise convolution has one
 filter per input channel and follows its input). Cost coefficient of a layer, CLR's ``c_l``:
@@ -20,12 +30,18 @@ this table per network; for MobileNets its ``lam`` is 1, used here).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from compress import prune
@@ -128,14 +144,77 @@ def prune_to_flops(net: DenseSubnet, target_mflops: float, select: prune.Selecto
     return cut(net, kept), ratio
 
 
+def decay_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on convolution and classifier weights, not on depth-wise ones, BN or biases."""
+    decay, rest = [], []
+    for module in net.modules():
+        for name, p in module.named_parameters(recurse=False):
+            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            (decay if name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise
+             else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def finetune(net: DenseSubnet, images: np.ndarray, labels: np.ndarray, *, steps: int, batch: int, lr: float,
+             weight_decay: float, seed: int, state_path: Path | None = None, save_every: int = 500) -> DenseSubnet:
+    """Cross-entropy fine-tuning of a cut network in place (train-mode BN, so its statistics
+    follow the new widths), resumable from ``state_path``."""
+    from models.common.progress import progress
+    from models.pssnet.data import Augment
+
+    augment = Augment.demo(net.spec.input_size)
+    opt = torch.optim.SGD(decay_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
+    start = 0
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # our own file: tensors and dicts
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        print(f"[prune] resumed at step {start}/{steps}", file=sys.stderr, flush=True)
+
+    def save(step: int) -> None:
+        if state_path is not None:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step}, tmp)
+            tmp.replace(state_path)
+
+    net.train()
+    per_epoch = len(labels) // batch
+    for step in progress(range(start, steps), total=steps, initial=start, desc="fine-tune", log_interval=30):
+        order = np.random.default_rng((seed, step // per_epoch)).permutation(len(labels))
+        idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch]
+        x = augment(torch.from_numpy(images[idx]), torch.Generator().manual_seed(seed * 1_000_003 + step))
+        loss = F.cross_entropy(net(x), torch.from_numpy(labels[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % save_every == 0:
+            save(step + 1)
+    save(steps)
+    return net.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--like", default="f10", help="the ladder rung whose FLOPs the pruned network must fit")
     ap.add_argument("--selectors", nargs="+", default=list(prune.SELECTORS), choices=list(prune.SELECTORS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="fine-tune the one cut network (one selector, one seed) and write it here")
+    ap.add_argument("--steps", type=int, default=3000, help="fine-tuning steps (with --out)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.01, help="CLR-RNF's CIFAR fine-tuning rate")
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.out is not None and (len(args.selectors) != 1 or len(args.seeds) != 1):
+        raise SystemExit("--out fine-tunes one network: give one --selectors and one --seeds")
     torch.set_num_threads(args.threads)
     from models.glyphs.data import load_split
     from models.pssnet.serving import PssNetModel
@@ -160,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             return {split: top1(net.eval(), x, y) for split, (x, y) in held_out.items()}
 
     reference = {split: top1(lambda b: model.forward(like.index, b), x, y) for split, (x, y) in held_out.items()}
+    if args.out is not None:
+        write_finetuned(args, argv, model, dense, like, reference, accuracy, say)
+        return
     print(f"| network | seed | MFLOPs | val top-1 | test top-1 |\n|---|---|---|---|---|")
     print(f"| {top.name} (uncut) | - | {top.flops:.2f} | {100 * accuracy(dense)['val']:.2f} % | "
           f"{100 * accuracy(dense)['test']:.2f} % |")
@@ -173,6 +255,42 @@ def main(argv: list[str] | None = None) -> None:
             say(f"{name} seed {seed}: CLR prune ratio {ratio:.3f}, widths {[net.widths.stem] + [b.cout for b in net.widths.blocks]}")
             print(f"| CLR + {name}, not fine-tuned | {seed} | {flops:.2f} | {100 * acc['val']:.2f} % | "
                   f"{100 * acc['test']:.2f} % |", flush=True)
+
+
+def write_finetuned(args, argv, model, dense: DenseSubnet, like, reference: dict, accuracy, say) -> None:
+    """Cut, fine-tune and write one network (``--out``)."""
+    from compress.artifact import command_line
+    from models.glyphs.data import load_split
+
+    [name], [seed] = args.selectors, args.seeds
+    args.out.mkdir(parents=True, exist_ok=True)
+    net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name], torch.Generator().manual_seed(seed))
+    before = accuracy(net)
+    say(f"{name} seed {seed}: before fine-tuning val {100 * before['val']:.2f} %, test {100 * before['test']:.2f} %")
+    train = load_split("train")
+    torch.manual_seed(seed)
+    t0 = time.time()
+    finetune(net, np.ascontiguousarray(train.images), np.asarray(train.labels, dtype=np.int64), steps=args.steps,
+             batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
+             state_path=args.out / "train_state.pt", save_every=args.save_every)
+    after = accuracy(net)
+    say(f"{name} seed {seed}: after {args.steps} steps val {100 * after['val']:.2f} %, test {100 * after['test']:.2f} %")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out / "model.safetensors"))
+    manifest = {
+        "method": f"clr-{name}", "source": {"bundle": model.name, "cut_from": model.ladder[-1].name},
+        "like": {"rung": like.name, "mflops": like.flops, "val_accuracy": reference["val"],
+                 "test_accuracy": reference["test"]},
+        "widths": [net.widths.stem] + [b.cout for b in net.widths.blocks], "resolution": net.resolution,
+        "mflops": round(widths_flops(net.spec, net.widths, net.resolution), 4), "clr_prune_ratio": round(ratio, 5),
+        "clr_lambda": LAMBDA, "seed": seed,
+        "accuracy_before_finetune": before, "accuracy": after,
+        "finetune": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
+                     "schedule": "cosine", "loss": "cross-entropy", "seconds": round(time.time() - t0, 1),
+                     "data": "glyph train split, demo augmentation"},
+        "command": command_line("models.pssnet.prune", argv), "date": date.today().isoformat(),
+    }
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":
