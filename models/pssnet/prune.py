@@ -144,26 +144,16 @@ def prune_to_flops(net: DenseSubnet, target_mflops: float, select: prune.Selecto
     return cut(net, kept), ratio
 
 
-def decay_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution and classifier weights, not on depth-wise ones, BN or biases."""
-    decay, rest = [], []
-    for module in net.modules():
-        for name, p in module.named_parameters(recurse=False):
-            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-            (decay if name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise
-             else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 def finetune(net: DenseSubnet, images: np.ndarray, labels: np.ndarray, *, steps: int, batch: int, lr: float,
              weight_decay: float, seed: int, state_path: Path | None = None, save_every: int = 500) -> DenseSubnet:
     """Cross-entropy fine-tuning of a cut network in place (train-mode BN, so its statistics
     follow the new widths), resumable from ``state_path``."""
     from models.common.progress import progress
     from models.pssnet.data import Augment
+    from models.pssnet.train import param_groups
 
     augment = Augment.demo(net.spec.input_size)
-    opt = torch.optim.SGD(decay_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(param_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
     start = 0
     if state_path is not None and state_path.exists():
@@ -243,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         write_finetuned(args, argv, model, dense, like, reference, accuracy, say)
         return
     print(f"| network | seed | MFLOPs | val top-1 | test top-1 |\n|---|---|---|---|---|")
-    print(f"| {top.name} (uncut) | - | {top.flops:.2f} | {100 * accuracy(dense)['val']:.2f} % | "
-          f"{100 * accuracy(dense)['test']:.2f} % |")
+    uncut = accuracy(dense)
+    print(f"| {top.name} (uncut) | - | {top.flops:.2f} | {100 * uncut['val']:.2f} % | {100 * uncut['test']:.2f} % |")
     print(f"| {like.name} (ladder rung) | - | {like.flops:.2f} | {100 * reference['val']:.2f} % | "
           f"{100 * reference['test']:.2f} % |")
     for name in args.selectors:

@@ -54,19 +54,20 @@ from models.pssnet.calibrate import bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import save_bundle
 from models.pssnet.data import Augment, DemoSplit, batches, calibration_batches, load_demo_split, normalise
 from models.pssnet.nets import (
-    PssSupernet, SlimConv2d, SubnetConfig, SupernetSpec, demo_spec, extract_subnet, subnet_flops, subnet_params,
+    PssSupernet, SubnetConfig, SupernetSpec, demo_spec, extract_subnet, subnet_flops, subnet_params,
 )
 from models.pssnet.pools import DEMO_GRIDS, Pools, StructureSampler, TargetGrid, flops_metric, schedule
 
 
 
-def param_groups(net: PssSupernet, weight_decay: float) -> list[dict]:
-    """Weight decay on the non-depth-wise conv weights and the FC weight only (the official recipe)."""
+def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the non-depth-wise conv weights and the FC weight only (the official
+    recipe), for the supernet and for any dense network (a pruned one)."""
     decay, no_decay = [], []
     for module in net.modules():
         for name, p in module.named_parameters(recurse=False):
-            is_dw = isinstance(module, SlimConv2d) and module.groups == module.in_channels and module.groups > 1
-            if name == "weight" and isinstance(module, (SlimConv2d, torch.nn.Linear)) and not is_dw:
+            is_dw = isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels and module.groups > 1
+            if name == "weight" and isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not is_dw:
                 decay.append(p)
             else:
                 no_decay.append(p)
