@@ -44,6 +44,8 @@ class FakeRung:
     cfg: dict
     val_accuracy: float | None = None
     dominated: bool = False
+    method: str = "pss-net"
+    variant: dict | None = None
 
 
 class FakePssNet:

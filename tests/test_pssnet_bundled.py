@@ -28,16 +28,33 @@ def test_manifest_is_consistent_with_the_model(bundle) -> None:
     spec = SupernetSpec.from_dict(manifest["spec"])
     assert manifest["training"]["command"].startswith("python -m models.pssnet.train")
     assert manifest["training"]["wall_clock_s"]["train"] > 0
-    assert [r.name for r in model.rungs] == [r["name"] for r in manifest["rungs"]]
-    for r, m in zip(model.rungs, manifest["rungs"]):
+    subnets = [r for r in model.rungs if r.method == "pss-net"]
+    assert [r.name for r in subnets] == [r["name"] for r in manifest["rungs"]]
+    for r, m in zip(subnets, manifest["rungs"]):
         cfg = SubnetConfig.from_dict(m["cfg"])
         assert r.flops == pytest.approx(subnet_flops(spec, cfg), abs=1e-3) == pytest.approx(m["flops"], abs=1e-3)
         assert r.params == subnet_params(spec, cfg) == m["params"]
         assert 0 < m["accuracy"]["val"] <= 1 and 0 < m["accuracy"]["test"] <= 1
         assert r.accuracy == m["accuracy"]["test"]
-    assert model.rungs[0].name == "min" and model.rungs[-1].name == "max"
-    assert model.rungs[0].flops <= 0.35 * model.rungs[-1].flops
-    assert model.rungs[-1].accuracy > model.rungs[0].accuracy
+    assert subnets[0].name == "min" and subnets[-1].name == "max"
+    assert subnets[0].flops <= 0.35 * subnets[-1].flops
+    assert subnets[-1].accuracy > subnets[0].accuracy
+
+
+def test_every_bundled_variant_has_a_manifest_that_matches_its_network(bundle) -> None:
+    """A dense variant (pruned or compact network) records the command that made it, its
+    widths and FLOPs, which must be those of the network served, and held-out accuracy."""
+    from models.pssnet.nets import count_params, widths_flops
+
+    _, model = bundle
+    variants = [r for r in model.rungs if r.method != "pss-net"]
+    assert variants, "the bundle serves no variant"
+    for r in variants:
+        net = model._with_bn[r.index]
+        assert r.variant["command"].startswith("python -m models.pssnet.")
+        assert [net.widths.stem] + [b.cout for b in net.widths.blocks] == r.variant["widths"]
+        assert r.flops == pytest.approx(widths_flops(net.spec, net.widths, net.resolution), abs=1e-3)
+        assert r.params == count_params(net) and 0 < r.val_accuracy <= 1 and 0 < r.accuracy <= 1
 
 
 def test_the_served_ladder_gains_accuracy_with_flops_on_held_out_data(bundle) -> None:
@@ -66,7 +83,7 @@ def test_bundled_model_reproduces_its_test_accuracy(bundle) -> None:
             pytest.skip(f"the glyph data changed since training ({key} {trained_on.get(key)} -> {test.source.get(key)})")
     n = 1000
     x = torch.stack([model.preprocess(img) for img in test.images[:n]])
-    for rung in (model.rungs[0], model.rungs[-1]):
+    for rung in (model.rungs[0], model.rungs[-1], *[r for r in model.rungs if r.method != "pss-net"]):
         acc = float((model.forward(rung.index, x).argmax(1).numpy() == test.labels[:n]).mean())
         # The first 1000 of 5000 test images: within sampling error of the recorded accuracy.
         assert abs(acc - rung.accuracy) < 0.05, (rung.name, acc, rung.accuracy)

@@ -34,26 +34,17 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from compress import prune
 from compress.artifact import top1
-from models.pssnet.nets import (
-    BlockWidths,
-    DenseSubnet,
-    SubnetWidths,
-    SupernetSpec,
-    _conv_out,
-    widths_flops,
-)
+from models.pssnet import dense_train
+from models.pssnet.dense_train import mobilenet_widths
+from models.pssnet.nets import DenseSubnet, SubnetWidths, SupernetSpec, _conv_out, widths_flops
 
 LAMBDA = 1.0  # CLR's lam for MobileNets
 
@@ -85,14 +76,6 @@ def cost_coefficients(spec: SupernetSpec, widths: SubnetWidths, resolution: int)
     return [c / mean for c in costs]
 
 
-def pruned_widths(widths: SubnetWidths, keep: list[int]) -> SubnetWidths:
-    """MobileNetV1 widths with ``keep[0]`` stem filters and ``keep[i]`` outputs in block i."""
-    blocks = []
-    for b, cin, cout in zip(widths.blocks, keep[:-1], keep[1:]):
-        blocks.append(BlockWidths(cin, cin, cout, b.stride, expand=False, residual=False))
-    return replace(widths, stem=keep[0], blocks=tuple(blocks), features=keep[-1])
-
-
 @torch.no_grad()
 def cut(net: DenseSubnet, kept: list[torch.Tensor]) -> DenseSubnet:
     """A dense copy of ``net`` (with its BN layers, not folded) keeping filters ``kept[l]`` of
@@ -100,7 +83,7 @@ def cut(net: DenseSubnet, kept: list[torch.Tensor]) -> DenseSubnet:
     filter, its BN entries and the next point-wise layer's (or the classifier's) input."""
     if net.folded:
         raise ValueError("cut a network with its BN layers (PssNetModel.with_bn), not a folded one")
-    widths = pruned_widths(net.widths, [len(k) for k in kept])
+    widths = mobilenet_widths(net.widths, [len(k) for k in kept])
     out = DenseSubnet(net.spec, net.cfg, widths).eval()
     src, dst = net.state_dict(), out.state_dict()
 
@@ -139,53 +122,9 @@ def prune_to_flops(net: DenseSubnet, target_mflops: float, select: prune.Selecto
     coefficients = cost_coefficients(spec, net.widths, res)
     keep, ratio = prune.clr_for_flops(
         [c.weight for c in convs], coefficients, LAMBDA,
-        lambda k: widths_flops(spec, pruned_widths(net.widths, k), res), target_mflops)
+        lambda k: widths_flops(spec, mobilenet_widths(net.widths, k), res), target_mflops)
     kept = [select(c.weight, k, generator) for c, k in zip(convs, keep)]
     return cut(net, kept), ratio
-
-
-def finetune(net: DenseSubnet, images: np.ndarray, labels: np.ndarray, *, steps: int, batch: int, lr: float,
-             weight_decay: float, seed: int, state_path: Path | None = None, save_every: int = 500) -> DenseSubnet:
-    """Cross-entropy fine-tuning of a cut network in place (train-mode BN, so its statistics
-    follow the new widths), resumable from ``state_path``."""
-    from models.common.progress import progress
-    from models.pssnet.data import Augment
-    from models.pssnet.train import param_groups
-
-    augment = Augment.demo(net.spec.input_size)
-    opt = torch.optim.SGD(param_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
-    start = 0
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)  # our own file: tensors and dicts
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        print(f"[prune] resumed at step {start}/{steps}", file=sys.stderr, flush=True)
-
-    def save(step: int) -> None:
-        if state_path is not None:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step}, tmp)
-            tmp.replace(state_path)
-
-    net.train()
-    per_epoch = len(labels) // batch
-    for step in progress(range(start, steps), total=steps, initial=start, desc="fine-tune", log_interval=30):
-        order = np.random.default_rng((seed, step // per_epoch)).permutation(len(labels))
-        idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch]
-        x = augment(torch.from_numpy(images[idx]), torch.Generator().manual_seed(seed * 1_000_003 + step))
-        loss = F.cross_entropy(net(x), torch.from_numpy(labels[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % save_every == 0:
-            save(step + 1)
-    save(steps)
-    return net.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         write_finetuned(args, argv, model, dense, like, reference, accuracy, say)
         return
-    print(f"| network | seed | MFLOPs | val top-1 | test top-1 |\n|---|---|---|---|---|")
+    print("| network | seed | MFLOPs | val top-1 | test top-1 |\n|---|---|---|---|---|")
     uncut = accuracy(dense)
     print(f"| {top.name} (uncut) | - | {top.flops:.2f} | {100 * uncut['val']:.2f} % | {100 * uncut['test']:.2f} % |")
     print(f"| {like.name} (ladder rung) | - | {like.flops:.2f} | {100 * reference['val']:.2f} % | "
@@ -250,36 +189,29 @@ def main(argv: list[str] | None = None) -> None:
 def write_finetuned(args, argv, model, dense: DenseSubnet, like, reference: dict, accuracy, say) -> None:
     """Cut, fine-tune and write one network (``--out``)."""
     from compress.artifact import command_line
-    from models.glyphs.data import load_split
 
     [name], [seed] = args.selectors, args.seeds
-    args.out.mkdir(parents=True, exist_ok=True)
     net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name], torch.Generator().manual_seed(seed))
     before = accuracy(net)
     say(f"{name} seed {seed}: before fine-tuning val {100 * before['val']:.2f} %, test {100 * before['test']:.2f} %")
-    train = load_split("train")
+    cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                                  seed=seed, save_every=args.save_every)
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t0 = time.time()
-    finetune(net, np.ascontiguousarray(train.images), np.asarray(train.labels, dtype=np.int64), steps=args.steps,
-             batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
-             state_path=args.out / "train_state.pt", save_every=args.save_every)
+    dense_train.train(net, *dense_train.training_split(), cfg, state_path=args.out / "train_state.pt",
+                      desc="fine-tune")
     after = accuracy(net)
     say(f"{name} seed {seed}: after {args.steps} steps val {100 * after['val']:.2f} %, test {100 * after['test']:.2f} %")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out / "model.safetensors"))
-    manifest = {
+    manifest = dense_train.write_variant(args.out, net, {
         "method": f"clr-{name}", "source": {"bundle": model.name, "cut_from": model.ladder[-1].name},
         "like": {"rung": like.name, "mflops": like.flops, "val_accuracy": reference["val"],
                  "test_accuracy": reference["test"]},
-        "widths": [net.widths.stem] + [b.cout for b in net.widths.blocks], "resolution": net.resolution,
-        "mflops": round(widths_flops(net.spec, net.widths, net.resolution), 4), "clr_prune_ratio": round(ratio, 5),
-        "clr_lambda": LAMBDA, "seed": seed,
+        "clr_prune_ratio": round(ratio, 5), "clr_lambda": LAMBDA, "seed": seed,
         "accuracy_before_finetune": before, "accuracy": after,
-        "finetune": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
-                     "schedule": "cosine", "loss": "cross-entropy", "seconds": round(time.time() - t0, 1),
-                     "data": "glyph train split, demo augmentation"},
-        "command": command_line("models.pssnet.prune", argv), "date": date.today().isoformat(),
-    }
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        "training": {**cfg.to_dict(), "schedule": "cosine", "loss": "cross-entropy",
+                     "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
+        "command": command_line("models.pssnet.prune", argv), "date": date.today().isoformat()})
     print(json.dumps(manifest, indent=2))
 
 

@@ -3,8 +3,10 @@
     python -m models.pssnet.quantize models/pssnet/weights/pss-mbv1-glyphs
     python -m models.pssnet.quantize BUNDLE --calibration real --n 512     # the real-data baseline
     python -m models.pssnet.quantize BUNDLE --calibration fdda --n 108 --steps 200
+    python -m models.pssnet.quantize BUNDLE --calibration real --n 512 --rungs clr-l1-f10   # add one rung
 
-For every rung of the ladder (the subnets the planner climbs): synthesise calibration
+For every rung of the ladder (the subnets and variants the planner climbs), or the rungs
+``--rungs`` names (entries of other rungs already in the bundle are kept): synthesise calibration
 inputs from the rung's own BatchNorm statistics (``--calibration bns``: no image needed,
 what an official checkpoint without its data can use too; ``intraq``: the same, with
 IntraQ's class-aware losses; ``fdda``: with FDDA's, which also read ONE real training image
@@ -13,7 +15,8 @@ images, or ``noise``; quantize the rung to int8 (``PssNetModel.int8``), and meas
 the held-out val and test splits next to the fp32 rung.  Writes into the bundle:
 
 * ``int8_calibration.safetensors``: the calibration inputs (float16; one set per rung when
-  synthesised from the rung's statistics, one shared set otherwise), from which the server
+  synthesised from the rung's statistics, one shared set otherwise, stored once however many
+  rungs use it: each entry names its set as ``calibration.key``), from which the server
   rebuilds exactly the measured int8 rung at start-up (about 1.5 s each);
 * ``int8.json``: per rung, a ``compress.artifact.RungArtifact``: method, bits, backend,
   held-out quality, ``real_speed: true``, the calibration and this command.
@@ -57,11 +60,26 @@ def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]
     out = {}
     for entry in manifest["rungs"]:
         rung = by_name.get(entry["rung"])
-        inputs = calibration.get(entry["rung"], calibration.get(SHARED))
+        key = entry.get("calibration", {}).get("key")
+        inputs = calibration.get(key) if key else calibration.get(entry["rung"], calibration.get(SHARED))
         if rung is None or inputs is None:
             continue
         out[rung.index] = (model.int8(rung.index, batches_of(inputs.float())), entry)
     return out
+
+
+def calibration_key(stored: dict[str, torch.Tensor], rung: str, inputs: torch.Tensor, per_rung: bool) -> str:
+    """Where ``inputs`` go in ``stored`` (added there): under the rung's name when made for
+    it alone, else under the key of an identical shared set already stored, or a new one."""
+    if per_rung:
+        stored[rung] = inputs
+        return rung
+    for key, t in stored.items():
+        if key.startswith(SHARED) and t.shape == inputs.shape and torch.equal(t, inputs):
+            return key
+    key = SHARED if SHARED not in stored else f"{SHARED}-{sum(k.startswith(SHARED) for k in stored)}"
+    stored[key] = inputs
+    return key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=100, help="synthesis (bns, fdda, intraq): Adam steps per batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rungs", nargs="+", default=None, help="only these rungs (default: the ladder); the "
+                    "bundle's int8 entries for other rungs are kept")
     ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     return ap
 
@@ -103,8 +123,19 @@ def main(argv: list[str] | None = None) -> None:
         one_each = (torch.stack([model.preprocess(pool.images[i]) for i in idx.tolist()]),
                     torch.from_numpy(pool.labels[idx.numpy()]))
     extra = {}
+    folder = bundle_dir(args.bundle)
     stored, artifacts = {}, []
-    for rung in model.ladder:
+    if (folder / INT8_MANIFEST).exists():  # kept: the entries of rungs this run does not make
+        stored = load_file(str(folder / INT8_CALIBRATION))
+        artifacts = json.loads((folder / INT8_MANIFEST).read_text())["rungs"]
+    by_name = {r.name: r for r in model.rungs}
+    unknown = [n for n in args.rungs or [] if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--rungs: {', '.join(unknown)} not rungs of {model.name} ({', '.join(by_name)})")
+    todo = [by_name[n] for n in args.rungs] if args.rungs else model.ladder
+    artifacts = [a for a in artifacts if a["rung"] not in {r.name for r in todo}]
+    made = []
+    for rung in todo:
         t0 = time.perf_counter()
         res = rung.resolution
         progress = lambda m, r=rung.name: say(f"{r}: {m}")  # noqa: E731
@@ -139,15 +170,19 @@ def main(argv: list[str] | None = None) -> None:
             quality[f"{split}_accuracy_fp32"] = round(top1(lambda b, i=rung.index: model.forward(i, b), x, y), 4)
         say(f"{rung.name}: int8 test {quality['test_accuracy']:.4f} vs fp32 {quality['test_accuracy_fp32']:.4f} "
             f"({time.perf_counter() - t0:.0f} s)")
-        stored[rung.name if args.calibration in PER_RUNG else SHARED] = calib.half().contiguous()
-        artifacts.append(RungArtifact(
+        key = calibration_key(stored, rung.name, calib.half().contiguous(), args.calibration in PER_RUNG)
+        made.append(RungArtifact(
             rung.name, "ptq-static", {"weights": 8, "activations": 8}, "torch.ao onednn (stem in float)", True,
             quality, {"source": args.calibration, "n": args.n,
                       "steps": args.steps if args.calibration in PER_RUNG else None,
-                      "seed": args.seed, "resolution": res, **extra}, command_line("models.pssnet.quantize", argv)))
-    print(json.dumps([a.to_dict() for a in artifacts], indent=2))
+                      "seed": args.seed, "resolution": res, "key": key, **extra},
+            command_line("models.pssnet.quantize", argv)))
+    print(json.dumps([a.to_dict() for a in made], indent=2))
+    artifacts = sorted(artifacts + [a.to_dict() for a in made], key=lambda a: by_name[a["rung"]].flops
+                       if a["rung"] in by_name else 0.0)
+    used = {a["calibration"].get("key") or (a["rung"] if a["rung"] in stored else SHARED) for a in artifacts}
+    stored = {k: v for k, v in stored.items() if k in used}
     if not args.dry_run:
-        folder = bundle_dir(args.bundle)
         save_file(stored, str(folder / INT8_CALIBRATION))
         write(folder / INT8_MANIFEST, artifacts, model=model.name,
               note="real int8 (oneDNN) rungs; quality is top-1 on the glyph set's held-out val and test splits")

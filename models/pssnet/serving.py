@@ -5,6 +5,9 @@
 * our bundle (a folder, its ``manifest.json`` or its ``model.safetensors``): the shared
   supernet weights plus the stored BN statistics of every retained subnet; each rung is
   extracted, given *its own* statistics and folded at load time;
+* our bundle's ``variants/``: dense MobileNetV1 networks made from it or trained beside it
+  by other methods (CLR-RNF pruning, DCFF compact training; ``models.pssnet.dense_train``),
+  each with its own held-out accuracy, served as rungs of the same ladder;
 * an official ``checkpoint_*.pt``: each pool's top-1 cfg plus max_net and min_net.  Its BN
   buffers are not valid for any served subnet (every subnet writes into the same BN running
   buffers during training), so it needs calibration images (a folder, e.g. ImageNet train,
@@ -17,6 +20,7 @@ mode with no shared state, so ``forward`` may be called from several threads.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +33,22 @@ from models.pssnet.calibrate import bn_stats, load_bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import load_bundle, load_official_checkpoint, save_bundle
 from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, resize_pixels, to_rgb_u8
 from models.pssnet.nets import DenseSubnet, PssSupernet, SubnetConfig, SupernetSpec, extract_subnet, fold_bn
-from models.pssnet.nets import subnet_flops, subnet_params
+from models.pssnet.nets import count_params, subnet_flops, subnet_params
+
+
+def load_variants(path: str | Path, spec: SupernetSpec) -> list[tuple[DenseSubnet, dict]]:
+    """The dense variants in a bundle's ``variants/`` folder (each a sub-folder written by
+    ``models.pssnet.dense_train.write_variant``), named after their folders."""
+    from compress.artifact import bundle_dir
+    from models.pssnet.dense_train import VARIANTS, load_variant
+
+    root = bundle_dir(path) / VARIANTS
+    out = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if (folder / "manifest.json").exists():
+            net, manifest = load_variant(folder, spec)
+            out.append((net, {**manifest, "name": folder.name}))
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,8 @@ class PssRung:
     val_accuracy: float | None
     pool: dict
     dominated: bool = False  # not DOMINANCE_MARGIN above every cheaper rung on val (False when unmeasured)
+    method: str = "pss-net"  # a subnet of the supernet, or the method that made a dense variant
+    variant: dict | None = None  # a variant's facts from its manifest: widths, seed, command, ...
 
 
 # About the standard error of the accuracy difference of two subnets on 5000 val images
@@ -83,6 +104,7 @@ class PssNetModel:
         self.device = torch.device("cpu")
         # rung index -> (int8 module on the CPU, its artifact entry: quality, calibration, command)
         self.int8_rungs: dict[int, tuple[torch.nn.Module, dict]] = {}
+        self._with_bn: dict[int, DenseSubnet] = {}  # a variant's network before BN folding
 
     def to(self, device: str | torch.device) -> PssNetModel:
         """Serve every subnet on ``device``; ``forward`` moves its input there."""
@@ -96,7 +118,7 @@ class PssNetModel:
     def from_checkpoint(cls, path: str | Path, *, class_names: str | Path | None = None,
                         calibration: str | Path | Sequence[torch.Tensor] | None = None,
                         calib_batches: int = 9, calib_batch_size: int = 1024,
-                        name: str | None = None, int8: bool = True) -> PssNetModel:
+                        name: str | None = None, int8: bool = True, variants: bool = True) -> PssNetModel:
         """Our bundle, or an official ``.pt`` (then ``calibration`` is required: an image
         folder or a list of normalised N x 3 x S x S batches).  ``class_names``: a text
         file with one name per line (official checkpoints have none: ``class_<i>``)."""
@@ -109,8 +131,9 @@ class PssNetModel:
             m.get("classes") or _read_class_names(None, bundle.spec.num_classes))
         entries = [(r["name"], SubnetConfig.from_dict(r["cfg"]), r.get("pool", {}), r.get("accuracy") or {})
                    for r in m["rungs"]]
+        found = load_variants(path, bundle.spec) if variants else []
         model = cls._build(name or m.get("name", path.stem), bundle.spec, bundle.supernet, classes, entries,
-                           bundle.bn_stats, m["preprocess"], m)
+                           bundle.bn_stats, m["preprocess"], m, found)
         if int8:  # the bundle's int8 rungs (python -m models.pssnet.quantize), rebuilt from their calibration
             from models.pssnet.quantize import load_int8
 
@@ -154,17 +177,28 @@ class PssNetModel:
     @classmethod
     def _build(cls, name: str, spec: SupernetSpec, supernet: PssSupernet, classes: list[str],
                entries: list[tuple[str, SubnetConfig, dict, dict]], stats: dict[str, dict[str, torch.Tensor]],
-               pre: dict, manifest: dict) -> PssNetModel:
-        entries = sorted(entries, key=lambda e: subnet_flops(spec, e[1]))
-        rungs, nets = [], []
-        for i, (rung, cfg, pool, acc) in enumerate(entries):
+               pre: dict, manifest: dict, variants: Sequence[tuple[DenseSubnet, dict]] = ()) -> PssNetModel:
+        built: list[tuple[PssRung, DenseSubnet, DenseSubnet | None]] = []  # (rung, folded net, net with BN)
+        for rung, cfg, pool, acc in entries:
             if rung not in stats:
                 raise ValueError(f"no BN statistics for rung {rung}: refusing to serve it on shared statistics")
             dense = extract_subnet(supernet, cfg)
             load_bn_stats(dense, stats[rung])
-            nets.append(fold_bn(dense.eval()))
-            rungs.append(PssRung(i, rung, cfg.to_dict(), round(subnet_flops(spec, cfg), 4), subnet_params(spec, cfg),
-                                 cfg.resolution, acc.get("test"), acc.get("val"), dict(pool)))
+            built.append((PssRung(0, rung, cfg.to_dict(), round(subnet_flops(spec, cfg), 4), subnet_params(spec, cfg),
+                                  cfg.resolution, acc.get("test"), acc.get("val"), dict(pool)),
+                          fold_bn(dense.eval()), None))
+        names = {r.name for r, _, _ in built}
+        for net, m in variants:
+            if m["name"] in names:
+                raise ValueError(f"variant {m['name']!r} has the name of a rung of the bundle")
+            acc = m.get("accuracy") or {}
+            facts = {k: m[k] for k in ("widths", "seed", "keep", "sparsity", "source", "command", "date") if k in m}
+            built.append((PssRung(0, m["name"], m["cfg"], m["mflops"], count_params(net), net.resolution,
+                                  acc.get("test"), acc.get("val"), {}, method=m["method"], variant=facts),
+                          fold_bn(copy.deepcopy(net)), net))
+        built.sort(key=lambda b: b[0].flops)
+        rungs = [replace(r, index=i) for i, (r, _, _) in enumerate(built)]
+        nets = [n for _, n, _ in built]
         best_val = None
         for i, r in enumerate(rungs):  # judged on val, so that test stays a held-out number
             if r.val_accuracy is not None:
@@ -172,7 +206,9 @@ class PssNetModel:
                     rungs[i] = replace(r, dominated=True)
                 else:
                     best_val = r.val_accuracy
-        return cls(name, spec, classes, rungs, nets, pre, stats, supernet, manifest)
+        model = cls(name, spec, classes, rungs, nets, pre, stats, supernet, manifest)
+        model._with_bn = {i: bn for i, (_, _, bn) in enumerate(built) if bn is not None}
+        return model
 
     def export_bundle(self, out_dir: str | Path) -> Path:
         """Write our bundle (supernet + per-rung BN statistics + manifest)."""
@@ -182,8 +218,9 @@ class PssNetModel:
                          "rungs": [{"name": r.name, "cfg": r.cfg, "flops": r.flops, "params": r.params,
                                     "accuracy": ({"val": r.val_accuracy, "test": r.accuracy}
                                                  if r.accuracy is not None else None), "pool": r.pool}
-                                   for r in self.rungs]})
-        return save_bundle(out_dir, self._supernet, {r.name: self._stats[r.name] for r in self.rungs}, manifest)
+                                   for r in self.rungs if r.method == "pss-net"]})
+        return save_bundle(out_dir, self._supernet, {r.name: self._stats[r.name] for r in self.rungs
+                                                            if r.method == "pss-net"}, manifest)
 
     # ---- inference ----
 
@@ -222,8 +259,11 @@ class PssNetModel:
         from models.pssnet.nets import SlimBatchNorm2d
 
         r = self.rungs[rung_index]
-        dense = extract_subnet(self._supernet, SubnetConfig.from_dict(r.cfg))
-        load_bn_stats(dense, self._stats[r.name])
+        if rung_index in self._with_bn:
+            dense = copy.deepcopy(self._with_bn[rung_index])
+        else:
+            dense = extract_subnet(self._supernet, SubnetConfig.from_dict(r.cfg))
+            load_bn_stats(dense, self._stats[r.name])
         dense.eval()
         layers = [(m, m.bn.running_mean, m.bn.running_var) for m in dense.modules() if isinstance(m, SlimBatchNorm2d)]
         return dense, layers

@@ -62,16 +62,22 @@ from models.pssnet.pools import DEMO_GRIDS, Pools, StructureSampler, TargetGrid,
 
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the non-depth-wise conv weights and the FC weight only (the official
-    recipe), for the supernet and for any dense network (a pruned one)."""
-    decay, no_decay = [], []
+    recipe), for the supernet and for any dense network (a pruned one, or one whose weights
+    are parametrized, e.g. masked: then the decay goes to the underlying weight)."""
+    from torch.nn.utils import parametrize
+
+    decay: dict[int, torch.nn.Parameter] = {}
     for module in net.modules():
-        for name, p in module.named_parameters(recurse=False):
-            is_dw = isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels and module.groups > 1
-            if name == "weight" and isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not is_dw:
-                decay.append(p)
-            else:
-                no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        is_dw = isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels and module.groups > 1
+        if not is_dw:
+            w = (module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight")
+                 else module.weight)
+            decay[id(w)] = w
+    no_decay = [p for p in net.parameters() if id(p) not in decay]
+    return [{"params": list(decay.values()), "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()

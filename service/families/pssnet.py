@@ -1,8 +1,10 @@
-"""PSS-Net on /classify: a rung per retained subnet of the supernet.
+"""PSS-Net on /classify: one ladder of a rung per retained subnet of the supernet, per dense
+variant the bundle holds (networks made by other methods: CLR-RNF pruning, DCFF compact
+training), and per int8 version of either.
 
-``budget`` b picks the largest subnet (among those not dominated on validation accuracy)
-whose FLOPs are at most b x the largest's; requests at the same subnet share forward
-passes.  FLOPs: PSS-Net's count (multiply-accumulates of convolutions and the classifier,
+Budgets in time pick the most accurate rung whose predicted time fits; in FLOPs, the
+largest fp32 rung (among those not dominated on validation accuracy) whose FLOPs are at
+most b x the top's. Requests at the same rung share forward passes.  FLOPs: PSS-Net's count (multiply-accumulates of convolutions and the classifier,
 plus the average pool) doubled, so that a multiply-add counts two.
 """
 
@@ -54,6 +56,7 @@ class SubnetPlan:
     subnet: str
     precision: str  # "fp32" or "int8"
     index: int
+    method: str  # "pss-net" (a subnet of the supernet) or the method that made a dense variant
 
     @property
     def rung(self) -> str:
@@ -80,7 +83,7 @@ class PssNetFamily(ImageClassifier):
         self.plans: dict[str, SubnetPlan] = {}
         for r in sorted(model.rungs, key=lambda r: r.flops):
             self.plans[r.name] = SubnetPlan(r.name, FLOPS_PER_MFLOP * r.flops, self.flops_full, r.accuracy,
-                                            r.val_accuracy, r.cfg, r.name, "fp32", r.index)
+                                            r.val_accuracy, r.cfg, r.name, "fp32", r.index, r.method)
         self.int8 = {}  # key -> int8 module
         on_cpu = torch.device(getattr(model, "device", "cpu")).type == "cpu"
         for index, (module, entry) in (getattr(model, "int8_rungs", {}) if on_cpu else {}).items():
@@ -88,7 +91,7 @@ class PssNetFamily(ImageClassifier):
             q = entry.get("quality", {})
             key = f"{r.name}-int8"
             self.plans[key] = SubnetPlan(key, FLOPS_PER_MFLOP * r.flops, self.flops_full, q.get("test_accuracy"),
-                                         q.get("val_accuracy"), r.cfg, r.name, "int8", index)
+                                         q.get("val_accuracy"), r.cfg, r.name, "int8", index, r.method)
             self.int8[key] = module
         self.top_plan = self.plans[self.ladder[-1].name]
         self.seconds_per_item = None  # bound once the start-up timing is done
@@ -160,8 +163,8 @@ class PssNetFamily(ImageClassifier):
 
     def respond(self, work, decision, result: torch.Tensor, params, request):
         plan: SubnetPlan = decision.plan
-        return self.classified(result, params, {"name": plan.key, "subnet": plan.subnet, "precision": plan.precision,
-                                                "cfg": plan.cfg}, plan.flops, plan)
+        return self.classified(result, params, {"name": plan.key, "subnet": plan.subnet, "method": plan.method,
+                                                "precision": plan.precision, "cfg": plan.cfg}, plan.flops, plan)
 
     # --- description ----------------------------------------------------------------------
 
@@ -175,7 +178,10 @@ class PssNetFamily(ImageClassifier):
                 dominated = p.key not in chosen
             else:
                 dominated = p.precision == "fp32" and p.subnet not in on_ladder
-            detail = {"key": p.key, "subnet": p.subnet, "precision": p.precision, "index": p.index, "cfg": p.cfg}
+            detail = {"key": p.key, "subnet": p.subnet, "method": p.method, "precision": p.precision,
+                      "index": p.index, "cfg": p.cfg}
+            if r.variant is not None:
+                detail["variant"] = r.variant
             if self.seconds_per_item is not None:
                 detail["ms_per_item_full_batch"] = round(1000 * self.seconds_per_item(p.key), 4)
             if p.precision == "int8":

@@ -1,0 +1,191 @@
+"""One accuracy-versus-time table for /classify across methods: PSS-Net's subnets, the pruned
+and compact networks (CLR-RNF, DCFF and their baselines), their int8 versions, and sparse
+networks (OptG, magnitude pruning) on dense and on CSR kernels.
+
+    python -m bench.cls_pareto --png docs/img/cls_pareto.png
+    python -m bench.cls_pareto --runs runs/compact runs/sparse runs/prune --rounds 7
+
+Rows: every rung of the bundled PSS-Net model as served (fp32 subnets and variants, and
+the int8 rungs it builds at start-up), plus every variant folder found under ``--runs``
+(written by ``models.pssnet.prune``, ``compact`` or ``sparse``; not served, e.g. the other
+seeds and the baselines). For each: top-1 on the 5,000 held-out test glyphs (measured
+here), MFLOPs (multiply-accumulates; a sparse network's counted at its nonzero weights,
+which no dense kernel skips), and the median ms per forward at batch 1 and 32, all rows
+timed interleaved in one run on ``--threads`` threads. ``front``: no other row is at least
+as accurate and faster at batch 32. Served rows are marked; ``dominated`` is what
+/v1/models would list (from the validation split, at start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.quant import timings
+from compress.artifact import top1
+from service.bundled import bundled
+
+
+def variant_folders(roots: list[Path]) -> list[Path]:
+    """Folders holding a dense variant (``manifest.json`` with the variant format) under ``roots``."""
+    out = []
+    for root in roots:
+        for manifest in sorted(root.rglob("manifest.json")):
+            try:
+                if json.loads(manifest.read_text()).get("format") == "pssnet-dense-variant":
+                    out.append(manifest.parent)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def nonzero_mflops(net: torch.nn.Module, dense_mflops: float, size: int) -> float:
+    """``dense_mflops`` less the multiply-accumulates of zero weights (each weight of a
+    convolution is used once per output position, of a linear layer once)."""
+    skipped = 0.0
+
+    def count(m: torch.nn.Module, _inp, out: torch.Tensor) -> None:
+        nonlocal skipped
+        per_weight = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
+        skipped += float((m.weight == 0).sum()) * per_weight
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.inference_mode():
+        net(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return dense_mflops - skipped / 1e6
+
+
+def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) -> tuple[list[dict], dict, torch.Tensor]:
+    from models.glyphs.data import load_split
+    from models.pssnet.dense_train import load_variant
+    from models.pssnet.nets import fold_bn
+    from models.pssnet.serving import PssNetModel
+
+    progress("loading the bundle (its variants and int8 rungs)")
+    model = PssNetModel.from_checkpoint(bundle)
+    test = load_split("test")
+    x = torch.stack([model.preprocess(img) for img in test.images])
+    y = torch.from_numpy(test.labels)
+    rows, runs_of = [], {}
+    for r in model.rungs:
+        fp32 = (lambda i: lambda b: model.forward(i, b))(r.index)
+        variants = [("fp32", fp32)] + ([("int8", model.int8_rungs[r.index][0])] if r.index in model.int8_rungs else [])
+        for precision, run in variants:
+            key = f"{r.name}/{precision}"
+            rows.append({"name": key, "method": r.method, "precision": precision, "seed": (r.variant or {}).get("seed"),
+                         "mflops": r.flops, "served": True, "dominated": r.dominated, "kernel": "dense"})
+            runs_of[key] = run
+    for folder in variant_folders(runs):
+        net, m = load_variant(folder, model.spec)
+        net = fold_bn(net)
+        tag = folder.name
+        sparse = "sparsity" in m
+        kernels = [("dense", net)]
+        if sparse:
+            from compress.sparsity import with_csr_kernels
+
+            kernels.append(("csr", with_csr_kernels(copy.deepcopy(net))))
+        for kernel, run in kernels:
+            key = f"{tag}/{kernel}" if sparse else tag
+            rows.append({"name": key, "method": m["method"], "precision": "fp32", "seed": m.get("seed"),
+                         "mflops": nonzero_mflops(net, m["mflops"], model.input_size) if sparse else m["mflops"], "served": False,
+                         "dominated": None, "kernel": kernel, "sparsity": m.get("sparsity")})
+            runs_of[key] = run
+    for row in rows:
+        progress(f"{row['name']}: test top-1")
+        row["top1"] = 100 * top1(runs_of[row["name"]], x, y)
+    return rows, runs_of, x
+
+
+def mark_front(rows: list[dict]) -> None:
+    for r in rows:
+        r["front"] = not any(o is not r and o["top1"] >= r["top1"] and o["ms_b32"] < r["ms_b32"] for o in rows)
+
+
+COLOURS = {"pss-net": "tab:blue", "clr-l1": "tab:green", "clr-random": "olive", "clr-rnf": "tab:brown",
+           "dcff": "tab:purple", "plain-compact": "tab:pink", "optg": "tab:orange", "gmp": "tab:gray"}
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    for method in sorted({r["method"] for r in rows}):
+        for precision, marker in (("fp32", "o"), ("int8", "s")):
+            pts = [r for r in rows if r["method"] == method and r["precision"] == precision]
+            if not pts:
+                continue
+            ax.scatter([r["ms_b32"] for r in pts], [r["top1"] for r in pts], marker=marker,
+                       c=COLOURS.get(method, "black"), label=f"{method} {precision}", alpha=0.85,
+                       edgecolors=["black" if r["served"] else "none" for r in pts])
+            for r in pts:
+                if r["served"] or r["front"]:
+                    ax.annotate(r["name"], (r["ms_b32"], r["top1"]), fontsize=6, xytext=(3, 2),
+                                textcoords="offset points")
+    front = sorted((r for r in rows if r["front"]), key=lambda r: r["ms_b32"])
+    ax.step([r["ms_b32"] for r in front], [r["top1"] for r in front], "k--", lw=0.8, where="post", label="front")
+    ax.set(xlabel="ms per forward of 32 images (1 thread)", ylabel="top-1 % on 5,000 held-out test glyphs",
+           title="/classify rungs across methods (black edge: served)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=None, help="default: the bundled PSS-Net")
+    ap.add_argument("--runs", type=Path, nargs="*", default=[], help="folders searched for unserved variants")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+
+    def progress(msg: str) -> None:
+        print(f"[cls_pareto] {msg}", file=sys.stderr, flush=True)
+
+    rows, runs_of, x = rows_for(args.bundle or bundled("pssnet"), args.runs, progress)
+    progress(f"timing {len(runs_of)} rows at batch 1, 8 and 32, {args.rounds} rounds, interleaved")
+    ms = timings(runs_of, x, args.rounds)
+    for row in rows:
+        row.update(ms_b1=ms[row["name"]][1], ms_b32=ms[row["name"]][32])
+    mark_front(rows)
+    rows.sort(key=lambda r: r["ms_b32"])
+    print(f"torch {torch.__version__}, {args.threads} thread(s); top-1 on the 5,000 held-out test glyphs; "
+          f"ms: median per forward, all rows interleaved\n")
+    print("| rung | method | precision / kernel | seed | MFLOPs | top-1 % | ms b1 | ms b32 | served | front |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        served = ("dominated" if r["dominated"] else "yes") if r["served"] else ""
+        kind = r["precision"] + ("" if r["kernel"] == "dense" else f" / {r['kernel']}")
+        print(f"| {r['name']} | {r['method']} | {kind} | {'-' if r['seed'] is None else r['seed']} | "
+              f"{r['mflops']:.2f} | {r['top1']:.2f} | {r['ms_b1']:.3f} | {r['ms_b32']:.2f} | {served} | "
+              f"{'yes' if r['front'] else ''} |")
+    if args.png is not None:
+        print(f"\nfront written to {args.png}" if plot(rows, args.png) else
+              "\nno PNG: matplotlib is not installed (pip install '.[plots]')")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

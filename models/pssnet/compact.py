@@ -1,0 +1,151 @@
+"""Compact MobileNetV1 networks trained from scratch on the glyph set: DCFF (filters fused from
+the full bank, ``compress.dcff``) against the same compact network trained plainly.
+
+    python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --method dcff --keep 0.5 \
+        --seed 0 --out runs/compact/dcff-k50-s0
+    python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --method plain --keep 0.5 \
+        --seed 0 --out runs/compact/plain-k50-s0
+
+The bundle gives the architecture (its largest subnet's depths, strides and resolution),
+the classes and the preprocessing; nothing of its weights is used. The compact network keeps
+``floor(keep * n)`` of the ``n`` filters of the stem and of every point-wise convolution
+(DCFF's ``m = floor(n (1 - r))`` with one rate ``r = 1 - keep`` for every layer; the paper's
+per-layer rates are hand-set per network). Depth-wise convolutions, BN layers and the
+classifier are compact from the start, as in DCFF.
+
+Both methods share one training loop (``models.pssnet.dense_train``: data order,
+augmentation, SGD with Nesterov momentum, cosine learning rate with a linear warm-up, the
+DCFF CIFAR recipe's weight decay 5e-4); DCFF adds only its fused layers and re-fuses them
+at every epoch's first step (an epoch: one pass over the 50,000 training glyphs). The
+network written is the plain dense export; for DCFF the manifest records the largest
+difference between the fused network's and the export's logits on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress import dcff
+from models.pssnet import dense_train
+from models.pssnet.dense_train import layer_widths, mobilenet_widths, say
+from models.pssnet.nets import DenseSubnet, SupernetSpec, _init_weights, subnet_widths
+
+
+def compact_widths(spec: SupernetSpec, keep: float) -> list[int]:
+    """``floor(keep * n)`` (at least 1) of every prunable layer's width in the largest subnet."""
+    return [max(1, math.floor(keep * n)) for n in layer_widths(subnet_widths(spec, spec.max_cfg()))]
+
+
+def plain_compact(spec: SupernetSpec, keep: float) -> DenseSubnet:
+    """The compact network, freshly initialised."""
+    cfg = spec.max_cfg()
+    net = DenseSubnet(spec, cfg, mobilenet_widths(subnet_widths(spec, cfg), compact_widths(spec, keep)))
+    _init_weights(net)
+    return net
+
+
+def fusable_slots(net: DenseSubnet) -> list[tuple[nn.Sequential, int]]:
+    """(sequence, index) of the stem convolution and of every point-wise convolution."""
+    return [(net.features[0], 0)] + [(block, 3) for block in net.features[1:]]
+
+
+def dcff_compact(spec: SupernetSpec, keep: float) -> DenseSubnet:
+    """The compact network with each stem and point-wise convolution a ``FusedConv2d`` over
+    the full width's filter bank, freshly initialised."""
+    net = plain_compact(spec, keep)
+    full = layer_widths(subnet_widths(spec, spec.max_cfg()))
+    for (seq, i), n in zip(fusable_slots(net), full):
+        conv: nn.Conv2d = seq[i]
+        seq[i] = dcff.FusedConv2d(conv.in_channels, conv.out_channels, n, conv.kernel_size[0], conv.stride[0],
+                                  conv.padding[0], bias=conv.bias is not None)
+    _init_weights(net)
+    return net
+
+
+@torch.no_grad()
+def export(net: DenseSubnet) -> DenseSubnet:
+    """A copy of a DCFF network with every fused layer replaced by its plain convolution."""
+    import copy
+
+    out = copy.deepcopy(net)
+    for seq, i in fusable_slots(out):
+        if isinstance(seq[i], dcff.FusedConv2d):
+            seq[i] = seq[i].exported()
+    return out.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path, help="a PSS-Net bundle: its architecture, classes and preprocessing")
+    ap.add_argument("--method", choices=("dcff", "plain"), required=True)
+    ap.add_argument("--keep", type=float, default=0.5, help="share of each layer's filters kept (1 - DCFF's rate)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        raise SystemExit("--keep must be in (0, 1]")
+    torch.set_num_threads(args.threads)
+    from compress.artifact import command_line
+    from models.pssnet.serving import PssNetModel
+
+    tag = f"{args.method} keep {args.keep} seed {args.seed}"
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    torch.manual_seed(args.seed)
+    net = dcff_compact(model.spec, args.keep) if args.method == "dcff" else plain_compact(model.spec, args.keep)
+    images, labels = dense_train.training_split()
+    per_epoch = len(labels) // args.batch
+    epochs = math.ceil(args.steps / per_epoch)
+    log: list[dict] = []
+
+    def refuse(step: int, _opt) -> None:
+        if args.method == "dcff" and step % per_epoch == 0:
+            e = step // per_epoch
+            counts = dcff.refuse_all(net, e, epochs)
+            log.append({"epoch": e, "temperature": round(dcff.temperature(e, epochs), 2), **counts})
+            say("dcff", f"epoch {e}/{epochs}: T = {dcff.temperature(e, epochs):.1f}, {counts}")
+
+    cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                                  warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    dense_train.train(net, images, labels, cfg, state_path=args.out / "train_state.pt", before_step=refuse, desc=tag)
+    sets = dense_train.held_out(model.preprocess)
+    exported = export(net) if args.method == "dcff" else net.eval()
+    extra = {}
+    if args.method == "dcff":
+        x = sets["test"][0]
+        with torch.inference_mode():
+            diff = max(float((net(x[i:i + 500]) - exported(x[i:i + 500])).abs().max()) for i in range(0, len(x), 500))
+        extra = {"export_max_abs_diff": diff, "fused_accuracy": dense_train.accuracy(net, sets),
+                 "temperature_schedule": {"t_start": dcff.T_START, "t_end": dcff.T_END, "k": dcff.STEEPNESS,
+                                          "epochs": epochs, "steps_per_epoch": per_epoch}, "refuse_log": log}
+    acc = dense_train.accuracy(exported, sets)
+    say(tag, f"val {100 * acc['val']:.2f} %, test {100 * acc['test']:.2f} %" +
+        (f", export max |diff| {extra['export_max_abs_diff']:.2e}" if extra else ""))
+    manifest = dense_train.write_variant(args.out, exported, {
+        "method": args.method if args.method == "dcff" else "plain-compact", "keep": args.keep, "seed": args.seed,
+        "source": {"bundle": model.name, "architecture_of": model.ladder[-1].name, "weights": "trained from scratch"},
+        "accuracy": acc, **extra,
+        "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "loss": "cross-entropy",
+                     "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
+        "command": command_line("models.pssnet.compact", argv), "date": date.today().isoformat()})
+    print(json.dumps({k: v for k, v in manifest.items() if k != "refuse_log"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Unstructured sparsity of the PSS-Net bundle's largest subnet: OptG against gradual magnitude
+pruning (GMP) on the same schedule (``compress.sparsity``).
+
+    python -m models.pssnet.sparse models/pssnet/weights/pss-mbv1-glyphs --method optg --sparsity 0.9 \
+        --seed 0 --out runs/sparse/optg-90-s0
+
+Both train the architecture of the bundle's largest subnet from scratch, as the method's
+code does (``--start trained`` starts instead from that subnet's trained weights and BN
+statistics: there OptG's scores, which start at 0 and accumulate ``-lr g W``, measure how
+much each weight *changes* rather than how much it matters, and pruning by them fails),
+mask every convolution and the classifier, and train ``--steps`` steps in ``--epochs``
+epochs (the unit at which masks are
+re-chosen and the sigmoid schedules advance: ``E = 100`` and ``beta = 1`` as the method's
+ImageNet configuration, so the sparsity ramps from 45 % to 55 % of the run) with the
+shared loop of ``models.pssnet.dense_train``: SGD with Nesterov momentum, cosine learning
+rate with a 5-epoch linear warm-up, label smoothing 0.1 and weight decay 4e-5 (the method's
+MobileNetV1 configuration).
+
+Written: ``model.safetensors`` (the dense network with exact zeros; BN not folded) and
+``manifest.json``: sparsity overall and per layer, held-out top-1 before and after, the
+weights' storage dense and in CSR, and the measured time of the network with its 1x1
+convolutions and classifier on CSR kernels against dense (batch 1 and 32, interleaved,
+medians): ``real_speed`` is true only where CSR is faster at batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from compress import sparsity
+from models.pssnet import dense_train
+from models.pssnet.dense_train import say
+
+
+def csr_speed(net: torch.nn.Module, size: int, rounds: int = 7) -> dict:
+    """Median seconds per batch of the network dense and with CSR 1x1/linear kernels, at
+    batch 1 and 32, measured interleaved (one thread is the caller's setting)."""
+    import copy
+    import statistics
+
+    from models.pssnet.nets import fold_bn
+
+    dense = fold_bn(copy.deepcopy(net).eval())
+    csr = sparsity.with_csr_kernels(copy.deepcopy(dense))
+    out = {}
+    for batch in (1, 32):
+        x = torch.randn(batch, 3, size, size)
+        times: dict[str, list[float]] = {"dense": [], "csr": []}
+        with torch.inference_mode():
+            torch.testing.assert_close(csr(x), dense(x), atol=1e-3, rtol=1e-3)
+            for _ in range(rounds):
+                for name, m in (("dense", dense), ("csr", csr)):
+                    reps = 20 if batch == 1 else 3
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        m(x)
+                    times[name].append((time.perf_counter() - t0) / reps)
+        d, c = statistics.median(times["dense"]), statistics.median(times["csr"])
+        out[f"batch_{batch}"] = {"dense_ms": round(1e3 * d, 3), "csr_ms": round(1e3 * c, 3),
+                                 "csr_over_dense": round(c / d, 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--method", choices=sparsity.METHODS, required=True)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--start", choices=("scratch", "trained"), default="scratch")
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--epochs", type=int, default=100, help="mask re-allocations (and schedule units) per run")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=None, help="default: 0.05 from scratch (the method's MobileNetV1 "
+                    "configuration), 0.01 from the trained network")
+    ap.add_argument("--weight-decay", type=float, default=4e-5)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--save-every", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else (0.05 if args.start == "scratch" else 0.01)
+    torch.set_num_threads(args.threads)
+    from compress.artifact import command_line
+    from models.pssnet.nets import DenseSubnet, _init_weights
+    from models.pssnet.serving import PssNetModel
+
+    tag = f"{args.method} {args.sparsity:.0%} seed {args.seed}"
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    top = model.ladder[-1]
+    torch.manual_seed(args.seed)
+    if args.start == "trained":
+        net, _ = model.with_bn(top.index)
+    else:
+        net = DenseSubnet(model.spec, model.spec.max_cfg())
+        _init_weights(net)
+    sets = dense_train.held_out(model.preprocess)
+    before = dense_train.accuracy(net, sets)
+    steps_per_epoch = math.ceil(args.steps / args.epochs)
+    sp = sparsity.Sparsifier(net, args.method, args.sparsity, args.epochs, steps_per_epoch, args.beta)
+    cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                                  warmup_steps=5 * steps_per_epoch, label_smoothing=args.label_smoothing,
+                                  seed=args.seed, save_every=args.save_every)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    groups = [sp.score_group(args.lr)] if args.method == "optg" else []
+    dense_train.train(net, *dense_train.training_split(), cfg, state_path=args.out / "train_state.pt",
+                      extra_groups=groups, before_step=sp.before_step, desc=tag)
+    seconds = time.time() - t0
+    sp.reallocate(args.sparsity)  # the exact target (the schedule ends within 1e-20 of it)
+    per_layer = sp.per_layer()
+    sp.export()
+    after = dense_train.accuracy(net, sets)
+    achieved = sparsity.weight_sparsity(net)
+    say(tag, f"sparsity {achieved:.4f}; val {100 * after['val']:.2f} %, test {100 * after['test']:.2f} % "
+             f"(at the start: {100 * before['test']:.2f} %)")
+    speed = csr_speed(net, model.input_size)
+    say(tag, f"CSR 1x1/linear kernels vs dense: {speed}")
+    manifest = dense_train.write_variant(args.out, net, {
+        "method": args.method, "target_sparsity": args.sparsity, "sparsity": round(achieved, 5),
+        "per_layer_sparsity": per_layer, "seed": args.seed,
+        "source": {"bundle": model.name, "architecture_of": top.name,
+                   "start": f"trained weights of {top.name}" if args.start == "trained" else "from scratch"},
+        "accuracy_before": before, "accuracy": after,
+        "storage_bytes": sparsity.storage_bytes(net), "speed_1_thread": speed,
+        "real_speed": speed["batch_32"]["csr_over_dense"] < 1.0,
+        "schedule": {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "beta": args.beta,
+                     "score_lr": "weights' lr x sigmoid(beta (e - E/2))" if args.method == "optg" else None},
+        "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "seconds": round(seconds, 1),
+                     "data": "glyph train split, demo augmentation"},
+        "command": command_line("models.pssnet.sparse", argv), "date": date.today().isoformat()})
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

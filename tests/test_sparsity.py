@@ -1,0 +1,112 @@
+"""Unstructured sparsity (compress.sparsity): OptG's straight-through scores, the global
+re-allocation and sigmoid schedule shared with magnitude pruning, the export to exact zeros,
+and the CSR kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress import sparsity
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_optg_score_gradient_is_the_weight_gradient_times_the_weight():
+    net = _net()
+    sp = sparsity.Sparsifier(net, "optg", 0.5, 10, 1)
+    sp.reallocate(0.5)
+    x = torch.randn(4, 3, 6, 6)
+    net(x).square().sum().backward()
+    for module, masked in sp.layers:
+        w = sp.original(module)
+        # dL/dW = dL/dW_eff * M, so dL/dW_eff is recoverable where M = 1; the score's gradient
+        # there must be dL/dW_eff * W; where M = 0, W gets no task gradient at all.
+        kept = masked.mask.bool()
+        torch.testing.assert_close(masked.scores.grad[kept], (w.grad * w)[kept])
+        assert (w.grad[~kept] == 0).all()
+
+
+def test_pruned_weights_still_score_so_they_can_come_back():
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 1, bias=False)
+    sp = sparsity.Sparsifier(lin, "optg", 0.5, 10, 1)
+    sp.reallocate(0.5)
+    lin(torch.randn(8, 6)).sum().backward()
+    pruned = ~sp.layers[0][1].mask.bool()
+    assert (sp.layers[0][1].scores.grad[pruned] != 0).all()
+
+
+@pytest.mark.parametrize("method", sparsity.METHODS)
+def test_global_reallocation_prunes_the_lowest_share_across_layers(method):
+    net = _net()
+    sp = sparsity.Sparsifier(net, method, 0.9, 10, 1)
+    if method == "optg":
+        for s in sp.scores():
+            s.data.normal_()
+    crit = torch.cat([sp.criterion(m, k).flatten() for m, k in sp.layers])
+    sp.reallocate(0.7)
+    assert sp.sparsity() == pytest.approx(0.7, abs=1 / crit.numel())
+    threshold = crit.sort().values[int(round(0.7 * crit.numel()))]
+    for module, masked in sp.layers:
+        c = sp.criterion(module, masked)  # after re-allocation (GMP has zeroed the pruned)
+        if method == "optg":
+            assert (c[masked.mask == 0] <= threshold).all() and (c[masked.mask == 1] >= threshold).all()
+        else:  # magnitude: what is kept is at least the threshold; a pruned weight is set to zero
+            assert (c[masked.mask == 1] >= threshold).all() and (sp.original(module)[masked.mask == 0] == 0).all()
+    assert len({round(r, 3) for r in sp.per_layer()}) > 1  # rates differ per layer: one global ranking
+
+
+def test_the_schedule_ramps_on_a_sigmoid_and_the_score_rate_follows_it():
+    sp = sparsity.Sparsifier(_net(), "optg", 0.9, 100, 3)
+    assert sp.sparsity_at(0) < 1e-20 and sp.sparsity_at(50) == pytest.approx(0.45) and sp.sparsity_at(99) > 0.8999
+    opt = torch.optim.SGD([sp.score_group(0.1)], lr=0.1)
+    sp.before_step(50 * 3, opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert sp.sparsity() == pytest.approx(0.45, abs=1e-3)
+
+
+def test_export_leaves_exact_zeros_and_the_same_function():
+    net = _net()
+    sp = sparsity.Sparsifier(net, "gmp", 0.8, 10, 1)
+    sp.reallocate(0.8)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        before = net(x)
+    sp.export()
+    assert sparsity.weight_sparsity(net) == pytest.approx(0.8, abs=0.01)
+    assert all(not hasattr(m, "parametrizations") for m in net.modules())
+    torch.testing.assert_close(net(x), before)
+    sizes = sparsity.storage_bytes(net)
+    assert sizes["csr_float32_int32"] < sizes["dense_float32"]
+
+
+def test_csr_kernels_compute_the_same_function():
+    net = _net()
+    sp = sparsity.Sparsifier(net, "gmp", 0.9, 10, 1)
+    sp.reallocate(0.9)
+    sp.export()
+    net.eval()
+    x = torch.randn(3, 3, 6, 6)
+    with torch.inference_mode():
+        dense = net(x)
+        csr = sparsity.with_csr_kernels(net)
+        assert isinstance(csr[2], sparsity.CsrPointwise) and isinstance(csr[6], sparsity.CsrLinear)
+        assert isinstance(csr[0], nn.Conv2d)  # no sparse kernel for a 3x3 convolution
+        torch.testing.assert_close(csr(x), dense, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_decay_reaches_a_masked_weight():
+    from models.pssnet.train import param_groups
+
+    net = _net()
+    sp = sparsity.Sparsifier(net, "optg", 0.5, 10, 1)
+    decay, no_decay = param_groups(net, 1e-4)
+    decayed = {id(p) for p in decay["params"]}
+    assert all(id(sp.original(m)) in decayed for m, _ in sp.layers)
+    assert not any(id(s) in decayed for s in sp.scores())
