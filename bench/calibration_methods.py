@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     from models.pssnet.serving import PssNetModel
 
     t_start = time.perf_counter()
-    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False, variants=False)  # the supernet's subnets
     say("rendering / loading the glyph splits")
     held = {}
     for split in ("val", "test"):

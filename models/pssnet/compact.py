@@ -6,7 +6,8 @@ the full bank, ``compress.dcff``) against the same compact network trained plain
     python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --method plain --keep 0.5 \
         --seed 0 --out runs/compact/plain-k50-s0
 
-The bundle gives the architecture (its largest subnet's depths, strides and resolution),
+The bundle gives the architecture (its full-width subnet ``max``: depths, strides and
+resolution 40),
 the classes and the preprocessing; nothing of its weights is used. The compact network keeps
 ``floor(keep * n)`` of the ``n`` filters of the stem and of every point-wise convolution
 (DCFF's ``m = floor(n (1 - r))`` with one rate ``r = 1 - keep`` for every layer; the paper's
@@ -16,7 +17,13 @@ classifier are compact from the start, as in DCFF.
 Both methods share one training loop (``models.pssnet.dense_train``: data order,
 augmentation, SGD with Nesterov momentum, cosine learning rate with a linear warm-up, the
 DCFF CIFAR recipe's weight decay 5e-4); DCFF adds only its fused layers and re-fuses them
-at every epoch's first step (an epoch: one pass over the 50,000 training glyphs). The
+at every epoch's first step. An epoch here is ``--steps / --epochs`` steps, and ``--epochs``
+defaults to the 300 of the method's CIFAR recipe, so the temperature schedule spans the run
+as it spans the paper's: soft fusion for the first 1/300 of training, then, with ``T`` near
+1e4, selection (``compress.dcff`` says why the choice then stays). With one epoch per pass
+over the data instead (``--epochs 4`` for 3,000 steps), a quarter of the run trains fused
+filters that are near-averages of the whole bank; on the glyphs that cost 5.4 points at
+keep 0.5 (62.76 % against plain training's 68.20 %, seed 0). The
 network written is the plain dense export; for DCFF the manifest records the largest
 difference between the fused network's and the export's logits on the test split.
 """
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--epochs", type=int, default=300, help="DCFF: re-fusions (and temperature steps) per run")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=100)
@@ -104,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     from models.pssnet.serving import PssNetModel
 
     tag = f"{args.method} keep {args.keep} seed {args.seed}"
-    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False, variants=False)
     torch.manual_seed(args.seed)
     net = dcff_compact(model.spec, args.keep) if args.method == "dcff" else plain_compact(model.spec, args.keep)
     images, labels = dense_train.training_split()
-    per_epoch = len(labels) // args.batch
-    epochs = math.ceil(args.steps / per_epoch)
+    epochs = args.epochs
+    per_epoch = math.ceil(args.steps / epochs)
     log: list[dict] = []
 
     def refuse(step: int, _opt) -> None:
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         (f", export max |diff| {extra['export_max_abs_diff']:.2e}" if extra else ""))
     manifest = dense_train.write_variant(args.out, exported, {
         "method": args.method if args.method == "dcff" else "plain-compact", "keep": args.keep, "seed": args.seed,
-        "source": {"bundle": model.name, "architecture_of": model.ladder[-1].name, "weights": "trained from scratch"},
+        "source": {"bundle": model.name, "architecture_of": "max", "weights": "trained from scratch"},
         "accuracy": acc, **extra,
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "loss": "cross-entropy",
                      "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},

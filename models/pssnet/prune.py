@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     def say(msg: str) -> None:
         print(f"[prune] {msg}", file=sys.stderr, flush=True)
 
-    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False, variants=False)  # cut a subnet, not a variant
     by_name = {r.name: r for r in model.rungs}
     if args.like not in by_name:
         raise SystemExit(f"--like {args.like!r} is not a rung of {model.name} ({', '.join(by_name)})")

@@ -4,9 +4,9 @@ pruning (GMP) on the same schedule (``compress.sparsity``).
     python -m models.pssnet.sparse models/pssnet/weights/pss-mbv1-glyphs --method optg --sparsity 0.9 \
         --seed 0 --out runs/sparse/optg-90-s0
 
-Both train the architecture of the bundle's largest subnet from scratch, as the method's
-code does (``--start trained`` starts instead from that subnet's trained weights and BN
-statistics: there OptG's scores, which start at 0 and accumulate ``-lr g W``, measure how
+Both train the supernet's full-width MobileNetV1 (``max``: every layer at full width,
+resolution 40) from scratch, as the method's code does (``--start trained`` starts instead
+from the trained weights and BN statistics of the bundle's top ladder subnet: there OptG's scores, which start at 0 and accumulate ``-lr g W``, measure how
 much each weight *changes* rather than how much it matters, and pruning by them fails),
 mask every convolution and the classifier, and train ``--steps`` steps in ``--epochs``
 epochs (the unit at which masks are
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     from models.pssnet.serving import PssNetModel
 
     tag = f"{args.method} {args.sparsity:.0%} seed {args.seed}"
-    model = PssNetModel.from_checkpoint(args.bundle, int8=False)
+    model = PssNetModel.from_checkpoint(args.bundle, int8=False, variants=False)
     top = model.ladder[-1]
     torch.manual_seed(args.seed)
     if args.start == "trained":
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = dense_train.write_variant(args.out, net, {
         "method": args.method, "target_sparsity": args.sparsity, "sparsity": round(achieved, 5),
         "per_layer_sparsity": per_layer, "seed": args.seed,
-        "source": {"bundle": model.name, "architecture_of": top.name,
+        "source": {"bundle": model.name, "architecture_of": top.name if args.start == "trained" else "max",
                    "start": f"trained weights of {top.name}" if args.start == "trained" else "from scratch"},
         "accuracy_before": before, "accuracy": after,
         "storage_bytes": sparsity.storage_bytes(net), "speed_1_thread": speed,
