@@ -101,3 +101,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def assert_resumes_exactly(run, state_path, monkeypatch, *, die_at: int = 4, saved_step: int | None = None) -> None:
+    """``run(state_path_or_None)`` trains and returns the network. A run that dies during
+    step ``die_at + 1`` (its progress iterator raises) and is then run again must end with
+    exactly the state of an uninterrupted run: the resumable-training promise."""
+    import models.common.progress as progress_module
+
+    straight = run(None)
+    real_progress = progress_module.progress
+
+    def interrupted(items, **options):
+        for i, item in enumerate(real_progress(items, **options)):
+            if i == die_at:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(progress_module, "progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(state_path)
+    monkeypatch.setattr(progress_module, "progress", real_progress)
+    if saved_step is not None:
+        assert torch.load(state_path, weights_only=True)["step"] == saved_step
+    resumed = run(state_path)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)

@@ -140,29 +140,12 @@ def test_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
     and learning-rate state)."""
     import numpy as np
 
-    import models.common.progress as progress_module
     from models.pssnet.dense_train import TrainConfig, train
+    from tests.conftest import assert_resumes_exactly
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 7, size=64).astype(np.int64)
     cfg = TrainConfig(steps=6, batch=16, lr=0.01, weight_decay=5e-4, seed=0, save_every=3, warmup_steps=2)
-    straight = train(_mbv1_subnet(2), images, labels, cfg)
-
-    real_progress = progress_module.progress
-
-    def interrupted(items, **options):  # the process dies during step 5
-        for i, item in enumerate(real_progress(items, **options)):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield item
-
-    state = tmp_path / "state.pt"
-    monkeypatch.setattr(progress_module, "progress", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_mbv1_subnet(2), images, labels, cfg, state_path=state)
-    monkeypatch.setattr(progress_module, "progress", real_progress)
-    assert torch.load(state, weights_only=True)["step"] == 3
-    resumed = train(_mbv1_subnet(2), images, labels, cfg, state_path=state)
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=k)
+    assert_resumes_exactly(lambda state: train(_mbv1_subnet(2), images, labels, cfg, state_path=state),
+                           tmp_path / "state.pt", monkeypatch, saved_step=3)

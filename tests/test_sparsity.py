@@ -110,3 +110,32 @@ def test_weight_decay_reaches_a_masked_weight():
     decayed = {id(p) for p in decay["params"]}
     assert all(id(sp.original(m)) in decayed for m, _ in sp.layers)
     assert not any(id(s) in decayed for s in sp.scores())
+
+
+def test_sparse_training_resumes_to_the_same_weights_scores_and_masks(tmp_path, monkeypatch):
+    """OptG's state is the network's (weights, scores, masks) and the optimiser's (the scores'
+    momentum): interrupted after a save and rerun, training reaches exactly what an
+    uninterrupted run reaches."""
+    import numpy as np
+
+    from models.pssnet.dense_train import TrainConfig, train
+    from models.pssnet.nets import DenseSubnet, _init_weights, demo_spec
+    from tests.conftest import assert_resumes_exactly
+
+    spec = demo_spec("mobilenet_v1", 5)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, size=48).astype(np.int64)
+    cfg = TrainConfig(steps=6, batch=16, lr=0.05, weight_decay=4e-5, seed=0, save_every=3, label_smoothing=0.1)
+
+    def run(state):
+        torch.manual_seed(0)
+        net = DenseSubnet(spec, spec.min_cfg())
+        _init_weights(net)
+        sp = sparsity.Sparsifier(net, "optg", 0.8, epochs=6, steps_per_epoch=1, beta=2.0)
+        return train(net, images, labels, cfg, state_path=state, extra_groups=[sp.score_group(cfg.lr)],
+                     before_step=sp.before_step)
+
+    assert_resumes_exactly(run, tmp_path / "state.pt", monkeypatch, saved_step=3)
+    names = list(run(None).state_dict())
+    assert any("scores" in k for k in names) and any("mask" in k for k in names)

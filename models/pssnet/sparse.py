@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--start", choices=("scratch", "trained"), default="scratch")
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--epochs", type=int, default=100, help="mask re-allocations (and schedule units) per run")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=64)
