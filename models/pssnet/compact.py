@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             e = step // per_epoch
             counts = dcff.refuse_all(net, e, epochs)
             log.append({"epoch": e, "temperature": round(dcff.temperature(e, epochs), 2), **counts})
-            say("dcff", f"epoch {e}/{epochs}: T = {dcff.temperature(e, epochs):.1f}, {counts}")
+            if e < 2 or counts["rechosen"] or e % 50 == 0:
+                say("dcff", f"epoch {e}/{epochs}: T = {dcff.temperature(e, epochs):.1f}, {counts}")
 
     cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                                   warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             diff = max(float((net(x[i:i + 500]) - exported(x[i:i + 500])).abs().max()) for i in range(0, len(x), 500))
         extra = {"export_max_abs_diff": diff, "fused_accuracy": dense_train.accuracy(net, sets),
                  "temperature_schedule": {"t_start": dcff.T_START, "t_end": dcff.T_END, "k": dcff.STEEPNESS,
-                                          "epochs": epochs, "steps_per_epoch": per_epoch}, "refuse_log": log}
+                                          "epochs": epochs, "steps_per_epoch": per_epoch},
+                 "refusions": {"epochs_with_a_new_choice": [x["epoch"] for x in log if x["rechosen"]],
+                               "epochs_keeping_the_choice": sum(1 for x in log if not x["rechosen"])}}
     acc = dense_train.accuracy(exported, sets)
     say(tag, f"val {100 * acc['val']:.2f} %, test {100 * acc['test']:.2f} %" +
         (f", export max |diff| {extra['export_max_abs_diff']:.2e}" if extra else ""))
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "loss": "cross-entropy",
                      "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
         "command": command_line("models.pssnet.compact", argv), "date": date.today().isoformat()})
-    print(json.dumps({k: v for k, v in manifest.items() if k != "refuse_log"}, indent=2))
+    print(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":
