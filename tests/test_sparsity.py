@@ -69,6 +69,10 @@ def test_the_schedule_ramps_on_a_sigmoid_and_the_score_rate_follows_it():
     sp.before_step(50 * 3, opt)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert sp.sparsity() == pytest.approx(0.45, abs=1e-3)
+    flat = sparsity.Sparsifier(_net(), "optg", 0.9, 100, 3, score_lr_ramp=False)
+    opt = torch.optim.SGD([flat.score_group(0.1)], lr=0.1)
+    flat.before_step(10 * 3, opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_export_leaves_exact_zeros_and_the_same_function():

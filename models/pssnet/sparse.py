@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--epochs", type=int, default=100, help="mask re-allocations (and schedule units) per run")
     ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--score-lr", choices=("constant", "ramp"), default="constant",
+                    help="OptG: the scores learn at the weights' rate ('constant'), or at that rate times the "
+                    "sparsity sigmoid as in the method's code ('ramp': in a run this short its scores are noise; "
+                    "see compress.sparsity)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None, help="default: 0.05 from scratch (the method's MobileNetV1 "
                     "configuration), 0.01 from the trained network")
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = dense_train.held_out(model.preprocess)
     before = dense_train.accuracy(net, sets)
     steps_per_epoch = math.ceil(args.steps / args.epochs)
-    sp = sparsity.Sparsifier(net, args.method, args.sparsity, args.epochs, steps_per_epoch, args.beta)
+    sp = sparsity.Sparsifier(net, args.method, args.sparsity, args.epochs, steps_per_epoch, args.beta,
+                             score_lr_ramp=args.score_lr == "ramp")
     cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                                   warmup_steps=5 * steps_per_epoch, label_smoothing=args.label_smoothing,
                                   seed=args.seed, save_every=args.save_every)
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         "storage_bytes": sparsity.storage_bytes(net), "speed_1_thread": speed,
         "real_speed": speed["batch_32"]["csr_over_dense"] < 1.0,
         "schedule": {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "beta": args.beta,
-                     "score_lr": "weights' lr x sigmoid(beta (e - E/2))" if args.method == "optg" else None},
+                     "score_lr": (None if args.method != "optg" else "weights' lr x sigmoid(beta (e - E/2))"
+                                  if args.score_lr == "ramp" else "weights' lr")},
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "seconds": round(seconds, 1),
                      "data": "glyph train split, demo augmentation"},
         "command": command_line("models.pssnet.sparse", argv), "date": date.today().isoformat()})
