@@ -12,8 +12,11 @@ seeds and the baselines). For each: top-1 on the 5,000 held-out test glyphs (mea
 here), MFLOPs (multiply-accumulates; a sparse network's counted at its nonzero weights,
 which no dense kernel skips), and the median ms per forward at batch 1 and 32, all rows
 timed interleaved in one run on ``--threads`` threads. ``front``: no other row is at least
-as accurate and faster at batch 32. Served rows are marked; ``dominated`` is what
-/v1/models would list (from the validation split, at start-up).
+as accurate on test and faster at batch 32. ``planner``: for the served rows, what the
+planner does with these times: fastest first, a rung is kept only if its *validation*
+accuracy beats every faster one (the rest are ``dominated``, as /v1/models lists them from
+the times it measures at start-up); an fp32 subnet that a cheaper one matches on validation
+accuracy is off the ladder altogether.
 """
 
 from __future__ import annotations
@@ -76,13 +79,18 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
     x = torch.stack([model.preprocess(img) for img in test.images])
     y = torch.from_numpy(test.labels)
     rows, runs_of = [], {}
+    ladder = {r.name for r in model.ladder}  # fp32 rungs the planner considers (with every int8 rung)
     for r in model.rungs:
         fp32 = (lambda i: lambda b: model.forward(i, b))(r.index)
-        variants = [("fp32", fp32)] + ([("int8", model.int8_rungs[r.index][0])] if r.index in model.int8_rungs else [])
-        for precision, run in variants:
+        variants = [("fp32", fp32, r.val_accuracy)]
+        if r.index in model.int8_rungs:
+            q, entry = model.int8_rungs[r.index]
+            variants.append(("int8", q, entry["quality"].get("val_accuracy")))
+        for precision, run, val in variants:
             key = f"{r.name}/{precision}"
             rows.append({"name": key, "method": r.method, "precision": precision, "seed": (r.variant or {}).get("seed"),
-                         "mflops": r.flops, "served": True, "dominated": r.dominated, "kernel": "dense"})
+                         "mflops": r.flops, "served": precision == "int8" or r.name in ladder, "listed": True,
+                         "val": val, "kernel": "dense"})
             runs_of[key] = run
     for folder in variant_folders(runs):
         net, m = load_variant(folder, model.spec)
@@ -97,8 +105,9 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
         for kernel, run in kernels:
             key = f"{tag}/{kernel}" if sparse else tag
             rows.append({"name": key, "method": m["method"], "precision": "fp32", "seed": m.get("seed"),
-                         "mflops": nonzero_mflops(net, m["mflops"], model.input_size) if sparse else m["mflops"], "served": False,
-                         "dominated": None, "kernel": kernel, "sparsity": m.get("sparsity")})
+                         "mflops": nonzero_mflops(net, m["mflops"], model.input_size) if sparse else m["mflops"],
+                         "served": False, "listed": False, "val": m["accuracy"].get("val"), "kernel": kernel,
+                         "sparsity": m.get("sparsity")})
             runs_of[key] = run
     for row in rows:
         progress(f"{row['name']}: test top-1")
@@ -107,8 +116,15 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
 
 
 def mark_front(rows: list[dict]) -> None:
+    """``front`` on test accuracy; ``planner`` ("kept" / "dominated") for served rows, as the
+    planner judges: by time at batch 32, then validation accuracy."""
     for r in rows:
         r["front"] = not any(o is not r and o["top1"] >= r["top1"] and o["ms_b32"] < r["ms_b32"] for o in rows)
+    best = -1.0
+    for r in sorted((r for r in rows if r["served"]), key=lambda r: r["ms_b32"]):
+        val = r["val"] if r["val"] is not None else -1.0
+        r["planner"] = "kept" if val > best else "dominated"
+        best = max(best, val)
 
 
 COLOURS = {"pss-net": "tab:blue", "clr-l1": "tab:green", "clr-random": "olive", "clr-rnf": "tab:brown",
@@ -172,10 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     rows.sort(key=lambda r: r["ms_b32"])
     print(f"torch {torch.__version__}, {args.threads} thread(s); top-1 on the 5,000 held-out test glyphs; "
           f"ms: median per forward, all rows interleaved\n")
-    print("| rung | method | precision / kernel | seed | MFLOPs | top-1 % | ms b1 | ms b32 | served | front |")
+    print("| rung | method | precision / kernel | seed | MFLOPs | top-1 % | ms b1 | ms b32 | served: planner | front |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        served = ("dominated" if r["dominated"] else "yes") if r["served"] else ""
+        served = r.get("planner", "") if r["served"] else ("off the FLOPs ladder" if r["listed"] else "")
         kind = r["precision"] + ("" if r["kernel"] == "dense" else f" / {r['kernel']}")
         print(f"| {r['name']} | {r['method']} | {kind} | {'-' if r['seed'] is None else r['seed']} | "
               f"{r['mflops']:.2f} | {r['top1']:.2f} | {r['ms_b1']:.3f} | {r['ms_b32']:.2f} | {served} | "
