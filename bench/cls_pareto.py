@@ -141,12 +141,13 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for method in sorted({r["method"] for r in rows}):
-        for precision, marker in (("fp32", "o"), ("int8", "s")):
-            pts = [r for r in rows if r["method"] == method and r["precision"] == precision]
+        for precision, kernel, marker in (("fp32", "dense", "o"), ("int8", "dense", "s"), ("fp32", "csr", "^")):
+            pts = [r for r in rows if r["method"] == method and r["precision"] == precision and r["kernel"] == kernel]
             if not pts:
                 continue
+            label = f"{method} {precision}" + (" CSR" if kernel == "csr" else "")
             ax.scatter([r["ms_b32"] for r in pts], [r["top1"] for r in pts], marker=marker,
-                       c=COLOURS.get(method, "black"), label=f"{method} {precision}", alpha=0.85,
+                       c=COLOURS.get(method, "black"), label=label, alpha=0.85,
                        edgecolors=["black" if r["served"] else "none" for r in pts])
             for r in pts:
                 if r["served"] or r["front"]:

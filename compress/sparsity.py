@@ -71,7 +71,11 @@ class Sparsifier:
     of ``method`` towards ``target`` sparsity over ``epochs`` epochs of ``steps_per_epoch``."""
 
     def __init__(self, net: nn.Module, method: str, target: float, epochs: int, steps_per_epoch: int,
-                 beta: float = 1.0, score_lr_ramp: bool = True) -> None:
+                 beta: float = 1.0, score_lr_ramp: bool = True, dense_ends: bool = False) -> None:
+        """``dense_ends``: leave the first and the last masked layer dense (the method's
+        ``--first-layer-dense`` and ``--last-layer-dense``). From scratch they matter: the
+        classifier starts at N(0, 0.01), far below the convolutions' He init, so one global
+        magnitude threshold removes it whole and the network is left at chance."""
         if method not in METHODS:
             raise ValueError(f"method {method!r}: use one of {METHODS}")
         if not 0 <= target < 1:
@@ -80,11 +84,12 @@ class Sparsifier:
             method, target, epochs, steps_per_epoch, beta)
         self.score_lr_ramp = score_lr_ramp
         self.layers: list[tuple[nn.Module, Masked]] = []
-        for module in list(net.modules()):
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(module):
-                masked = Masked(module.weight, scores=method == "optg")
-                parametrize.register_parametrization(module, "weight", masked)
-                self.layers.append((module, masked))
+        candidates = [m for m in net.modules()
+                      if isinstance(m, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(m)]
+        for module in candidates[1:-1] if dense_ends else candidates:
+            masked = Masked(module.weight, scores=method == "optg")
+            parametrize.register_parametrization(module, "weight", masked)
+            self.layers.append((module, masked))
 
     @staticmethod
     def original(module: nn.Module) -> torch.Tensor:
@@ -145,7 +150,7 @@ class Sparsifier:
 
 
 def weight_sparsity(net: nn.Module) -> float:
-    """Share of exact zeros over all Conv2d and Linear weights."""
+    """Share of exact zeros over all Conv2d and Linear weights (dense ends included)."""
     ws = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return float(sum((w == 0).sum() for w in ws)) / sum(w.numel() for w in ws)
 
