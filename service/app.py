@@ -5,9 +5,11 @@
     POST /ground         SeqTR visual grounding, boxes and masks (service/families/seqtr.py)
     GET  /v1/models      rungs, FLOPs, measured quality and the live cost model
     GET  /v1/policy      the planner's view: policy, load, queue, predicted wait
+    GET  /               the playground: try every endpoint in a browser (service/playground/)
     GET  /healthz        live (answers during warm-up)
     GET  /readyz         ready: calibrated and not draining (503 otherwise)
     GET  /metrics        Prometheus
+    /v2/...              the Open Inference Protocol (KServe v2, Triton) for every model (service/oip.py)
 
 Each inference route is built from the families served there (service/routes.py), every
 family behind one contract (service/family.py) and loaded by name from ``Settings.families``
@@ -33,8 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import __version__, errors, registry, routes
+from service import __version__, errors, oip, registry, routes
 from service.apidocs import install_api_docs
+from service.playground import install_playground
 from service.config import Settings
 from service.executor import Scheduler
 from service.load import LoadMonitor, LoadReading, LoopLag, available_cores
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
     app.state.machine = machine
     errors.install(app)
     install_api_docs(app)  # /docs and /redoc without a CDN
+    install_playground(app)  # / and /playground/: the page, its assets and samples
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -180,6 +184,8 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
     if shadowed:
         raise ValueError(f"family routes {', '.join(shadowed)} would shadow the server's own")
     app.include_router(routes.router(services))
+    app.include_router(oip.router(services, VERSION, lambda: all(s.runtime.ready.is_set() and not s.draining
+                                                                for s in services)))
 
     def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:
         """The early shed of the service a POST would reach, before routing: None when it
@@ -210,8 +216,26 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
             return exc
         return None
 
+    served = {s.name for s in services}
+
+    def model_of(scope: dict) -> str | None:
+        """The served model a request names (OIP: in its path; native: ?model=, or the
+        endpoint's only model); None when it names none or one that is not served (an
+        unserved name never becomes a label: labels must stay few)."""
+        path = scope["path"]
+        if path.startswith("/v2/models/"):
+            name = path.split("/")[3]
+            return name if name in served else None
+        group = groups.get(path)
+        if not group:
+            return None
+        named = parse_qs(scope["query_string"].decode("latin-1")).get("model", [None])[0]
+        if named is not None:
+            return named if named in {s.name for s in group} else None
+        return group[0].name if len(group) == 1 else None
+
     endpoints = builtin | set(groups)
     app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints, arrival_lag=loop_lag.recent,
-                       quick_shed=quick_shed,
+                       quick_shed=quick_shed, model_of=model_of,
                        draining=lambda: any(s.draining for s in services))
     return app

@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps PNG w
     _fast_deflate = None
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+# Not an image format: the SR canvas as raw (H, W, C) uint8 bytes, for protocols that carry tensors (OIP).
+RAW_PIXELS = "application/x-raw-pixels"
 PNG_COMPRESS_LEVEL = 1  # measured: as small as Pillow's level 1, 5-8x faster (docs/BENCHMARKS.md)
 _PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+alpha, RGB, RGBA
 
@@ -116,8 +118,13 @@ def encode(sr: np.ndarray, src: Decoded, media_type: str = "image/png", *,
     """Encode an SR float canvas (H, W, 3) in [0, 1] like the source image: grey stays
     grey, alpha is re-attached, 16-bit stays 16-bit (PNG only).  ``png_compress_level``
     is zlib's 0-9 (see ``png_bytes``); ``quality`` is JPEG's and WebP's."""
-    fmt = FORMATS[media_type]
     h, w = sr.shape[:2]
+    if media_type == RAW_PIXELS:  # (H, W, C) uint8, C as the source: 1 grey, 3 RGB, 4 RGBA
+        pixels = _to_int(sr.mean(axis=2, keepdims=True) if src.grey else sr, 255, np.uint8)
+        if src.alpha is not None:
+            pixels = np.dstack([pixels, _to_int(_upscale_alpha(src.alpha, (w, h)), 255, np.uint8)])
+        return np.ascontiguousarray(pixels).tobytes()
+    fmt = FORMATS[media_type]
     if src.bits == 16 and fmt == "PNG":
         return png_bytes(_to_int(sr.mean(axis=2), 65535, np.uint16), png_compress_level)
     pixels = _to_int(sr.mean(axis=2) if src.grey else sr, 255, np.uint8)

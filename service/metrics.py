@@ -56,6 +56,9 @@ class Metrics:
                                     "start a newly admitted request", ["model"], registry=r)
         self.budget = Histogram("anytime_budget_chosen", "Budget (fraction of full-cost FLOPs) chosen per request",
                                 ["model"], buckets=BUDGET_BUCKETS, registry=r)
+        self.degraded = Counter("anytime_degraded", "Requests the planner served below the top budget because "
+                                "their deadline and the load left no time for it (quality given up; the "
+                                "autoscaler's signal, deploy/k8s/keda)", ["model"], registry=r)
         self.flops = Counter("anytime_flops_served", "FLOPs spent on served requests", ["model"], registry=r)
         self.predicted_patch_psnr = Histogram("anytime_predicted_patch_psnr_decibels", "The Edge-to-PSNR table's "
                                               "patch-level quality of served super-resolution requests (PSNR of the "

@@ -26,12 +26,15 @@ from service.metrics import Metrics
 
 log = logging.getLogger("anytime.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# OIP inference paths name the model: one endpoint label for all of them (the model label says which)
+OIP_INFER, OIP_INFER_PATH = "/v2/models/{name}/infer", re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
 class RequestContext:
     def __init__(self, app, settings: Settings, metrics: Metrics, endpoints: set[str],
                  draining: Callable[[], bool] = lambda: False, arrival_lag: Callable[[], float] = lambda: 0.0,
-                 quick_shed: Callable[[dict, float], ApiError | None] = lambda scope, t0: None) -> None:
+                 quick_shed: Callable[[dict, float], ApiError | None] = lambda scope, t0: None,
+                 model_of: Callable[[dict], str | None] = lambda scope: None) -> None:
         self.app, self.settings, self.metrics, self.endpoints = app, settings, metrics, endpoints
         self.draining = draining  # true once SIGTERM came: every response then closes its connection
         self.arrival_lag = arrival_lag  # how long a request may have waited in its socket for the event loop
@@ -39,10 +42,15 @@ class RequestContext:
         # deadline even at its model's cheapest rung: under overload most requests are shed,
         # so shedding must cost a fraction of serving (no validation, no body, no framework).
         self.quick_shed = quick_shed
+        # The model a request is for when the route never got to say (a 401, a 422 before
+        # routing): the model its path or query names, if served, so that errors keep the
+        # model label and a dashboard filtered by model still shows them.
+        self.model_of = model_of
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self.expected = f"Bearer {token}".encode() if token else None
         self.exempt = set(settings.auth_exempt)
-        self.exempt_prefixes = tuple(p for p in self.exempt if p.endswith("/"))  # "/docs-assets/": all under it
+        # "/docs-assets/": all under it; "/" alone is the playground page, not every path
+        self.exempt_prefixes = tuple(p for p in self.exempt if p.endswith("/") and p != "/")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -86,8 +94,8 @@ class RequestContext:
                 await self.app(scope, receive, send_with_id)
         finally:
             status = result["status"]
-            result["model"] = result["model"] or state.get("model") or ""  # sheds carry no model header
-            endpoint = path if path in self.endpoints else "other"
+            result["model"] = result["model"] or state.get("model") or self.model_of(scope) or ""
+            endpoint = path if path in self.endpoints else OIP_INFER if OIP_INFER_PATH.match(path) else "other"
             self.metrics.requests.labels(endpoint, result["model"], str(status)).inc()
             log.info("%s %s %d", scope["method"], path, status, extra={
                 "request_id": rid, "method": scope["method"], "path": path, "status": status,

@@ -35,6 +35,7 @@ from service.errors import ApiError, ClientGone
 from service.executor import Draining, Expired, Infeasible, Items, Job, QueueFull, Scheduler
 from service.load import LoopLag
 from service.metrics import Metrics
+from service.body import Upload
 from service.family import Answer, RequestParams, ServedFamily
 from service.planner import Ask, Decision, Ladder, Planner, Policy, Shed
 from service.runtime import FamilyRuntime
@@ -270,13 +271,17 @@ class FamilyService:
 
     # --- the request template ---------------------------------------------------------------
 
-    async def handle(self, request: Request, params: RequestParams) -> Response:
+    async def handle(self, request: Request, params: RequestParams, upload: Upload | None = None,
+                     render: Render | None = None) -> Response:
         """Every family's request, the same way: open -> read -> shed early -> decode ->
-        admit -> wait -> observe -> respond, under ``request_timeout_s``."""
+        admit -> wait -> observe -> respond, under ``request_timeout_s``.  A protocol other
+        than the native one (``service/oip.py``) hands in the ``upload`` it already read from
+        its own body and a ``render`` that turns the answer into its own response."""
         t0 = request.state.t0
-        return await self.guarded(t0, self._handle(request, params, t0))
+        return await self.guarded(t0, self._handle(request, params, t0, upload, render or native_response))
 
-    async def _handle(self, request: Request, params: RequestParams, t0: float) -> Response:
+    async def _handle(self, request: Request, params: RequestParams, t0: float, upload: Upload | None,
+                      render: Render) -> Response:
         f, s = self.family, self.settings
         self.open_for(request, t0, params.deadline_ms, params.policy)
         budget = parse_budget(params.budget, f.budget_words)
@@ -286,7 +291,8 @@ class FamilyService:
                            f"budget_unit={' or '.join(f.budget_units)}")
         f.check(request, params)
         self.shed_early(t0, params.deadline_ms, params.policy)
-        upload = await f.read(request, params, s.max_body_bytes)
+        if upload is None:
+            upload = await f.read(request, params, s.max_body_bytes)
         self.shed_early(t0, params.deadline_ms, params.policy)
         work = await decode_body(len(upload.data), lambda: f.decode(upload, params, s))
         pinned = f.pin(work, params)
@@ -320,14 +326,12 @@ class FamilyService:
         if job is not None:
             self.observe(decision, job, t0, answer)
             f.record(self.metrics, work, decision, answer)
-        if isinstance(answer.body, bytes):
-            return Response(answer.body, media_type=answer.media_type, headers=headers)
-        body = {"model": self.name, "family": f.family, **answer.body, "flops": answer.flops,
-                "flops_full": answer.flops_full, "flops_convention": f.flops_convention, "budget": label,
-                "policy": decision.policy, "decision": decision.how}
+        served = {"model": self.name, "family": f.family, "flops": answer.flops, "flops_full": answer.flops_full,
+                  "flops_convention": f.flops_convention, "budget": label, "policy": decision.policy,
+                  "decision": decision.how}
         if job is not None:
-            body.update(queue_ms=round(1000 * job.queue_s, 2), compute_ms=round(1000 * job.compute_s, 2))
-        return JSONResponse(body, headers=headers)
+            served.update(queue_ms=round(1000 * job.queue_s, 2), compute_ms=round(1000 * job.compute_s, 2))
+        return render(answer, served, headers)
 
     # --- after ------------------------------------------------------------------------------
 
@@ -351,6 +355,8 @@ class FamilyService:
         mt.queue_seconds.labels(name).observe(job.queue_s)
         mt.compute_seconds.labels(name, answer.rung).observe(job.compute_s)
         mt.budget.labels(name).observe(d.budget)
+        if d.how == "deadline" and d.budget < self.settings.max_budget - 1e-9:
+            mt.degraded.labels(name).inc()
         mt.flops.labels(name).inc(answer.flops)
 
     def start(self) -> Future:
@@ -374,6 +380,20 @@ class FamilyService:
                 "rungs": [r.describe() for r in f.rungs()], **f.describe(),
                 "ready": rt.ready.is_set(), "cost_model": rt.cost.snapshot() if rt.cost.calibrated else None,
                 "calibration_s": round(rt.calibration_s, 3)}
+
+
+# (answer, what every answer reports besides the family's own body, the X-Anytime-* headers)
+Render = Callable[[Answer, dict, dict], Response]
+
+
+def native_response(answer: Answer, served: dict, headers: dict[str, str]) -> Response:
+    """The native endpoints' response: the family's bytes as they are, or its JSON body with
+    what every answer reports (model, FLOPs, budget, policy, timings)."""
+    if isinstance(answer.body, bytes):
+        return Response(answer.body, media_type=answer.media_type, headers=headers)
+    body = {"model": served["model"], "family": served["family"], **answer.body,
+            **{k: v for k, v in served.items() if k not in ("model", "family")}}
+    return JSONResponse(body, headers=headers)
 
 
 def flops_fraction(plan: Any) -> float:

@@ -298,3 +298,16 @@ def test_an_unknown_query_parameter_is_named_not_ignored(client: TestClient) -> 
     err = r.json()["error"]
     assert "deadline_msec" in err["message"] and "deadline_ms" in err["accepted"] and "budget" in err["accepted"]
     assert _post(client, _encode(synthetic_photo(16, 16)), deadline_ms="5000").status_code == 200
+
+
+def test_errors_keep_the_model_label(client: TestClient) -> None:
+    """A request refused before routing (a 422 on a query parameter) is still counted under
+    the model it was for, so a dashboard filtered by model shows its errors; a model name
+    that is not served never becomes a label."""
+    name = client.get("/v1/models").json()["models"][0]["name"]
+    assert _post(client, b"x", budget_unit="carats").status_code == 422
+    assert _post(client, b"x", model="not-served", budget_unit="carats").status_code == 422
+    assert client.post("/v2/models/not-served/infer", content=b"{}").status_code == 404
+    text = client.get("/metrics").text
+    assert f'anytime_requests_total{{code="422",endpoint="/superresolve",model="{name}"}}' in text
+    assert "not-served" not in text

@@ -400,3 +400,148 @@ def test_dockerfile_essentials() -> None:
     assert "ARG TORCH_VARIANT=cpu" in lines and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "data"} <= set(ignored)
+
+
+# --------------------------------------------------------------------------- every manifest, validated
+
+K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests promise to work on (docs/DEPLOY.md)
+CRD_SCHEMAS = REPO / "tests" / "k8s_schemas"
+SCRAPE_LABELS = {"namespace", "pod", "container", "endpoint", "service"}  # what a PodMonitor scrape adds
+
+
+def all_k8s_docs() -> list[tuple[str, dict]]:
+    """(file, document) for every manifest under deploy/k8s, overlays included."""
+    out = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((str(path.relative_to(K8S)), doc))
+    return out
+
+
+def kserve_problems(data, type_name: str, where: str) -> list[str]:
+    """Check a KServe resource against the KServe SDK's generated models (made from the
+    CRDs' OpenAPI schemas; nested Kubernetes types come from the Kubernetes client's):
+    every key must be a field of its type, recursively."""
+    import kserve.models
+    import kubernetes.client.models
+
+    if type_name.startswith("list["):
+        return [p for i, item in enumerate(data) for p in kserve_problems(item, type_name[5:-1], f"{where}[{i}]")] \
+            if isinstance(data, list) else [f"{where}: expected a list"]
+    if type_name.startswith("dict("):
+        return [] if isinstance(data, dict) else [f"{where}: expected a mapping"]
+    cls = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name, None)
+    if cls is None:  # str, int, bool, object, a quantity ...
+        return []
+    if not isinstance(data, dict):
+        return [f"{where}: expected an object ({type_name})"]
+    by_key = {v: k for k, v in cls.attribute_map.items()}
+    problems = []
+    for key, value in data.items():
+        if key not in by_key:
+            problems.append(f"{where}.{key}: not a field of {type_name}")
+        else:
+            problems += kserve_problems(value, cls.openapi_types[by_key[key]], f"{where}.{key}")
+    return problems
+
+
+def test_every_k8s_manifest_validates_against_its_schema() -> None:
+    """Built-in kinds against the Kubernetes JSON schemas (kubernetes-validate, strict: an
+    unknown field fails); KServe's kinds against its SDK's models; KEDA's ScaledObject and
+    the Prometheus Operator's PodMonitor against our transcription of their CRDs."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is a dev dependency")
+    import jsonschema
+
+    kserve_kinds = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
+    seen = set()
+    problems: list[str] = []
+    for where, doc in all_k8s_docs():
+        kind = doc["kind"]
+        seen.add(kind)
+        if kind == "Kustomization":
+            continue
+        if kind in kserve_kinds:
+            pytest.importorskip("kserve", reason="kserve is a dev dependency")
+            problems += kserve_problems(doc, kserve_kinds[kind], f"{where} {kind}")
+            continue
+        schema = next(CRD_SCHEMAS.glob(f"{kind.lower()}.{doc['apiVersion'].replace('/', '-')}.json"), None)
+        if schema is not None:
+            for e in jsonschema.Draft202012Validator(json.loads(schema.read_text())).iter_errors(doc):
+                problems.append(f"{where} {kind} {'.'.join(map(str, e.path))}: {e.message}")
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems.append(f"{where} {kind}: {e.message} at {'.'.join(map(str, e.path))}")
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"{where}: no schema for {doc['apiVersion']} {kind}")
+    assert not problems, "\n".join(problems)
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ScaledObject",
+            "PodMonitor", "InferenceService", "ServingRuntime"} <= seen
+
+
+def test_validation_catches_a_misspelt_field() -> None:
+    """The checks above can fail: a typo in each kind of manifest is reported."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is a dev dependency")
+    import jsonschema
+
+    docs = {doc["kind"]: doc for _where, doc in all_k8s_docs()}
+    dep = json.loads(json.dumps(docs["Deployment"]))
+    dep["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    so = json.loads(json.dumps(docs["ScaledObject"]))
+    so["spec"]["maxReplicas"] = 3
+    schema = json.loads((CRD_SCHEMAS / "scaledobject.keda.sh-v1alpha1.json").read_text())
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(so))
+    if pytest.importorskip("kserve", reason="kserve is a dev dependency"):
+        isvc = json.loads(json.dumps(docs["InferenceService"]))
+        isvc["spec"]["predictor"]["model"]["protocolVersoin"] = "v2"
+        assert kserve_problems(isvc, "V1beta1InferenceService", "isvc")
+
+
+def test_scaling_rules_name_exported_metrics_and_target_the_deployment() -> None:
+    docs = {doc["kind"]: doc for _where, doc in all_k8s_docs()}
+    so, dep, pm = docs["ScaledObject"], docs["Deployment"], docs["PodMonitor"]
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                            "name": dep["metadata"]["name"]}
+    series = exported_series()
+    names = set()
+    for trigger in so["spec"]["triggers"]:
+        assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+        metrics, functions, matchers, grouping = parse_promql(trigger["metadata"]["query"])
+        assert metrics and not functions - FUNCTIONS, trigger
+        for name in metrics:
+            assert name in series, f"{trigger['name']}: {name} is not exported by service/metrics.py"
+            assert not matchers.get(name, set()) - series[name] - ALWAYS_THERE - SCRAPE_LABELS, (name, matchers)
+        names |= metrics
+    assert {"anytime_degraded_total", "anytime_shed_total"} <= names  # quality given up, shed rate
+    # the PodMonitor scrapes the deployment's pods on its named port
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    overlay = yaml.safe_load((K8S / "keda" / "kustomization.yaml").read_text())
+    assert ".." in overlay["resources"] and "$patch: delete" in overlay["patches"][0]["patch"]
+    assert "kind: HorizontalPodAutoscaler" in overlay["patches"][0]["patch"]
+
+
+def test_kserve_runtime_speaks_v2_and_drains_within_its_grace_period() -> None:
+    from service.config import Settings
+
+    docs = {doc["kind"]: doc for _where, doc in all_k8s_docs()}
+    rt, isvc = docs["ServingRuntime"], docs["InferenceService"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == rt["metadata"]["name"] and model["protocolVersion"] in rt["spec"]["protocolVersions"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in rt["spec"]["supportedModelFormats"]}
+    (c,) = rt["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert all(k[len("ANYTIME_"):].lower() in Settings.model_fields for k in env)
+    assert c["ports"][0]["containerPort"] == int(env["ANYTIME_PORT"]) == c["readinessProbe"]["httpGet"]["port"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    drain = float(c["lifecycle"]["preStop"]["exec"]["command"][1]) + float(env["ANYTIME_DRAIN_WINDOW_S"]) + \
+        float(env["ANYTIME_DRAIN_TIMEOUT_S"])
+    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > drain
+    assert c["securityContext"]["runAsNonRoot"] is True

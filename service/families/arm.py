@@ -141,15 +141,17 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                        f"one of {', '.join(names)} or an index 0..{len(names) - 1}")
 
     def check(self, request: Request, params: SuperresolveParams) -> None:  # type: ignore[override]
-        if negotiate(request.headers.get("accept")) is None:
-            raise ApiError(406, f"none of Accept {request.headers.get('accept')!r} can be produced", ", ".join(OFFERED))
         if params.rung is not None:
             self.rung_index(params.rung)
 
     async def read(self, request: Request, params: SuperresolveParams, limit: int) -> Upload:  # type: ignore[override]
-        """The image, and the output format the client accepts (in ``fields['media']``)."""
+        """The image, and the output format the client accepts (in ``fields['media']``; a
+        protocol that reads its own body, such as OIP, sets it there itself)."""
+        media = negotiate(request.headers.get("accept"))
+        if media is None:
+            raise ApiError(406, f"none of Accept {request.headers.get('accept')!r} can be produced", ", ".join(OFFERED))
         upload = await read_image(request, limit)
-        upload.fields["media"] = negotiate(request.headers.get("accept")) or OFFERED[0]
+        upload.fields["media"] = media
         return upload
 
     def decode(self, upload: Upload, params: SuperresolveParams, settings: Settings) -> SrWork:  # type: ignore[override]
@@ -208,8 +210,9 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                               quality=self.jpeg_quality)
 
     def respond(self, work: SrWork, decision, result: bytes, params, request) -> Answer:
+        h, w = work.analysis.out_hw
         return Answer(result, self.dominant_rung(decision.plan), decision.plan.flops, decision.plan.flops_full,
-                      work.media, self.plan_headers(decision.plan))
+                      work.media, {**self.plan_headers(decision.plan), "X-Anytime-Output-Size": f"{h}x{w}"})
 
     def explain(self, work: SrWork, decision) -> Answer:
         plan = decision.plan
