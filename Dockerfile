@@ -51,6 +51,7 @@ COPY service/ service/
 COPY models/ models/
 COPY bench/ bench/
 COPY compress/ compress/
+COPY anytime_client/ anytime_client/
 RUN pip install -c /opt/venv/torch-constraint.txt . \
  && pip check \
  && cd / && python -c "from service.config import BUNDLED_ARM; assert BUNDLED_ARM.is_file(), BUNDLED_ARM; print(BUNDLED_ARM)"

@@ -400,6 +400,14 @@ def test_dockerfile_essentials() -> None:
     assert "ARG TORCH_VARIANT=cpu" in lines and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "data"} <= set(ignored)
+    # every package the project installs is copied in (else `pip install .` leaves it out
+    # without a word, and e.g. the anytime-serve command fails in the image)
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in packages["include"]:
+        name = pattern.rstrip("*")
+        assert f"COPY {name}/ {name}/" in lines, name
 
 
 # --------------------------------------------------------------------------- every manifest, validated

@@ -216,30 +216,44 @@ def test_bad_requests_get_4xx_in_the_protocols_shape(server, models) -> None:
     assert f'anytime_requests_total{{code="422",endpoint="/v2/models/{{name}}/infer",model="{name}"}}' in metrics
 
 
-def test_kserve_rest_client_infers_in_json_and_binary(server, models) -> None:
+def test_kserve_rest_client_infers_on_every_model_in_json_and_binary(server, models) -> None:
     pytest.importorskip("kserve", reason="kserve is a dev dependency")
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
     _proc, url = server
-    name = next(n for n, m in models.items() if m["endpoint"] == "/classify")
     pixels = photo()
 
     async def run() -> list:
         client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
         try:
-            assert await client.is_server_ready(url) and await client.is_model_ready(url, name)
+            assert await client.is_server_ready(url)
             answers = []
-            for binary in (False, True):
-                image = InferInput("IMAGE", list(pixels.shape), "UINT8")
-                image.set_data_from_numpy(pixels, binary_data=binary)
-                answers.append(await client.infer(url, InferRequest(name, [image], parameters={"top_k": 3}),
-                                                  model_name=name))
+            for name, m in models.items():
+                assert await client.is_model_ready(url, name)
+                for binary in (False, True):
+                    image = InferInput("IMAGE", list(pixels.shape), "UINT8")
+                    image.set_data_from_numpy(pixels, binary_data=binary)
+                    inputs = [image]
+                    if m["endpoint"] == "/ground":
+                        text = InferInput("EXPRESSION", [1], "BYTES")
+                        text.set_data_from_numpy(np.array([b"the small red circle"], dtype=object),
+                                                 binary_data=binary)
+                        inputs.append(text)
+                    params = {"top_k": 3} if m["endpoint"] == "/classify" else {}
+                    answers.append((m, await client.infer(url, InferRequest(name, inputs, parameters=params),
+                                                          model_name=name)))
             return answers
         finally:
             await client.close()
 
-    for answer in asyncio.run(run()):
-        outputs = {o.name: o for o in answer.outputs}
-        assert outputs["PROBABILITIES"].as_numpy().shape == (3,)
-        assert len(outputs["LABELS"].as_numpy()) == 3
+    answers = asyncio.run(run())
+    assert len(answers) == 2 * len(models)
+    for m, answer in answers:
+        outputs = {o.name: o.as_numpy() for o in answer.outputs}
+        if m["endpoint"] == "/classify":
+            assert outputs["PROBABILITIES"].shape == (3,) and len(outputs["LABELS"]) == 3
+        elif m["endpoint"] == "/superresolve":
+            assert outputs["IMAGE"].shape == (4 * pixels.shape[0], 4 * pixels.shape[1], 3)
+        else:
+            assert outputs["BOX"].shape == (4,)
         assert answer.parameters["rung"] and answer.parameters["compute_ms"] > 0

@@ -7,6 +7,7 @@ the rung the server reported."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -132,24 +133,33 @@ def test_super_resolution_of_an_uploaded_photo_with_its_rung_map(page, server, t
     page.screenshot(path=str(tmp_path / "superresolve.png"))
 
 
-def test_classification_and_grounding_from_the_bundled_samples(page, tmp_path: Path) -> None:
-    page.click("button[data-sample='glyph.png']")
-    page.wait_for_function("document.querySelector('#endpoint').value === '/classify'")
+def test_classification_and_grounding_of_uploaded_images(page, tmp_path: Path) -> None:
+    """Uploads (the bundled samples' files, chosen with the file input like any photo)."""
+    page.select_option("#endpoint", "/classify")
+    page.set_input_files("#file", str(HERE / "samples" / "glyph.png"))
     page.click("#run")
     served = served_fields(page)
     assert served["rung"] and "held-out" in served["expected accuracy"], served
     rows = page.query_selector_all("#predictions tbody tr")
     assert len(rows) == 5 and all("%" in r.inner_text() for r in rows)
 
-    page.click("button[data-sample='scene.png']")
-    page.wait_for_function("document.querySelector('#endpoint').value === '/ground'")
-    assert page.input_value("#expression")  # the sample's expression
+    page.select_option("#endpoint", "/ground")
+    page.set_input_files("#file", str(HERE / "samples" / "scene.png"))
+    page.fill("#expression", json.loads((HERE / "samples" / "samples.json").read_text())["scene.png"]["expression"])
     page.click("#run")
     served = served_fields(page)
     assert served["rung"].startswith("side="), served
     box = [float(v) for v in page.get_attribute("#ground-canvas", "data-box").split(",")]
     assert len(box) == 4 and box[0] < box[2] and box[1] < box[3]
     page.screenshot(path=str(tmp_path / "ground.png"))
+
+
+def test_the_bundled_samples_fill_in_the_form(page) -> None:
+    page.click("button[data-sample='scene.png']")
+    page.wait_for_function("document.querySelector('#endpoint').value === '/ground'")
+    assert page.input_value("#expression")  # the sample's expression
+    page.click("#run")
+    assert served_fields(page)["rung"].startswith("side=")
 
 
 def test_a_shed_request_says_so_with_its_retry_after(page) -> None:
