@@ -117,6 +117,7 @@ class Call:
                  rand: Callable[[], float] = random.random) -> None:
         self.policy, self.deadline_ms, self.clock, self.rand = policy, deadline_ms, clock, rand
         self.start, self.attempts = clock(), 0
+        self.gave_up = ""  # why the last wait_after said no, for the error message
 
     def left_ms(self) -> float | None:
         return None if self.deadline_ms is None else self.deadline_ms - 1000 * (self.clock() - self.start)
@@ -137,18 +138,23 @@ class Call:
         """Seconds to sleep before the next attempt, or None to give up.  ``status`` None: the
         connection failed."""
         p = self.policy
+        if status is not None and status not in (429, 503):
+            self.gave_up = ""
+            return None
         if self.attempts >= p.attempts:
+            self.gave_up = f"{p.attempts} attempt(s) made, the most the retry policy allows"
             return None
-        if status is None:
-            base = p.backoff_s * 2 ** (self.attempts - 1)
-        elif status in (429, 503):
-            base = retry_after if retry_after is not None else p.backoff_s
-        else:
-            return None
+        base = p.backoff_s * 2 ** (self.attempts - 1) if status is None else \
+            retry_after if retry_after is not None else p.backoff_s
         wait = min(base * (1 + p.jitter * self.rand()), p.max_wait_s)
         left = self.left_ms()
         if left is not None and 1000 * wait > left - p.min_left_ms:
-            return None  # the deadline would pass while waiting
+            # A shed for its deadline always ends here: the server sheds when the wait it
+            # predicts outlasts the deadline, and Retry-After is at least that wait.
+            self.gave_up = (f"not retried: waiting {1000 * wait:.0f} ms (Retry-After {retry_after:g} s, jittered) "
+                            f"would pass the deadline, {max(left, 0):.0f} ms away" if retry_after is not None else
+                            f"not retried: the deadline is {max(left, 0):.0f} ms away")
+            return None
         return wait
 
 
@@ -164,7 +170,7 @@ def retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-def error_of(response: httpx.Response, attempts: int) -> ServerError:
+def error_of(response: httpx.Response, attempts: int, why: str = "") -> ServerError:
     try:
         err = response.json().get("error", {})
         message, accepted = (err.get("message", response.text), err.get("accepted")) if isinstance(err, dict) \
@@ -172,7 +178,8 @@ def error_of(response: httpx.Response, attempts: int) -> ServerError:
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         message, accepted = response.text[:500], None
     cls = Shed if response.status_code in (429, 503) else ServerError
-    return cls(response.status_code, message, accepted, retry_after_s(response), attempts)
+    return cls(response.status_code, f"{message}; {why}" if why else message, accepted, retry_after_s(response),
+               attempts)
 
 
 def parse(kind: str, response: httpx.Response, attempts: int) -> Result:
@@ -281,7 +288,7 @@ class Client(_Base):
                 return parse(kind, r, call.attempts)
             wait = call.wait_after(r.status_code, retry_after_s(r))
             if wait is None:
-                raise error_of(r, call.attempts)
+                raise error_of(r, call.attempts, call.gave_up)
             time.sleep(wait)
 
 
@@ -336,5 +343,5 @@ class AsyncClient(_Base):
                 return parse(kind, r, call.attempts)
             wait = call.wait_after(r.status_code, retry_after_s(r))
             if wait is None:
-                raise error_of(r, call.attempts)
+                raise error_of(r, call.attempts, call.gave_up)
             await asyncio.sleep(wait)

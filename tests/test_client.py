@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def test_no_retry_when_the_deadline_would_pass_while_waiting() -> None:
         with pytest.raises(Shed) as caught:
             c.classify(png(), deadline_ms=500)
     assert len(script.requests) == 1 and caught.value.status == 429 and caught.value.retry_after == 2
-    assert "queue full" in caught.value.message
+    assert "queue full" in caught.value.message and "would pass the deadline" in caught.value.message
 
 
 def test_attempts_are_bounded_and_other_errors_are_not_retried() -> None:
@@ -174,3 +175,73 @@ def test_the_command_line_waits_out_a_warming_server(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_the_command_line_retries_a_429_after_its_retry_after(tmp_path: Path) -> None:
+    """A real server whose one scheduler thread is held (the first request's forward pass
+    waits on a gate) and whose queue for the model is full: the command line's first attempt
+    gets 429 (queue_full) with Retry-After; once the gate opens, its retry is served."""
+    import threading
+
+    import uvicorn
+
+    from bench.server import free_port
+    from service import registry
+    from service.app import create_app
+    from service.config import Settings
+    from tests.conftest import wait_until
+
+    settings = Settings(families=["pssnet"], pssnet_int8=False, max_queue=1, calibration_repeats=1, torch_threads=1,
+                        log_format="text", log_level="warning")
+    (family,) = registry.load(settings)
+    gate = threading.Event()
+    gate.set()
+    forward = family.forward
+    family.forward = lambda key, batch: (gate.wait(60), forward(key, batch))[1]  # type: ignore[method-assign]
+    app = create_app(settings, families=[family])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def shed_queue_full() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        line = next((l for l in text.splitlines() if l.startswith("anytime_shed_total") and "queue_full" in l), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    try:
+        wait_until(lambda: _ready(url), timeout=60, what="the server's readiness")
+        gate.clear()  # from now on the scheduler thread stops in the next forward pass
+        body = png(32, 32)
+        holders = [threading.Thread(target=httpx.post, args=(f"{url}/classify",), kwargs={"content": body,
+                                                                                       "timeout": 60})
+                   for _ in range(2)]  # one running (held), one waiting: the queue of 1 is full
+        for h in holders:
+            h.start()
+            time.sleep(0.3)
+        photo = tmp_path / "glyph.png"
+        photo.write_bytes(body)
+        cmd = subprocess.Popen([sys.executable, "-m", "anytime_client.cli", "--url", url, "classify", str(photo),
+                                "--retries", "6"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: shed_queue_full() >= 1, timeout=30, what="the command line's first attempt being shed")
+        assert cmd.poll() is None  # it waits for Retry-After instead of giving up
+        gate.set()
+        out, err = cmd.communicate(timeout=60)
+        assert cmd.returncode == 0, err
+        assert re.search(r"\b[2-6] attempts\b", err), err
+        assert json.loads(out)["predictions"]
+        for h in holders:
+            h.join(timeout=30)
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
