@@ -117,9 +117,10 @@ def parse_shape(value: Any, name: str) -> list[int]:
     return value
 
 
-def parse_inputs(header: dict, binary: bytes) -> dict[str, Tensor]:
+def parse_inputs(header: dict, binary: bytes, max_elements: int | None = None) -> dict[str, Tensor]:
     """The request's input tensors, from JSON ``data`` or from the binary section (in the
-    order of the inputs that declare ``binary_data_size``), checked against their shapes."""
+    order of the inputs that declare ``binary_data_size``), checked against their shapes;
+    a tensor of more than ``max_elements`` elements is refused (413) before it is built."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ApiError(400, "the request has no 'inputs' list")
@@ -132,7 +133,10 @@ def parse_inputs(header: dict, binary: bytes) -> dict[str, Tensor]:
         if datatype not in DTYPES:
             raise ApiError(400, f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DTYPES)}")
         shape = parse_shape(spec.get("shape"), name)
-        count = int(np.prod(shape)) if shape else 1
+        count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        if max_elements is not None and count > max_elements:
+            raise ApiError(413, f"input {name!r}: shape {shape} has {count} elements, over the limit of "
+                                f"{max_elements} (max_input_pixels x 4 channels)")
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -165,7 +169,10 @@ def json_data(values: Any, datatype: str, count: int, name: str) -> np.ndarray:
     """JSON ``data``, flat or nested in row-major order.  BYTES elements are strings (UTF-8)."""
     flat = values if isinstance(values, list) else [values]
     if any(isinstance(v, list) for v in flat):
-        flat = list(_flatten(flat))
+        try:
+            flat = list(_flatten(flat))
+        except RecursionError:
+            raise ApiError(400, f"input {name!r}: 'data' is nested too deeply") from None
     if len(flat) != count:
         raise ApiError(400, f"input {name!r}: {len(flat)} values for a shape of {count} elements")
     if datatype == "BYTES":
@@ -459,6 +466,21 @@ async def read_infer(request: Request, limit: int) -> tuple[dict, bytes]:
 
 # --- routes -----------------------------------------------------------------------------------
 
+INFER_DESCRIPTION = ("An Open Inference Protocol v2 inference request (KServe v2 / Triton HTTP), JSON or with the "
+                     "binary tensor data extension. Tensors per endpoint: " + "; ".join(
+                         f"{path}: inputs {', '.join(t.name for t in a.inputs)}, outputs "
+                         f"{', '.join(t.name for t in a.outputs)}" for path, a in ADAPTERS.items()) +
+                     ". Parameters: deadline_ms, budget, budget_unit, min_budget, policy, the endpoint's own, and "
+                     "Triton's timeout (microseconds). README.md, 'Open Inference Protocol v2'.")
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"]}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": f"the JSON header ({HEADER_LENGTH} bytes), then the "
+                                                           "binary tensors"}}}}}
+
 def router(services: list[FamilyService], version: str, ready: Callable[[], bool]) -> APIRouter:
     """The /v2 routes for ``services``; ``ready()`` is the server's readiness (/readyz)."""
     by_name = {s.name: s for s in services}
@@ -517,7 +539,7 @@ def router(services: list[FamilyService], version: str, ready: Callable[[], bool
             header, binary = await read_infer(request, svc.settings.max_body_bytes)
             params = native_params(svc, adapter, header.get("parameters"))
             wanted, binary_default = requested_outputs(header, adapter)
-            upload = adapter.upload(parse_inputs(header, binary))
+            upload = adapter.upload(parse_inputs(header, binary, 4 * svc.settings.max_input_pixels))
             request_id = header.get("id") if isinstance(header.get("id"), str) else None
             return await svc.handle(request, params, upload, lambda answer, served, headers: render_infer(
                 svc.name, request_id, answer, served, headers, upload, adapter, wanted, binary_default))
@@ -527,5 +549,6 @@ def router(services: list[FamilyService], version: str, ready: Callable[[], bool
     for suffix in ("", f"/versions/{{model_version}}"):
         r.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata")
         r.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness")
-        r.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference")
+        r.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference",
+                        openapi_extra=INFER_BODY, description=INFER_DESCRIPTION)
     return r

@@ -72,6 +72,18 @@ def test_malformed_inputs_are_400_with_the_reason(header: dict, binary: bytes, m
     assert caught.value.status == 400
 
 
+def test_huge_or_deeply_nested_tensors_are_refused_before_they_are_built() -> None:
+    header = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [100000, 100000, 3], "data": [0]}]}
+    with pytest.raises(ApiError, match="over the limit") as caught:
+        oip.parse_inputs(header, b"", max_elements=4_000_000)
+    assert caught.value.status == 413
+    deep: list = [0]
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ApiError, match="nested too deeply"):
+        oip.json_data(deep, "UINT8", 1, "IMAGE")
+
+
 def test_image_inputs_become_the_bytes_the_native_decoder_reads() -> None:
     from service.imageio import decode
 
