@@ -77,7 +77,12 @@ def browser():
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install --no-install-recommends chromium; .ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
-    with sync_api.sync_playwright() as p:
+    try:
+        p = sync_api.sync_playwright().start()
+    except Exception as exc:  # its Node.js driver did not start: a missing system library
+        pytest.skip(f"playwright's driver could not start ({str(exc).strip().splitlines()[-1][:200]}); "
+                    "apt-get install libatomic1 (.ci/run does)")
+    try:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync",
@@ -86,6 +91,8 @@ def browser():
             yield b
         finally:
             b.close()
+    finally:
+        p.stop()
 
 
 @pytest.fixture
