@@ -235,7 +235,7 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
         return group[0].name if len(group) == 1 else None
 
     endpoints = builtin | set(groups)
-    app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints, arrival_lag=loop_lag.recent,
-                       quick_shed=quick_shed, model_of=model_of,
+    app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints,
+                       arrival_lag=loop_lag.recent, quick_shed=quick_shed, model_of=model_of,
                        draining=lambda: any(s.draining for s in services))
     return app

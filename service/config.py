@@ -110,8 +110,9 @@ class Settings(BaseSettings):
                                    description="paths served without a token; one that ends in '/' covers every "
                                    "path under it.  The API docs (/docs, /redoc, the schema they render and their "
                                    "assets, service/apidocs.py) and the playground page and its assets ('/', "
-                                   "'/playground/') are among them so that they load in a browser, which sends no token; inference "
-                                   "and /v1/* still need it ('/' is that one page, not a prefix)")
+                                   "'/playground/') are among them so that they load in a browser, which sends "
+                                   "no token; inference and /v1/* still need it ('/' is that one page, not a "
+                                   "prefix)")
     drain_window_s: float = Field(5.0, ge=0, description="on SIGTERM, how long the server keeps accepting "
                                   "connections (answering new work 503 with Connection: close, /readyz 503) so "
                                   "load balancers move away before it stops listening; a second signal ends it")

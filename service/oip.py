@@ -546,7 +546,7 @@ def router(services: list[FamilyService], version: str, ready: Callable[[], bool
         except ApiError as exc:
             return from_api_error(exc)
 
-    for suffix in ("", f"/versions/{{model_version}}"):
+    for suffix in ("", "/versions/{model_version}"):
         r.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata")
         r.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness")
         r.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference",

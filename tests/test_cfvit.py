@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.cfvit import model as cfm
 from models.cfvit.checkpoint import config_from_official_state, load_official, official_curve, save_ours
-from models.cfvit.model import CfVitConfig, children_indices, count_macs, create_model
+from models.cfvit.model import children_indices, count_macs, create_model
 from models.cfvit.preprocess import eval_transform, load_class_names
 from models.cfvit.serving import CfVitModel
 
