@@ -158,6 +158,17 @@ class Call:
         return wait
 
 
+    def outcome(self, kind: str, response: httpx.Response) -> Result | float:
+        """A 200's typed result, else the seconds to wait before the next attempt; raises
+        the server's error when there is to be none."""
+        if response.status_code == 200:
+            return parse(kind, response, self.attempts)
+        wait = self.wait_after(response.status_code, retry_after_s(response))
+        if wait is None:
+            raise error_of(response, self.attempts, self.gave_up)
+        return wait
+
+
 def _query_value(v: Any) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
@@ -284,12 +295,10 @@ class Client(_Base):
                     raise
                 time.sleep(wait)
                 continue
-            if r.status_code == 200:
-                return parse(kind, r, call.attempts)
-            wait = call.wait_after(r.status_code, retry_after_s(r))
-            if wait is None:
-                raise error_of(r, call.attempts, call.gave_up)
-            time.sleep(wait)
+            outcome = call.outcome(kind, r)
+            if isinstance(outcome, Result):
+                return outcome
+            time.sleep(outcome)
 
 
 class AsyncClient(_Base):
@@ -339,9 +348,7 @@ class AsyncClient(_Base):
                     raise
                 await asyncio.sleep(wait)
                 continue
-            if r.status_code == 200:
-                return parse(kind, r, call.attempts)
-            wait = call.wait_after(r.status_code, retry_after_s(r))
-            if wait is None:
-                raise error_of(r, call.attempts, call.gave_up)
-            await asyncio.sleep(wait)
+            outcome = call.outcome(kind, r)
+            if isinstance(outcome, Result):
+                return outcome
+            await asyncio.sleep(outcome)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench import plots
 from bench.quant import timings
 from compress.artifact import top1
 from service.bundled import bundled
@@ -132,12 +133,8 @@ COLOURS = {"pss-net": "tab:blue", "clr-l1": "tab:green", "clr-random": "olive", 
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for method in sorted({r["method"] for r in rows}):
@@ -160,8 +157,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
     return True
 
 
@@ -197,11 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['name']} | {r['method']} | {kind} | {'-' if r['seed'] is None else r['seed']} | "
               f"{r['mflops']:.2f} | {r['top1']:.2f} | {r['ms_b1']:.3f} | {r['ms_b32']:.2f} | {served} | "
               f"{'yes' if r['front'] else ''} |")
-    if args.png is not None:
-        print(f"\nfront written to {args.png}" if plot(rows, args.png) else
-              "\nno PNG: matplotlib is not installed (pip install '.[plots]')")
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+    plots.write_outputs(rows, args.png, args.json, plot)
 
 
 if __name__ == "__main__":

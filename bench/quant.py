@@ -21,7 +21,6 @@ batch 32.  The glyph test split is rendered from Debian's fonts (``make data``).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import plots
 from compress.artifact import top1
 from service.bundled import bundled
 
@@ -162,12 +162,8 @@ def mark_front(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(5.5 * len({r["model"] for r in rows}), 4.2),
                              squeeze=False)
@@ -186,8 +182,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
     return True
 
 
@@ -227,11 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['model']} | {r['rung']} | {r['precision']} | {r['calibration'] or '-'} | {r['flops'] / 1e9:.3f} | "
               f"{r['quality']:.2f} {r['metric'].split()[-1]} | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
               f"{f'{ratio:.2f}x' if ratio else '-'} | {'yes' if r['front'] else ''} |")
-    if args.png is not None:
-        print(f"\nfront written to {args.png}" if plot(rows, args.png) else
-              "\nno PNG: matplotlib is not installed (pip install '.[plots]')")
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+    plots.write_outputs(rows, args.png, args.json, plot)
 
 
 if __name__ == "__main__":
