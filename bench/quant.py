@@ -8,8 +8,9 @@ PSS-Net: every ladder rung in fp32 and as the server builds its int8 rung (from 
 stored calibration, ``python -m models.pssnet.quantize``; oneDNN kernels), plus the same rung
 calibrated on Gaussian noise (the naive data-free baseline).  CF-ViT: fp32 and the bundle's
 int8 version (dynamic int8 linears), at eta 0 (coarse only) and eta 1.01 (all fine).
-ARM: bicubic, every width in fp32 and as the int8 rung ``models.arm.quantize`` trained (DDTB
-8-bit QAT, oneDNN kernels); quality is RGB PSNR on the 8 test photos (whole images at one rung),
+ARM: bicubic, every width in fp32, as the int8 rung ``models.arm.quantize`` trained (DDTB
+8-bit QAT, oneDNN kernels) and as the bf16 rung the server builds where the CPU has native bf16
+(``models.arm.bf16``: expand + upsampler in bf16); quality is RGB PSNR on the 8 test photos (whole images at one rung),
 time is per forward of n 32x32 LR patches cut from them.
 Classifier quality is top-1 on the 5,000 held-out test images of the glyph set.  Time: median ms per
 forward at batch 1, 8 and 32, every variant timed in each round in a shuffled order, so that
@@ -133,8 +134,8 @@ def arm_rows(rounds: int, checkpoint: Path | None, int8_dir: Path | None,
     from models.arm.pipeline import ArmSR
     from models.arm.quantize import held_out_psnr
 
-    progress("loading the ARM model and its int8 rungs")
-    model = ArmSR.from_checkpoint(checkpoint or bundled("arm"), int8=int8_dir or True)
+    progress("loading the ARM model, its int8 rungs and its bf16 rungs")
+    model = ArmSR.from_checkpoint(checkpoint or bundled("arm"), int8=int8_dir or True, bf16=True)
     if not model.compressed:
         raise SystemExit("the ARM model has no int8 rungs: python -m models.arm.quantize CHECKPOINT")
     test = data.load_split("test")
@@ -145,7 +146,7 @@ def arm_rows(rounds: int, checkpoint: Path | None, int8_dir: Path | None,
         run = (lambda i: lambda b: model.run_patches(i, b))(r.index)
         progress(f"{r.name}: PSNR on the test photos")
         name = r.name
-        rows.append({"model": model.name, "rung": r.name.removesuffix("-int8"), "precision": r.precision,
+        rows.append({"model": model.name, "rung": r.name.removesuffix(f"-{r.precision}"), "precision": r.precision,
                      "calibration": None, "flops": float(r.flops_per_patch), "quality": held_out_psnr(run, test),
                      "metric": "PSNR dB", "variant": name})
         variants[name] = run
@@ -168,7 +169,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(5.5 * len({r["model"] for r in rows}), 4.2),
                              squeeze=False)
     for ax, name in zip(axes[0], sorted({r["model"] for r in rows})):
-        for precision, colour in (("fp32", "tab:blue"), ("int8", "tab:red")):
+        for precision, colour in (("fp32", "tab:blue"), ("int8", "tab:red"), ("bf16", "tab:green")):
             pts = [r for r in rows if r["model"] == name and r["precision"] == precision and r["calibration"] != "noise"]
             ax.scatter([r["ms_b32"] for r in pts], [r["quality"] for r in pts], c=colour, label=precision)
             for r in pts:
@@ -214,11 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), quantized engine "
           f"{torch.backends.quantized.engine}; quality: RGB PSNR on the 8 ARM test photos, top-1 on 5,000 held-out "
           f"glyph test images; ms: median per forward (ARM: of n 32x32 LR patches)\n")
-    print("| model | rung | precision | calibration | GFLOPs | quality | ms b1 | ms b8 | ms b32 | fp32/int8 at b32 | front |")
+    print("| model | rung | precision | calibration | GFLOPs | quality | ms b1 | ms b8 | ms b32 | fp32/this at b32 | front |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fp32_ms = {(r["model"], r["rung"]): r["ms_b32"] for r in rows if r["precision"] == "fp32"}
     for r in rows:
-        ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] == "int8" else None
+        ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] != "fp32" and r["rung"] != "bicubic" else None
         print(f"| {r['model']} | {r['rung']} | {r['precision']} | {r['calibration'] or '-'} | {r['flops'] / 1e9:.3f} | "
               f"{r['quality']:.2f} {r['metric'].split()[-1]} | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
               f"{f'{ratio:.2f}x' if ratio else '-'} | {'yes' if r['front'] else ''} |")

@@ -7,6 +7,8 @@
                     dynamic dual trainable bounds, a PAMS-like symmetric baseline
     qat.py          8-bit quantization-aware training with DDTB's trainable bounds, exported
                     to real int8 kernels (torch.ao graph mode, oneDNN)
+    bf16.py         bf16 sections of a float network (no data, no training): real speed on
+                    CPUs with AVX512-BF16 / AMX and on GPUs
     artifact.py     a compressed rung's manifest: method, bits, backend, held-out quality,
                     whether its speed is real, the exact command that made it
 

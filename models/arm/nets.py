@@ -254,7 +254,8 @@ class SubPixelDeconv(nn.Module):
     channels-last memory each input pixel's s*c values of one output row are then already
     adjacent, so the shuffle is one strided copy of s*c-float runs into a channels-last
     output (2-3x faster than ``pixel_shuffle``; the output is what the stitching reads).
-    ``clamp`` (lo, hi), when set, clips the output in that same copy, saving a pass."""
+    ``clamp`` (lo, hi), when set, clips the output in that same copy, saving a pass; phases in
+    bf16 (``compress.bf16``) are widened to float32 in it too."""
 
     def __init__(self, deconv: nn.ConvTranspose2d) -> None:
         super().__init__()
@@ -301,9 +302,14 @@ def sub_pixel_shuffle(y: torch.Tensor, s: int, c: int, clamp: tuple[float, float
     convolution followed by a float function: the int8 convolution's output is dequantized
     before it, which the shuffle's float buffer needs."""
     n, _, h, w = y.shape
+    # Reduced-precision phases (a bf16 section) come out float32: the conversion rides on the copy.
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    if clamp is not None and dtype != y.dtype:
+        y = y.clamp(*clamp)  # clamp's out= cannot widen; clipping the narrow input first is the cheaper pass
+        clamp = None
     # (n, h, w, [ry, rx, c]) -> (n, h, ry, w, [rx, c]); a view whatever y's memory format.
     phases = y.permute(0, 2, 3, 1).unflatten(3, (s, s * c)).permute(0, 1, 3, 2, 4)
-    out = torch.empty((n, h, s, w, s * c), dtype=y.dtype, device=y.device)
+    out = torch.empty((n, h, s, w, s * c), dtype=dtype, device=y.device)
     if clamp is None:
         out.copy_(phases)
     else:

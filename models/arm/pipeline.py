@@ -42,11 +42,11 @@ IMAGE_PSNR_CROP = 4  # output pixels of border an image PSNR leaves out (metrics
 @dataclass(frozen=True)
 class Rung:
     index: int
-    name: str  # "bicubic", "w56" or "w56-int8"
+    name: str  # "bicubic", "w56", "w56-int8" or "w56-bf16"
     width: int  # 0 for bicubic
     flops_per_patch: int  # official convention (32x32 LR patch), whatever the precision
     params: int
-    precision: str = "fp32"  # "fp32" or "int8" (real int8 kernels)
+    precision: str = "fp32"  # "fp32", "int8" (real int8 kernels) or "bf16" (bf16 sections)
 
 
 @dataclass
@@ -235,6 +235,7 @@ class ArmSR:
         self.max_batch = max_batch
         self.interpolate_table = interpolate_table
         self.meta = meta or {}
+        self.source: Path | None = None  # the checkpoint file, when loaded from one (its folder holds the rungs' manifests)
         # Channels-last is measurably faster for these small convolutions on CPU (oneDNN).
         self.subnets = [extract_subnet(backbone, full_state, w).to(self.device, memory_format=torch.channels_last)
                         for w in backbone.widths]
@@ -252,40 +253,50 @@ class ArmSR:
         """The full-width fp32 rung: the best quality, which budgets are fractions of."""
         return len(self.backbone.widths)
 
-    def add_int8(self, nets: dict[int, nn.Module], mse_ratio: dict[int, np.ndarray],
-                 manifests: dict[str, dict] | None = None) -> None:
-        """Append an int8 rung per width in ``nets`` (real int8 kernels, CPU only), after the
-        fp32 rungs so their indices keep their meaning.
+    def add_compressed(self, precision: str, nets: dict[int, nn.Module], mse_ratio: dict[int, np.ndarray],
+                       manifests: dict[str, dict] | None = None) -> None:
+        """Append a ``precision`` rung ("int8", "bf16") per width in ``nets``, after the rungs
+        already there so their indices keep their meaning.
 
-        Its table row is its fp32 width's row times ``mse_ratio[width]`` (per bin, the int8
-        network's mean squared error over the fp32 network's, measured on the same validation
-        patches): a quantization's damage carries over to a table measured on other photos,
-        as an official checkpoint's is.  ``manifests``: each rung's manifest entry by name
-        (method, held-out quality, command), kept in ``compressed``."""
-        if self.device.type != "cpu":
-            return  # torch's int8 kernels run on the CPU only
+        Its table row is its fp32 width's row times ``mse_ratio[width]`` (per bin, the rung's
+        mean squared error over the fp32 width's): a quantization's damage carries over to a
+        table measured on other photos, as an official checkpoint's is.  ``manifests``: each
+        rung's manifest entry by name (method, held-out quality, command), kept in
+        ``compressed``.  int8 rungs run on torch's CPU int8 kernels only."""
+        if precision == "int8" and self.device.type != "cpu":
+            return
         for width, net in sorted(nets.items()):
             fp32 = self.rungs[self.backbone.widths.index(width) + 1]
-            index = len(self.rungs)
-            self.rungs.append(Rung(index, f"{fp32.name}-int8", width, fp32.flops_per_patch, fp32.params, "int8"))
-            self.subnets.append(net)
-            self._clamps_itself.append(_clamps_in_graph(net))
-            self.compressed[f"{fp32.name}-int8"] = (manifests or {}).get(f"{fp32.name}-int8", {})
+            index, name = len(self.rungs), f"{fp32.name}-{precision}"
+            self.rungs.append(Rung(index, name, width, fp32.flops_per_patch, fp32.params, precision))
+            self.subnets.append(net.to(self.device))
+            self._clamps_itself.append(_clamps_in_graph(net) if precision == "int8" else _clamp_in_last_layer(net))
+            self.compressed[name] = (manifests or {}).get(name, {})
             if self.table is not None:
                 self.table = self.table.with_scaled_row(fp32.index, mse_ratio[width])
         self.cost = np.array([r.flops_per_patch for r in self.rungs], dtype=np.float64)
+
+    def add_bf16(self) -> None:
+        """Add the bf16 rungs ``models.arm.bf16`` builds (where the backbone has them and the
+        device multiplies bf16 natively; their table rows estimated on shipped photos)."""
+        from models.arm import bf16
+
+        if self.table is not None and bf16.available(self.backbone.name, self.device):
+            self.add_compressed("bf16", *bf16.build(self))
 
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backbone: str | None = None, table: str | Path | None = None,
-                        require_table: bool = True, int8: bool | str | Path = False, **kw) -> ArmSR:
+                        require_table: bool = True, int8: bool | str | Path = False, bf16: bool = False,
+                        **kw) -> ArmSR:
         """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official
         ``arm-<backbone>.pth`` (with ``arm-<backbone>.state`` or a table JSON beside it).
         ``table`` names a table JSON explicitly; ``require_table=False`` loads without one
         (for building a table).  ``int8``: add the int8 rungs ``models.arm.quantize`` trained
         beside the checkpoint (True) or into that folder (a path); False (the default, so
-        tools that build tables or evaluate widths see the fp32 ladder): none."""
+        tools that build tables or evaluate widths see the fp32 ladder): none.  ``bf16``: add
+        the bf16 rungs (``add_bf16``) after the int8 ones."""
         path = Path(path)
         state = load_full_state(path)
         manifest_path = path.with_name("manifest.json")
@@ -301,10 +312,13 @@ class ArmSR:
                     raise
                 found = None
         model = cls(get_backbone(name), state, found, name=manifest.get("name", path.stem), meta=manifest, **kw)
+        model.source = path
         if int8 is not False and found is not None:
             from models.arm.quantize import load_int8
 
-            model.add_int8(*load_int8(model.backbone, state, path.parent if int8 is True else Path(int8)))
+            model.add_compressed("int8", *load_int8(model.backbone, state, path.parent if int8 is True else Path(int8)))
+        if bf16:
+            model.add_bf16()
         return model
 
     # --- planning -----------------------------------------------------------------------
@@ -516,17 +530,23 @@ def _bicubic_matrix(n_in: int, scale: int, device: torch.device) -> torch.Tensor
 
 def bicubic_upscale(lr: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
     """``F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)`` as two
-    small matrix products (columns, then rows), returned channels-last.
+    matrix products (columns, then rows), returned channels-last.
 
-    The same linear map (to float rounding: max |diff| ~4e-7 on [0, 1] images) and 4-9x
-    faster on CPU for batches of 32x32 patches than PyTorch's bicubic kernel, which
-    computes 16 taps per output pixel: a product with a (4n, n) matrix is one batched GEMM
-    that runs at full speed although 7/8 of the matrix is zeros.  Meant for patch-sized
+    The same linear map (to float rounding: max |diff| ~4e-7 on [0, 1] images), computed
+    as one plain GEMM per pass: the whole batch is laid out so the summed axis leads
+    ((w, n*h*c), then (h, n*4w*c)), and the (4n, n) matrix multiplies it at once.  The
+    earlier form, a batched product of n*h small matrices, ran 2.4x slower in-process and,
+    in the server's scheduler thread, 10 ms instead of 0.8 ms for the column pass of 25
+    patches (MKL's small-matrix batch path; docs/BENCHMARKS.md 1.3).  PyTorch's bicubic
+    kernel computes 16 taps per output pixel and is slower still.  Meant for patch-sized
     inputs; the dense matrices make whole large images quadratic in their side."""
     n, c, h, w = lr.shape
-    cols = torch.matmul(_bicubic_matrix(w, scale, lr.device), lr.permute(0, 2, 3, 1).reshape(n * h, w, c))
-    rows = torch.matmul(_bicubic_matrix(h, scale, lr.device), cols.view(n, h, scale * w * c))
-    return rows.view(n, scale * h, scale * w, c).permute(0, 3, 1, 2)
+    x = lr.permute(3, 0, 2, 1).reshape(w, n * h * c)  # (w, [n, h, c]); a copy of the small input
+    cols = _bicubic_matrix(w, scale, lr.device) @ x  # (scale*w, [n, h, c])
+    y = cols.view(scale * w, n, h, c).permute(2, 1, 0, 3).reshape(h, n * scale * w * c)  # (h, [n, scale*w, c])
+    rows = _bicubic_matrix(h, scale, lr.device) @ y  # (scale*h, [n, scale*w, c])
+    out = rows.view(scale * h, n, scale * w, c).permute(1, 3, 0, 2)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def _backbone_from_keys(state: dict[str, torch.Tensor]) -> str:

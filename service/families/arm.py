@@ -43,9 +43,11 @@ if TYPE_CHECKING:
 INLINE_PLAN_PATCHES = 64  # about 230x230 LR
 
 # Rung colours of explain=true maps by rung index: bicubic grey, the fp32 widths blue -> green
-# -> red, their int8 rungs the same hues lighter (then spares for longer ladders).
+# -> red, the next three rungs (int8, or bf16 without int8) the same hues lighter, the three
+# after them (bf16 after int8) darker, then spares for longer ladders.
 RUNG_COLOURS = [(128, 128, 128), (66, 133, 244), (52, 168, 83), (234, 67, 53),
-                (161, 194, 250), (153, 214, 168), (245, 166, 160), (251, 188, 4), (171, 71, 188)]
+                (161, 194, 250), (153, 214, 168), (245, 166, 160), (25, 65, 140), (20, 90, 40), (140, 30, 20),
+                (251, 188, 4), (171, 71, 188)]
 
 
 class ArmSettings(FamilySettings):
@@ -57,6 +59,9 @@ class ArmSettings(FamilySettings):
     int8: bool = Field(True, description="serve the int8 rungs models.arm.quantize made for the checkpoint "
                        "(real int8 kernels, CPU only)")
     int8_dir: Path | None = Field(None, description="folder of those int8 rungs (default: the checkpoint's own)")
+    bf16: bool = Field(True, description="serve a bf16 rung per width (FSRCNN's expand + upsampler in bf16) where "
+                       "the device multiplies bf16 natively (AVX512-BF16/AMX CPUs, GPUs); built at start-up, its "
+                       "table row estimated on shipped photos")
     time_slack_db: float = Field(0.05, ge=0.0, le=1.0, description="among plans within this many dB of the best "
                                  "predicted quality at the budget, serve the one predicted fastest (0: always "
                                  "the best predicted quality)")
@@ -251,7 +256,9 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
         out = []
         for r in m.rungs:
             entry = m.compressed.get(r.name, {})
-            quality = {"psnr_rgb": entry.get("quality", {}).get("psnr_rgb", measured.get(r.name, {}).get("psnr_rgb"))}
+            own = entry.get("quality", {})
+            quality = {"psnr_rgb": own.get("psnr_rgb", measured.get(r.name, {}).get("psnr_rgb"))}
+            quality.update({k: v for k, v in own.items() if k != "psnr_rgb"})  # drop, estimates and what they rest on
             detail: dict = {"index": r.index, "width": r.width, "precision": r.precision}
             if per_patch is not None:
                 detail["ms_per_patch_full_batch"] = round(1000 * float(per_patch[r.index]), 4)
@@ -291,5 +298,5 @@ def load(settings: Settings) -> list[ArmFamily]:
     if s.checkpoint is None:
         return []
     int8 = (s.int8_dir or True) if s.int8 else False
-    model = ArmSR.from_checkpoint(s.checkpoint, table=s.table, device=settings.device, int8=int8)
+    model = ArmSR.from_checkpoint(s.checkpoint, table=s.table, device=settings.device, int8=int8, bf16=s.bf16)
     return [ArmFamily(model, s.time_slack_db, settings.png_compress_level, settings.jpeg_quality)]

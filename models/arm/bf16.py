@@ -1,0 +1,208 @@
+"""bf16 rungs of an ARM model, built at start-up for any checkpoint (official ones included).
+
+Which layers: FSRCNN's expanding 1x1 convolution and its upsampler (the 9x9 deconvolution in
+its sub-pixel form) hold about 70 % of the multiply-accumulates and tolerate bf16: in bf16
+they lose 0.02-0.03 dB on the test photos and cut w56's time per 32 patches to about 0.72
+of float32 on an AVX512-BF16 CPU.  The first three layers do not tolerate it (the head
+alone loses 0.06 dB, the shrinking layer 0.07, the whole network 0.15-0.18 dB), so they stay
+float32.  Measured per layer, docs/COMPRESSION.md.  Other backbones get no bf16 rung yet.
+
+Quality without the user's data or an HR image: bf16 adds a rounding error to the float32
+output that is small and unrelated to the float32 error against the truth, so a patch's MSE
+at the bf16 rung is its float32 MSE plus the mean squared difference between the two
+outputs.  That difference is measured at start-up on LR patches cut from scikit-image photos
+that are not in the test split, per edge bin of the table, and the rung's table row is its
+float32 row plus it: the dispatch weighs bf16 against the other rungs like any measured rung.
+The estimate is checked against the added MSE measured on the test photos in the tests.
+
+Held-out quality (whole test photos at the rung, PSNR; the added MSE against the HR) is a
+command, as for every compressed rung; the server reads its manifest when it is there:
+
+    python -m models.arm.bf16 models/arm/weights/arm-fsrcnn/model.safetensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress import artifact
+from compress.bf16 import native_bf16, with_bf16_sections
+from models.arm import tiling
+from models.arm.edge import edge_scores
+from models.arm.metrics import patch_mse
+from models.arm.table import EdgeTable
+from models.common.matlab_resize import downscale_x4_uint8
+
+# Per backbone: the submodules run in bf16, in order; the upsampler's shuffle widens to float32.
+BF16_SECTIONS: dict[str, tuple[str, ...]] = {"fsrcnn": ("body_conv.6", "tail_conv.conv")}
+# scikit-image photos outside models.arm.data's test split: textures, edges, text, flat areas.
+CALIBRATION_PHOTOS = ("brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "color.png", "page.png",
+                      "text.png", "moon.png", "horse.png")
+METHOD = "bf16 sections (expand + upsampler), float32 elsewhere"
+
+
+def bf16_form(backbone: str, net: nn.Module) -> nn.Module | None:
+    """The bf16 rung of a float32 serving-form subnet, or None where the backbone has none."""
+    sections = BF16_SECTIONS.get(backbone)
+    return None if sections is None else with_bf16_sections(net, sections)
+
+
+def available(backbone: str, device: torch.device | str) -> bool:
+    """Whether bf16 rungs exist for the backbone and run natively on the device."""
+    return backbone in BF16_SECTIONS and native_bf16(device)
+
+
+def calibration_patches(max_patches: int = 256, seed: int = 0) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 LR patches: the calibration photos downscaled x4 (MATLAB
+    bicubic, as the LR the model sees), patches at stride 16, then a random subset."""
+    import skimage
+
+    from models.arm.data import load_rgb, modcrop
+
+    root = Path(skimage.__file__).parent / "data"
+    patches = []
+    for name in CALIBRATION_PHOTOS:
+        path = root / name
+        if not path.is_file():
+            continue
+        lr = downscale_x4_uint8(modcrop(load_rgb(path), 4))
+        if min(lr.shape[:2]) < tiling.PATCH:
+            continue
+        patches.append(tiling.extract(lr, tiling.positions(lr.shape[0], lr.shape[1], "full", step=16)))
+    if not patches:
+        raise FileNotFoundError(f"none of scikit-image's photos {CALIBRATION_PHOTOS} was found under {root}")
+    every = np.concatenate(patches)
+    pick = np.random.default_rng(seed).permutation(len(every))[:max_patches]
+    return np.ascontiguousarray(every[np.sort(pick)])
+
+
+@torch.inference_mode()
+def output_difference(fp32: nn.Module, bf16: nn.Module, patches_u8: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Per patch, the mean squared difference (8-bit levels, 4 px border cropped as the table
+    measures) between the two networks' clamped outputs."""
+    x = torch.from_numpy(np.ascontiguousarray(patches_u8.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].contiguous(memory_format=torch.channels_last)
+        a = fp32(xb).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255
+        b = bf16(xb).float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255
+        out.append(patch_mse(b, a))
+    return np.concatenate(out)
+
+
+def mse_ratio(table: EdgeTable, row: int, scores: np.ndarray, difference: np.ndarray) -> np.ndarray:
+    """Per bin of ``table``: (float32 MSE + mean output difference) / float32 MSE, the float32
+    MSE being the table's row ``row``; bins without a calibration patch take the median."""
+    base = table.mse[row] if table.mse is not None else table.predict_mse(table.x_centers)[:, row]
+    bins = table.bins(scores)
+    n = len(table.x_centers)
+    counts = np.bincount(bins, minlength=n)
+    extra = np.bincount(bins, weights=difference, minlength=n) / np.maximum(counts, 1)
+    ratio = 1.0 + extra / np.maximum(base, 1e-10)
+    if (counts > 0).any():
+        ratio[counts == 0] = np.median(ratio[counts > 0])
+    else:
+        ratio[:] = 1.0 + float(np.mean(difference)) / float(np.mean(base))
+    return ratio
+
+
+MANIFEST_FILE = "bf16.json"
+
+
+def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Module], dict[int, np.ndarray],
+                                                                 dict[str, dict]]:
+    """The bf16 rung of every width of ``model`` (an ArmSR with a table), each one's table row
+    as a per-bin MSE ratio to its float32 width, and its manifest entry by rung name (the
+    held-out measurement of ``bf16.json`` beside the checkpoint when there is one, with the
+    start-up estimate added)."""
+    patches = calibration_patches() if patches_u8 is None else patches_u8
+    scores = edge_scores(patches)
+    manifest = model.source.parent / MANIFEST_FILE if model.source is not None else None
+    measured = {}
+    if manifest is not None and manifest.exists():
+        measured = {r["rung"]: r for r in artifact.read(manifest).get("rungs", [])}
+    nets, ratios, entries = {}, {}, {}
+    for i, width in enumerate(model.backbone.widths):
+        fp32 = model.subnets[i]
+        net = bf16_form(model.backbone.name, fp32)
+        if net is None:
+            continue
+        added = output_difference(fp32, net, patches)
+        name = f"w{width}-bf16"
+        nets[width], ratios[width] = net.to(memory_format=torch.channels_last), mse_ratio(model.table, i + 1, scores, added)
+        entry = measured.get(name) or artifact.RungArtifact(
+            rung=name, method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend(model.device),
+            real_speed=True).to_dict()
+        entry["quality"] = {**entry.get("quality", {}), "mse_added_estimate": round(float(np.mean(added)), 4),
+                            "estimated_on": f"{len(patches)} LR patches of scikit-image photos outside the test split"}
+        entries[name] = entry
+    return nets, ratios, entries
+
+
+def backend(device: torch.device) -> str:
+    return "oneDNN bf16" if device.type == "cpu" else f"{device.type} bf16"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure the bf16 rungs of a checkpoint on the test photos and write ``bf16.json``."""
+    import argparse
+    from datetime import date
+
+    from models.arm import data
+    from models.arm.build_table import patch_pairs
+    from models.arm.pipeline import ArmSR
+    from models.arm.quantize import held_out_psnr
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="folder of bf16.json (default: the checkpoint's)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not native_bf16("cpu"):
+        raise SystemExit("this CPU has no native bf16 (AVX512-BF16 or AMX): a bf16 rung would be slower than float32")
+    model = ArmSR.from_checkpoint(args.checkpoint, int8=False)
+    test = data.load_split("test")
+    calibration = calibration_patches()
+    scores = edge_scores(calibration)
+    rungs = []
+    for i, width in enumerate(model.backbone.widths):
+        fp32 = model.subnets[i]
+        net = bf16_form(model.backbone.name, fp32)
+        if net is None:
+            raise SystemExit(f"backbone {model.backbone.name} has no bf16 sections (known: {sorted(BF16_SECTIONS)})")
+        fp32_db, bf16_db = held_out_psnr(fp32, test), held_out_psnr(net, test)
+        fp32_mse, bf16_mse = [], []
+        for _lr_p, hr_p, x in patch_pairs(test, tiling.PATCH):
+            for run, acc in ((fp32, fp32_mse), (net, bf16_mse)):
+                with torch.inference_mode():
+                    sr = run(x.contiguous(memory_format=torch.channels_last)).float().clamp(0, 1)
+                acc.append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
+        added = float(np.mean(np.concatenate(bf16_mse)) - np.mean(np.concatenate(fp32_mse)))
+        estimate = float(np.mean(output_difference(fp32, net, calibration)))
+        print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, bf16 {bf16_db:.3f} dB ({bf16_db - fp32_db:+.3f}); "
+              f"added MSE on the test patches {added:.4f}, estimated from the calibration patches {estimate:.4f}",
+              flush=True)
+        rungs.append(artifact.RungArtifact(
+            rung=f"w{width}-bf16", method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend(model.device),
+            real_speed=True,
+            quality={"psnr_rgb": round(bf16_db, 4), "fp32_psnr_rgb": round(fp32_db, 4),
+                     "drop_db": round(fp32_db - bf16_db, 4), "mse_added": round(added, 4)},
+            calibration={"none": "bf16 needs no calibration; the table row is estimated at start-up",
+                         "estimate_check": {"mse_added_estimate": round(estimate, 4),
+                                            "calibration_bins_seen": int(len(np.unique(model.table.bins(scores))))}},
+            command=artifact.command_line("models.arm.bf16", argv)))
+    out = args.out or artifact.bundle_dir(args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    path = artifact.write(out / MANIFEST_FILE, rungs, date=date.today().isoformat(),
+                          test_images="test split: " + ", ".join(p.name for p in data.split("test")),
+                          sections=list(BF16_SECTIONS[model.backbone.name]))
+    print(f"bf16 rungs measured into {path}")
+
+
+if __name__ == "__main__":
+    main()
