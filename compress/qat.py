@@ -30,6 +30,7 @@ studied at 2-4 bits in ``compress.fakequant``, simulated.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -61,6 +62,10 @@ class DualBoundFakeQuantize(torch.ao.quantization.FakeQuantizeBase):
         # Slope of the leaky ReLU that consumes this tensor (None: none does); the starting
         # range is the one that serves the activation's output best.
         self.consumer_slope: float | None = None
+        # The other addend of a sum a ReLU reads (``mark_consumers``): below minus its largest
+        # value this tensor's values all end at 0, so the grid need not reach them.
+        # (Held in a list: a module attribute would register it as a submodule, a cycle.)
+        self.relu_sum_partner: list[DualBoundFakeQuantize] = []
         self._sample: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,9 @@ class DualBoundFakeQuantize(torch.ao.quantization.FakeQuantizeBase):
         seen_min, seen_max = self.activation_post_process.min_val, self.activation_post_process.max_val
         lo = float(seen_min.clamp(max=0.0)) if torch.isfinite(seen_min) else -1.0
         hi = float(seen_max.clamp(min=0.0)) if torch.isfinite(seen_max) else 1.0
+        for partner in self.relu_sum_partner:
+            if torch.isfinite(partner.activation_post_process.max_val):
+                lo = max(lo, -float(partner.activation_post_process.max_val.clamp(min=0.0)))
         if hi - lo < 1e-4:
             hi = lo + 1e-4
         self._sample, sample = [], self._sample
@@ -140,7 +148,8 @@ def best_range(x: torch.Tensor, lo: float, hi: float, slope: float | None, level
 
 def mark_consumers(prepared: nn.Module) -> None:
     """Tell each activation quantizer the slope of the leaky ReLU that reads its tensor (if
-    one does), so its range is chosen for what survives the activation."""
+    one does), and each addend of a sum that a ReLU reads the other addend, so its range is
+    chosen for what survives the activation."""
     modules = dict(prepared.named_modules())
     for node in prepared.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.LeakyReLU):
@@ -148,6 +157,16 @@ def mark_consumers(prepared: nn.Module) -> None:
         source = node.args[0]
         if getattr(source, "op", None) == "call_module" and isinstance(modules.get(source.target), DualBoundFakeQuantize):
             modules[source.target].consumer_slope = float(modules[node.target].negative_slope)
+    # relu(a + b) is 0 wherever a < -max(b): each addend's grid can stop there.
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in (operator.add, torch.add) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if not (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU)):
+            continue
+        addends = [modules.get(a.target) if getattr(a, "op", None) == "call_module" else None for a in node.args[:2]]
+        if len(addends) == 2 and all(isinstance(q, DualBoundFakeQuantize) for q in addends):
+            addends[0].relu_sum_partner, addends[1].relu_sum_partner = [addends[1]], [addends[0]]
 
 
 WEIGHT_GRIDS = ("narrow", "full")  # int8 weight codes [-127, 127] (default) or torch.ao's [-128, 127]

@@ -115,3 +115,24 @@ def test_the_server_lists_serves_and_plans_with_the_int8_rungs(model):
         full = client.post("/superresolve", content=buf.getvalue(), headers={"content-type": "image/png"},
                            params={"policy": "full"})
         assert full.headers["x-anytime-rung"] == "w56"  # the top rung is the fp32 full width
+
+
+def test_carry_form_splits_the_pass_through_taps_exactly() -> None:
+    """The carry form's split convolutions compute what the originals do; only our
+    identity-initialised FSRCNN has the taps (an official checkpoint stays plain)."""
+    from models.arm.pipeline import ArmSR
+    from models.arm.quantize import CarryConv, carry_taps, float_form
+
+    model = ArmSR.from_checkpoint(BUNDLED_ARM)
+    plain = float_form(model.backbone, model.full_state, 36)
+    carried = float_form(model.backbone, model.full_state, 36, form="carry")
+    x = torch.rand(3, 12, 32, 32)
+    for name in ("body_conv.1", "body_conv.2", "body_conv.3", "body_conv.4"):
+        split, conv = carried.get_submodule(name), plain.get_submodule(name)
+        assert isinstance(split, CarryConv)
+        with torch.no_grad():
+            torch.testing.assert_close(split(x), conv(x), rtol=0, atol=1e-5)
+        assert int(carry_taps(conv).sum()) == 3
+    assert isinstance(carried.head_conv[0], CarryConv) and isinstance(carried.head_conv[1], torch.nn.ReLU)
+    bare = torch.nn.Conv2d(12, 12, 3, padding=1)  # no dominant identity tap
+    assert carry_taps(bare) is None

@@ -89,3 +89,36 @@ def test_the_narrow_weight_grid_keeps_each_channels_largest_weight():
         kept = weight.dequantize()[:, 0, 1, 1]
         assert torch.allclose(kept, torch.ones(8), atol=1e-6) == exact, (grid, kept)
         assert int(weight.int_repr().max()) == 127
+
+
+class _SumThenRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1, bias=False)
+        with torch.no_grad():
+            self.a.weight.mul_(20)  # a's negative tail reaches far below -max(b)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.a(x) + self.b(x))
+
+
+def test_an_addend_of_a_relu_sum_gets_no_grid_below_minus_the_other_addend():
+    """relu(a + b) is 0 wherever a < -max(b), whatever a is there: the grid of a stops at
+    -max(b), which costs the output nothing and buys a finer grid for the rest."""
+    torch.manual_seed(1)
+    net = _SumThenRelu().eval()
+    prepared = qat.prepare(net, torch.rand(2, 3, 8, 8))
+    batches = [torch.rand(8, 3, 8, 8) * 2 - 1 for _ in range(4)]
+    qat.calibrate(prepared, batches)
+    partnered = [q for q in qat.activation_bounds(prepared) if q.relu_sum_partner]
+    assert len(partnered) == 2
+    for q in partnered:
+        [other] = q.relu_sum_partner
+        seen_min = float(q.activation_post_process.min_val)
+        assert q.lower.item() >= -float(other.activation_post_process.max_val) - 1e-6
+        assert q.lower.item() > seen_min or seen_min >= -float(other.activation_post_process.max_val)
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    with torch.inference_mode():
+        err = float((prepared.eval()(x) - net(x)).abs().max())
+    assert err < 0.05 * float(net(x).max())

@@ -30,6 +30,7 @@ extra rungs (``ANYTIME_ARM_INT8``, ``ANYTIME_ARM_INT8_DIR``).  Progress is print
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from datetime import date
 from pathlib import Path
@@ -45,20 +46,105 @@ from compress.fakequant import attention_transfer_loss
 from compress.int8 import ENGINE, prelu_as_leaky_relu
 from models.arm import data
 from models.arm.metrics import psnr_rgb
-from models.arm.nets import Backbone, SubPixelDeconv, extract_subnet
+from models.arm.nets import FSRCNN, Backbone, SubPixelDeconv, extract_subnet
 
 QAT_FILE, MANIFEST_FILE = "int8_qat.safetensors", "int8.json"
-# The body features DDTB distils (the output of the last layer before the upsampler).
-FEATURE_LAYER = {"fsrcnn": "body_conv.6.1"}
+# The body features DDTB distils (the output of the last layer before the upsampler): the
+# expanding layer's activation, or the convolution int8 fused it into (a ReLU in the carry form).
+FEATURE_LAYER = {"fsrcnn": ("body_conv.6.1", "body_conv.6.0")}
 AT_WEIGHT = 1000.0  # DDTB's weight of the attention-transfer term
 
 
+FORMS = ("plain", "carry")  # how a width's float network is laid out for int8 (``float_form``)
+CARRY_CHANNELS = 3  # FSRCNN's pass-through: RGB in channels 0-2 of every layer (``nets.FSRCNN._init_weights``)
+RELU_BELOW = 0.005  # leaky ReLUs flatter than this become ReLUs in the carry form (then fused into the conv)
+
+
+class CarryConv(nn.Module):
+    """A convolution split in two that computes the same thing: ``carry`` (1x1) holds the
+    centre pass-through taps, ``main`` every other weight.
+
+    Why: int8 weights share one grid per output channel, scaled to that channel's largest
+    weight.  In our FSRCNN every layer carries RGB through channels 0-2 on an identity tap of
+    about 1.06, so those channels' other weights got a grid 10-100x coarser than they need:
+    weights alone cost w56 1.23 dB after post-training int8, 0.15 dB with the head and the
+    mapping layers split.  The price is a 1x1 convolution and an int8 add per split layer,
+    and two more 8-bit tensors per layer (docs/COMPRESSION.md)."""
+
+    def __init__(self, conv: nn.Conv2d, taps: torch.Tensor) -> None:
+        super().__init__()
+        w = conv.weight.detach()
+        self.main = copy.deepcopy(conv)
+        # 1x1 over every input channel (zeros but the taps): slicing the first k channels off
+        # an int8 tensor would dequantize, slice and quantize again, a pass over the whole input.
+        self.carry = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False)
+        centre = (w.shape[2] // 2, w.shape[3] // 2)
+        with torch.no_grad():
+            self.main.weight.copy_(w * ~taps)
+            self.carry.weight.copy_((w * taps)[:, :, centre[0]:centre[0] + 1, centre[1]:centre[1] + 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.carry(x)
+
+
+def carry_taps(conv: nn.Conv2d, k: int = CARRY_CHANNELS) -> torch.Tensor | None:
+    """The pass-through taps of ``conv`` (a boolean mask of its weight: output channel c < k's
+    centre tap on input c), or None when it has none.  Present when each such tap is its
+    channel's largest weight, as our identity initialisation leaves it (an official
+    checkpoint has none)."""
+    w = conv.weight.detach()
+    if min(w.shape[:2]) < k:
+        return None
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    centre = (w.shape[2] // 2, w.shape[3] // 2)
+    for c in range(k):
+        mask[c, c, centre[0], centre[1]] = True
+    peak = w[:k].abs().flatten(1).amax(1)
+    held = (w[:k].abs() * mask[:k]).flatten(1).amax(1)
+    return mask if bool(torch.all(held >= peak)) and bool(torch.all(held > 0.25)) else None
+
+
+def carried_layers(net: FSRCNN) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of the convolutions ``to_carry_form`` splits: the head and the four
+    mapping layers.  Measured on w56 after post-training int8 (docs/COMPRESSION.md): these
+    hold most of the weight error, and splitting them took the whole network from -1.52 to
+    -0.70 dB; splitting the shrinking and expanding 1x1 layers too cost more at their new
+    8-bit tensors than it saved, and the upsampler's taps span its 3x3 kernel (a carry as
+    large as the layer)."""
+    return [(net.head_conv, "0"), *((net.body_conv, str(i)) for i in range(1, 5))]
+
+
+def to_carry_form(net: nn.Module) -> bool:
+    """Split every FSRCNN convolution that has pass-through taps into a ``CarryConv`` and turn
+    the leaky ReLUs flatter than ``RELU_BELOW`` into ReLUs (which int8 fuses into the
+    convolution before them, so their long negative inputs are never put on a grid).  In
+    place; False when the network has no pass-through to split (then it is unchanged)."""
+    if not isinstance(net, FSRCNN) or carry_taps(net.head_conv[0]) is None:
+        return False
+    for parent, name in carried_layers(net):
+        conv = getattr(parent, name)
+        taps = carry_taps(conv)
+        if taps is not None:
+            setattr(parent, name, CarryConv(conv, taps))
+    for parent in net.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.LeakyReLU) and abs(child.negative_slope) < RELU_BELOW:
+                setattr(parent, name, nn.ReLU())
+    return True
+
+
 def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int,
-               clamp: bool = False) -> nn.Module:
+               clamp: bool = False, form: str = "plain") -> nn.Module:
     """The fp32 serving-form subnet a width's int8 rung is made from (PReLU as leaky ReLU).
     ``clamp``: clip the output to [0, 1] inside the last layer's shuffle (the served form:
-    it saves the int8 rung a separate pass over its output, about 9 % of w16's time)."""
+    it saves the int8 rung a separate pass over its output, about 9 % of w16's time).
+    ``form``: "carry" splits the pass-through taps out (``to_carry_form``; a network without
+    them stays plain)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     net = prelu_as_leaky_relu(extract_subnet(backbone, full_state, width))
+    if form == "carry":
+        to_carry_form(net)
     if clamp and isinstance(getattr(net, "tail_conv", None), SubPixelDeconv):
         net.tail_conv.clamp = (0.0, 1.0)
     return net
@@ -68,16 +154,19 @@ def example_input() -> torch.Tensor:
     return torch.rand(2, 3, 32, 32)
 
 
-def _capture(module: nn.Module, name: str | None) -> tuple[list[torch.Tensor], object | None]:
+def _capture(module: nn.Module, names: tuple[str, ...] | None) -> tuple[list[torch.Tensor], object | None]:
+    """Record the output of the first of ``names`` that ``module`` has."""
     store: list[torch.Tensor] = []
-    if name is None:
+    if names is None:
         return store, None
-    handle = module.get_submodule(name).register_forward_hook(lambda _m, _i, out: store.append(out))
+    present = dict(module.named_modules())
+    name = next(n for n in names if n in present)
+    handle = present[name].register_forward_hook(lambda _m, _i, out: store.append(out))
     return store, handle
 
 
 def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
-                bound_lr: float, feature_layer: str | None, log_every: int, label: str,
+                bound_lr: float, feature_layer: tuple[str, ...] | None, log_every: int, label: str,
                 target: str = "teacher", weight_grid: str = "narrow") -> nn.Module:
     """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
 
@@ -147,9 +236,15 @@ def load_int8(backbone: Backbone, full_state: dict[str, torch.Tensor],
         prefix = f"w{width}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if own and width in ratios:
-            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True), example_input(), own,
-                                   weight_grid=weight_grid(entries.get(f"w{width}-int8")))
+            entry = entries.get(f"w{width}-int8")
+            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True, form=form(entry)),
+                                   example_input(), own, weight_grid=weight_grid(entry))
     return nets, ratios, entries
+
+
+def form(entry: dict | None) -> str:
+    """The float layout a rung was trained in (rungs trained before the choice: plain)."""
+    return ((entry or {}).get("calibration") or {}).get("form", "plain")
 
 
 def weight_grid(entry: dict | None) -> str:
@@ -199,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="the L1 term's target: the fp32 width's output (default) or the HR patch (DDTB)")
     ap.add_argument("--weight-grid", choices=list(qat.WEIGHT_GRIDS), default="narrow",
                     help="int8 weight codes [-127, 127] (narrow: each channel's largest weight exact) or [-128, 127]")
+    ap.add_argument("--form", choices=list(FORMS), default="plain",
+                    help="plain: the network as it is; carry: split the pass-through taps into their own "
+                         "convolution and fuse flat leaky ReLUs as ReLUs (a network without pass-through taps stays "
+                         "plain). carry halves post-training int8's loss but after QAT ends where plain does "
+                         "(docs/COMPRESSION.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=200)
@@ -223,14 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     previous = {r["rung"]: r for r in old.get("rungs", [])}
     ratios = dict(old.get("table_mse_ratio", {}))
     for width in widths:
-        teacher = float_form(backbone, full_state, width)
         prefix = f"w{width}."
         if args.measure_only:
+            entry = previous.get(f"w{width}-int8")
+            teacher = float_form(backbone, full_state, width, form=form(entry))
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if not own:
                 raise SystemExit(f"no trained int8 w{width} in {out / QAT_FILE}")
-            int8 = qat.load(teacher, example_input(), own, weight_grid=weight_grid(previous.get(f"w{width}-int8")))
+            int8 = qat.load(teacher, example_input(), own, weight_grid=weight_grid(entry))
         else:
+            teacher = float_form(backbone, full_state, width, form=args.form)
             prepared = train_width(teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr,
                                    bound_lr=args.bound_lr, feature_layer=FEATURE_LAYER.get(backbone.name),
                                    log_every=args.log_every, label=f"w{width}", target=args.target,
@@ -238,9 +340,10 @@ def main(argv: list[str] | None = None) -> None:
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
             int8 = qat.export(prepared)
-        fp32_db, int8_db = held_out_psnr(teacher, test), held_out_psnr(int8, test)
+        served_fp32 = float_form(backbone, full_state, width)  # the fp32 rung, whatever form the teacher had
+        fp32_db, int8_db = held_out_psnr(served_fp32, test), held_out_psnr(int8, test)
         print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, int8 {int8_db:.3f} dB ({int8_db - fp32_db:+.3f})", flush=True)
-        ratios[str(width)] = [round(float(v), 5) for v in table_mse_ratio(model.table, teacher, int8, val)]
+        ratios[str(width)] = [round(float(v), 5) for v in table_mse_ratio(model.table, served_fp32, int8, val)]
         rung = f"w{width}-int8"
         quality = {"psnr_rgb": round(int8_db, 4), "fp32_psnr_rgb": round(fp32_db, 4),
                    "drop_db": round(fp32_db - int8_db, 4)}
@@ -252,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 backend=f"torch.ao {ENGINE}", real_speed=True, quality=quality,
                 calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                              "bound_lr": args.bound_lr, "seed": args.seed, "weight_grid": args.weight_grid,
+                             "form": args.form,
                              "loss": f"L1 to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
                                      f"{AT_WEIGHT:g} x attention transfer"},
                 command=command)
