@@ -85,11 +85,12 @@ def output_difference(fp32: nn.Module, bf16: nn.Module, patches_u8: np.ndarray, 
     """Per patch, the mean squared difference (8-bit levels, 4 px border cropped as the table
     measures) between the two networks' clamped outputs."""
     x = torch.from_numpy(np.ascontiguousarray(patches_u8.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
+    device = next(fp32.parameters()).device
     out = []
     for i in range(0, len(x), batch):
-        xb = x[i:i + batch].contiguous(memory_format=torch.channels_last)
-        a = fp32(xb).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255
-        b = bf16(xb).float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255
+        xb = x[i:i + batch].to(device).contiguous(memory_format=torch.channels_last)
+        a = fp32(xb).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255
+        b = bf16(xb).float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255
         out.append(patch_mse(b, a))
     return np.concatenate(out)
 
