@@ -125,7 +125,9 @@ def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Mod
     manifest = model.source.parent / MANIFEST_FILE if model.source is not None else None
     measured = {}
     if manifest is not None and manifest.exists():
-        measured = {r["rung"]: r for r in artifact.read(manifest).get("rungs", [])}
+        stored = artifact.read(manifest)
+        if tuple(stored.get("sections", ())) == BF16_SECTIONS.get(model.backbone.name):  # else it measured other rungs
+            measured = {r["rung"]: r for r in stored.get("rungs", [])}
     nets, ratios, entries = {}, {}, {}
     for i, width in enumerate(model.backbone.widths):
         fp32 = model.subnets[i]

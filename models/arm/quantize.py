@@ -167,7 +167,7 @@ def _capture(module: nn.Module, names: tuple[str, ...] | None) -> tuple[list[tor
 
 def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
                 bound_lr: float, feature_layer: tuple[str, ...] | None, log_every: int, label: str,
-                target: str = "teacher", weight_grid: str = "narrow") -> nn.Module:
+                target: str = "teacher", weight_grid: str = "narrow", loss_fn: str = "l1") -> nn.Module:
     """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
 
     ``target``: what the L1 term pulls the output to: ``hr``, DDTB's choice, or ``teacher``,
@@ -188,7 +188,9 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
         s_feat.clear()
         with torch.no_grad():
             fp32_out = teacher(x)  # also fills the teacher's features for attention transfer
-        loss = F.l1_loss(student(x), fp32_out if target == "teacher" else hr)
+        out, goal = student(x), fp32_out if target == "teacher" else hr
+        # MSE times 255: the same order as L1 on these outputs, so the attention term keeps its share.
+        loss = F.l1_loss(out, goal) if loss_fn == "l1" else 255 * F.mse_loss(out, goal)
         if feature_layer is not None:
             loss = loss + AT_WEIGHT * attention_transfer_loss(s_feat[-1], t_feat[-1])
         opt.zero_grad(set_to_none=True)
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                          "convolution and fuse flat leaky ReLUs as ReLUs (a network without pass-through taps stays "
                          "plain). carry halves post-training int8's loss but after QAT ends where plain does "
                          "(docs/COMPRESSION.md)")
+    ap.add_argument("--loss", choices=["l1", "mse"], default="l1", help="the pixel term (DDTB: L1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=200)
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             teacher = float_form(backbone, full_state, width, form=args.form)
             prepared = train_width(teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr,
                                    bound_lr=args.bound_lr, feature_layer=FEATURE_LAYER.get(backbone.name),
-                                   log_every=args.log_every, label=f"w{width}", target=args.target,
+                                   log_every=args.log_every, label=f"w{width}", target=args.target, loss_fn=args.loss,
                                    weight_grid=args.weight_grid)
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                 calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                              "bound_lr": args.bound_lr, "seed": args.seed, "weight_grid": args.weight_grid,
                              "form": args.form,
-                             "loss": f"L1 to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
+                             "loss": f"{args.loss.upper()} to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
                                      f"{AT_WEIGHT:g} x attention transfer"},
                 command=command)
         save_file(tensors, str(out / QAT_FILE))
