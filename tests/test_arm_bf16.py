@@ -97,14 +97,16 @@ def test_start_up_estimate_matches_the_error_added_on_the_test_photos(model) -> 
     assert measured > 0 and 0.5 <= estimate / measured <= 2.0, (estimate, measured)
 
 
-def test_calibration_photos_are_not_test_photos() -> None:
+def test_calibration_photos_are_shipped_and_not_test_photos(monkeypatch) -> None:
     from models.arm.data import SKIMAGE_TEST
 
     assert not set(arm_bf16.CALIBRATION_PHOTOS) & set(SKIMAGE_TEST)
     # A stereo partner or a crop of a test photo would leak it: none is used.
     assert "motorcycle_right.png" not in arm_bf16.CALIBRATION_PHOTOS
+    monkeypatch.setitem(__import__("sys").modules, "skimage", None)  # the server installs no scikit-image
     patches = arm_bf16.calibration_patches(64)
     assert patches.shape == (64, 32, 32, 3) and patches.dtype == np.uint8
+    assert len(arm_bf16.calibration_patches(10_000)) > 200  # every patch of the seven photos
 
 
 @needs_bf16

@@ -39,9 +39,12 @@ from models.common.matlab_resize import downscale_x4_uint8
 
 # Per backbone: the submodules run in bf16, in order; the upsampler's shuffle widens to float32.
 BF16_SECTIONS: dict[str, tuple[str, ...]] = {"fsrcnn": ("body_conv.6", "tail_conv.conv")}
-# scikit-image photos outside models.arm.data's test split: textures, edges, text, flat areas.
-CALIBRATION_PHOTOS = ("brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "color.png", "page.png",
-                      "text.png", "moon.png", "horse.png")
+# Calibration photos, shipped as their x4-downscaled LR (``CALIBRATION_DIR``, about 100 KB):
+# scikit-image photos that are not in models.arm.data's test split and carry no copyright
+# restriction (CC0 or public domain; sources in the folder's README).  Shipping them keeps the
+# server free of scikit-image, which only the data and dev extras install.
+CALIBRATION_PHOTOS = ("brick.png", "grass.png", "gravel.png", "camera.png", "coins.png", "text.png", "horse.png")
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
 METHOD = "bf16 sections (expand + upsampler), float32 elsewhere"
 
 
@@ -57,27 +60,36 @@ def available(backbone: str, device: torch.device | str) -> bool:
 
 
 def calibration_patches(max_patches: int = 256, seed: int = 0) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 LR patches: the calibration photos downscaled x4 (MATLAB
-    bicubic, as the LR the model sees), patches at stride 16, then a random subset."""
-    import skimage
+    """(N, 32, 32, 3) uint8 LR patches of the shipped calibration photos, at stride 16, then a
+    random subset."""
+    from models.arm.data import load_rgb
 
-    from models.arm.data import load_rgb, modcrop
-
-    root = Path(skimage.__file__).parent / "data"
     patches = []
     for name in CALIBRATION_PHOTOS:
-        path = root / name
+        path = CALIBRATION_DIR / name
         if not path.is_file():
-            continue
-        lr = downscale_x4_uint8(modcrop(load_rgb(path), 4))
-        if min(lr.shape[:2]) < tiling.PATCH:
-            continue
+            raise FileNotFoundError(f"{path} is missing: python -m models.arm.bf16 --write-calibration")
+        lr = load_rgb(path)
         patches.append(tiling.extract(lr, tiling.positions(lr.shape[0], lr.shape[1], "full", step=16)))
-    if not patches:
-        raise FileNotFoundError(f"none of scikit-image's photos {CALIBRATION_PHOTOS} was found under {root}")
     every = np.concatenate(patches)
     pick = np.random.default_rng(seed).permutation(len(every))[:max_patches]
     return np.ascontiguousarray(every[np.sort(pick)])
+
+
+def write_calibration() -> None:
+    """Write the calibration photos' LR (MATLAB bicubic x1/4 of the mod-4 crop, as the model
+    sees LR) from scikit-image's copies (needs the data or dev extra)."""
+    import skimage
+    from PIL import Image
+
+    from models.arm.data import load_rgb, modcrop
+
+    CALIBRATION_DIR.mkdir(exist_ok=True)
+    root = Path(skimage.__file__).parent / "data"
+    for name in CALIBRATION_PHOTOS:
+        lr = downscale_x4_uint8(modcrop(load_rgb(root / name), 4))
+        Image.fromarray(lr).save(CALIBRATION_DIR / name, optimize=True)
+        print(f"{CALIBRATION_DIR / name}: {lr.shape[1]}x{lr.shape[0]}")
 
 
 @torch.inference_mode()
@@ -141,7 +153,8 @@ def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Mod
             rung=name, method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend(model.device),
             real_speed=True).to_dict()
         entry["quality"] = {**entry.get("quality", {}), "mse_added_estimate": round(float(np.mean(added)), 4),
-                            "estimated_on": f"{len(patches)} LR patches of scikit-image photos outside the test split"}
+                            "estimated_on": f"{len(patches)} LR patches of the shipped calibration photos "
+                                        f"({', '.join(Path(p).stem for p in CALIBRATION_PHOTOS)})"}
         entries[name] = entry
     return nets, ratios, entries
 
@@ -161,10 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     from models.arm.quantize import held_out_psnr
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?")
     ap.add_argument("--out", type=Path, default=None, help="folder of bf16.json (default: the checkpoint's)")
+    ap.add_argument("--write-calibration", action="store_true",
+                    help="write the shipped calibration photos' LR from scikit-image and stop")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.write_calibration:
+        write_calibration()
+        return
+    if args.checkpoint is None:
+        ap.error("a checkpoint is needed (or --write-calibration)")
     torch.set_num_threads(args.threads)
     if not native_bf16("cpu"):
         raise SystemExit("this CPU has no native bf16 (AVX512-BF16 or AMX): a bf16 rung would be slower than float32")
