@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fp32_ms = {(r["model"], r["rung"]): r["ms_b32"] for r in rows if r["precision"] == "fp32"}
     for r in rows:
-        ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] != "fp32" and r["rung"] != "bicubic" else None
+        ratio = fp32_ms[(r["model"], r["rung"])] / r["ms_b32"] if r["precision"] != "fp32" else None
         print(f"| {r['model']} | {r['rung']} | {r['precision']} | {r['calibration'] or '-'} | {r['flops'] / 1e9:.3f} | "
               f"{r['quality']:.2f} {r['metric'].split()[-1]} | {r['ms_b1']:.2f} | {r['ms_b8']:.2f} | {r['ms_b32']:.2f} | "
               f"{f'{ratio:.2f}x' if ratio else '-'} | {'yes' if r['front'] else ''} |")

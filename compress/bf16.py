@@ -37,11 +37,13 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
 class Bf16Section(nn.Module):
     """``module`` computed in bf16: its input is cast to bf16 (a no-op after another bf16
-    section), its weights are a bf16 copy, and its output stays bf16 unless ``float_out``."""
+    section), its weights are converted to bf16 (in place: the section owns the module it is
+    given; ``with_bf16_sections`` hands it a copy), and its output stays bf16 unless
+    ``float_out``."""
 
     def __init__(self, module: nn.Module, float_out: bool) -> None:
         super().__init__()
-        self.module = copy.deepcopy(module).to(torch.bfloat16)
+        self.module = module.to(torch.bfloat16)
         self.float_out = float_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

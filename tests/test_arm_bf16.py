@@ -80,19 +80,12 @@ def test_start_up_estimate_matches_the_error_added_on_the_test_photos(model) -> 
     against the measurement it stands for: the rise of the mean squared error against the HR
     on every test-photo patch.  Within a factor of two: it sets the rung's table row."""
     from models.arm import data
-    from models.arm.build_table import patch_pairs
-    from models.arm.metrics import patch_mse
+    from models.arm.build_table import patch_errors
 
     top = model.top
     fp32, rung = model.subnets[top - 1], next(r for r in model.rungs if r.name == f"w{model.backbone.full_width}-bf16")
-    net = model.subnets[rung.index - 1]
-    errors: dict[str, list[np.ndarray]] = {"fp32": [], "bf16": []}
-    for _lr_p, hr_p, x in patch_pairs(data.load_split("test"), 32):
-        for key, run in (("fp32", fp32), ("bf16", net)):
-            with torch.inference_mode():
-                sr = run(x.contiguous(memory_format=torch.channels_last)).clamp(0, 1)
-            errors[key].append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
-    measured = float(np.mean(np.concatenate(errors["bf16"])) - np.mean(np.concatenate(errors["fp32"])))
+    _scores, mse = patch_errors([fp32, model.subnets[rung.index - 1]], data.load_split("test"), 32)
+    measured = float(mse[:, 1].mean() - mse[:, 0].mean())
     estimate = model.compressed[rung.name]["quality"]["mse_added_estimate"]
     assert measured > 0 and 0.5 <= estimate / measured <= 2.0, (estimate, measured)
 

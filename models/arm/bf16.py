@@ -149,9 +149,7 @@ def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Mod
         added = output_difference(fp32, net, patches)
         name = f"w{width}-bf16"
         nets[width], ratios[width] = net.to(memory_format=torch.channels_last), mse_ratio(model.table, i + 1, scores, added)
-        entry = measured.get(name) or artifact.RungArtifact(
-            rung=name, method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend(model.device),
-            real_speed=True).to_dict()
+        entry = measured.get(name) or rung_artifact(name, model.device).to_dict()
         entry["quality"] = {**entry.get("quality", {}), "mse_added_estimate": round(float(np.mean(added)), 4),
                             "estimated_on": f"{len(patches)} LR patches of the shipped calibration photos "
                                         f"({', '.join(Path(p).stem for p in CALIBRATION_PHOTOS)})"}
@@ -159,8 +157,11 @@ def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Mod
     return nets, ratios, entries
 
 
-def backend(device: torch.device) -> str:
-    return "oneDNN bf16" if device.type == "cpu" else f"{device.type} bf16"
+def rung_artifact(name: str, device: torch.device, **measured) -> artifact.RungArtifact:
+    """The manifest entry of a bf16 rung (``measured``: quality, calibration, command)."""
+    backend = "oneDNN bf16" if device.type == "cpu" else f"{device.type} bf16"
+    return artifact.RungArtifact(rung=name, method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend,
+                                 real_speed=True, **measured)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     from datetime import date
 
     from models.arm import data
-    from models.arm.build_table import patch_pairs
+    from models.arm.build_table import patch_errors
     from models.arm.pipeline import ArmSR
     from models.arm.quantize import held_out_psnr
 
@@ -191,33 +192,26 @@ def main(argv: list[str] | None = None) -> None:
     model = ArmSR.from_checkpoint(args.checkpoint, int8=False)
     test = data.load_split("test")
     calibration = calibration_patches()
-    scores = edge_scores(calibration)
+    nets, _ratios, estimates = build(model, calibration)
+    if not nets:
+        raise SystemExit(f"backbone {model.backbone.name} has no bf16 sections (known: {sorted(BF16_SECTIONS)})")
+    bins_seen = len(np.unique(model.table.bins(edge_scores(calibration))))
     rungs = []
     for i, width in enumerate(model.backbone.widths):
-        fp32 = model.subnets[i]
-        net = bf16_form(model.backbone.name, fp32)
-        if net is None:
-            raise SystemExit(f"backbone {model.backbone.name} has no bf16 sections (known: {sorted(BF16_SECTIONS)})")
+        fp32, net, name = model.subnets[i], nets[width], f"w{width}-bf16"
         fp32_db, bf16_db = held_out_psnr(fp32, test), held_out_psnr(net, test)
-        fp32_mse, bf16_mse = [], []
-        for _lr_p, hr_p, x in patch_pairs(test, tiling.PATCH):
-            for run, acc in ((fp32, fp32_mse), (net, bf16_mse)):
-                with torch.inference_mode():
-                    sr = run(x.contiguous(memory_format=torch.channels_last)).float().clamp(0, 1)
-                acc.append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
-        added = float(np.mean(np.concatenate(bf16_mse)) - np.mean(np.concatenate(fp32_mse)))
-        estimate = float(np.mean(output_difference(fp32, net, calibration)))
+        _scores, mse = patch_errors([fp32, net], test, tiling.PATCH)
+        added = float(mse[:, 1].mean() - mse[:, 0].mean())
+        estimate = estimates[name]["quality"]["mse_added_estimate"]
         print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, bf16 {bf16_db:.3f} dB ({bf16_db - fp32_db:+.3f}); "
               f"added MSE on the test patches {added:.4f}, estimated from the calibration patches {estimate:.4f}",
               flush=True)
-        rungs.append(artifact.RungArtifact(
-            rung=f"w{width}-bf16", method=METHOD, bits={"weights": 16, "activations": 16}, backend=backend(model.device),
-            real_speed=True,
+        rungs.append(rung_artifact(
+            name, model.device,
             quality={"psnr_rgb": round(bf16_db, 4), "fp32_psnr_rgb": round(fp32_db, 4),
                      "drop_db": round(fp32_db - bf16_db, 4), "mse_added": round(added, 4)},
             calibration={"none": "bf16 needs no calibration; the table row is estimated at start-up",
-                         "estimate_check": {"mse_added_estimate": round(estimate, 4),
-                                            "calibration_bins_seen": int(len(np.unique(model.table.bins(scores))))}},
+                         "estimate_check": {"mse_added_estimate": estimate, "calibration_bins_seen": bins_seen}},
             command=artifact.command_line("models.arm.bf16", argv)))
     out = args.out or artifact.bundle_dir(args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)

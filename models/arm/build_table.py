@@ -16,8 +16,9 @@ The table goes into ``manifest.json`` when the checkpoint has one (our models), 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +46,29 @@ def patch_pairs(images: Iterable[tuple[str, np.ndarray, np.ndarray]],
         yield lr_p, hr_p, torch.from_numpy(np.ascontiguousarray(lr_p.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
 
 
+def patch_errors(runs: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                 images: Iterable[tuple[str, np.ndarray, np.ndarray]], step: int,
+                 batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N,), mse (N, len(runs))) over every patch of ``images`` at stride ``step``:
+    each run maps a float NCHW batch in [0, 1] to its SR, which is clamped, rounded to 8 bits
+    and compared with the HR patch as the table measures."""
+    scores, mses = [], []
+    for lr_p, hr_p, x in patch_pairs(images, step):
+        per_run = []
+        for run in runs:
+            with torch.inference_mode():
+                sr = torch.cat([run(x[i:i + batch]).clamp(0, 1) for i in range(0, len(x), batch)])
+            per_run.append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
+        scores.append(edge_scores(lr_p))
+        mses.append(np.stack(per_run, axis=1))
+    return np.concatenate(scores), np.concatenate(mses)
+
+
 def patch_measurements(model: ArmSR, images: list[tuple[str, np.ndarray, np.ndarray]],
                        step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (N,), mse (N, R)) over all validation patches."""
-    scores, mses = [], []
-    for lr_p, hr_p, x in patch_pairs(progress(images, desc="table", log_interval=5), step):
-        per_rung = []
-        for r in range(len(model.rungs)):
-            sr = torch.cat([model.run_patches(r, x[i:i + 256]) for i in range(0, len(x), 256)])
-            sr8 = torch.round(sr * 255).permute(0, 2, 3, 1).numpy()
-            per_rung.append(patch_mse(sr8, hr_p))
-        scores.append(edge_scores(lr_p))
-        mses.append(np.stack(per_rung, axis=1))
-    return np.concatenate(scores), np.concatenate(mses)
+    """(scores (N,), mse (N, R)) of every rung of ``model`` over all validation patches."""
+    runs = [functools.partial(model.run_patches, r) for r in range(len(model.rungs))]
+    return patch_errors(runs, progress(images, desc="table", log_interval=5), step)
 
 
 def build(model: ArmSR, images: list[tuple[str, np.ndarray, np.ndarray]], step: int, bins: int,

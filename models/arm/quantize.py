@@ -259,18 +259,10 @@ def table_mse_ratio(table, fp32: nn.Module, int8: nn.Module, images: list[tuple[
                     step: int = 8) -> np.ndarray:
     """Per bin of ``table``, the int8 network's mean patch MSE over the fp32 network's, on the
     validation patches (bins without a patch take the median ratio)."""
-    from models.arm.build_table import patch_pairs
-    from models.arm.edge import edge_scores
-    from models.arm.metrics import patch_mse
+    from models.arm.build_table import patch_errors
 
-    bins, fp32_mse, int8_mse = [], [], []
-    for lr_p, hr_p, x in patch_pairs(images, step):
-        for net, acc in ((fp32, fp32_mse), (int8, int8_mse)):
-            with torch.inference_mode():
-                sr = torch.cat([net(x[i:i + 256]).clamp(0, 1) for i in range(0, len(x), 256)])
-            acc.append(patch_mse(torch.round(sr * 255).permute(0, 2, 3, 1).numpy(), hr_p))
-        bins.append(table.bins(edge_scores(lr_p)))
-    idx, a, b = np.concatenate(bins), np.concatenate(fp32_mse), np.concatenate(int8_mse)
+    scores, mse = patch_errors([fp32, int8], images, step)
+    idx, a, b = table.bins(scores), mse[:, 0], mse[:, 1]
     n = len(table.x_centers)
     counts = np.bincount(idx, minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):

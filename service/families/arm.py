@@ -256,9 +256,8 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
         out = []
         for r in m.rungs:
             entry = m.compressed.get(r.name, {})
-            own = entry.get("quality", {})
-            quality = {"psnr_rgb": own.get("psnr_rgb", measured.get(r.name, {}).get("psnr_rgb"))}
-            quality.update({k: v for k, v in own.items() if k != "psnr_rgb"})  # drop, estimates and what they rest on
+            own = entry.get("quality", {})  # with its drop, estimates and what they rest on
+            quality = {**own, "psnr_rgb": own.get("psnr_rgb", measured.get(r.name, {}).get("psnr_rgb"))}
             detail: dict = {"index": r.index, "width": r.width, "precision": r.precision}
             if per_patch is not None:
                 detail["ms_per_patch_full_batch"] = round(1000 * float(per_patch[r.index]), 4)
