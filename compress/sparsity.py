@@ -9,7 +9,8 @@ sparsity follows from the ranking. The sparsity rises on a sigmoid,
 ``p_t = p * sigmoid(beta * (e - E / 2))`` (0 for the first ~45 % of E epochs, ``p`` after
 ~55 %). They differ only in the criterion:
 
-* **OptG**: a real-valued score ``S`` per weight, initialised to 0, trained by SGD
+* **OptG**: a real-valued score ``S`` per weight, initialised to 0 (or to ``|W|``, see
+  ``Sparsifier``), trained by SGD
   (momentum 0.9, no weight decay) with the mask straight-through, so
   ``dL/dS = (dL/dW_eff) * W``: every step adds the first-order saliency ``-lr g W`` of kept
   *and* pruned weights (a pruned weight still has a gradient at ``W_eff = 0``, so it can
@@ -32,14 +33,18 @@ exists (there is none for 3x3 or depth-wise convolutions).
 
 from __future__ import annotations
 
+import argparse
 import math
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 METHODS = ("optg", "gmp")
+SCORE_INITS = ("zero", "magnitude")
 
 
 class Masked(nn.Module):
@@ -54,6 +59,22 @@ class Masked(nn.Module):
         if self.scores is None:
             return w * self.mask
         return w * (self.mask + self.scores - self.scores.detach())
+
+
+def add_arguments(ap: argparse.ArgumentParser, score_init: str) -> None:
+    """The command-line options every sparsity command shares (method, target, seed, output,
+    run length and schedule, OptG's score start); ``score_init`` is the command's default."""
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--epochs", type=int, default=100, help="mask re-allocations (and schedule units) per run")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--score-init", choices=SCORE_INITS, default=score_init,
+                    help="OptG: the scores start at 0 (the method) or at |W| ('magnitude': the first masks are "
+                    "magnitude pruning's, then the accumulated saliency moves them)")
 
 
 def to_csr(weight: torch.Tensor) -> torch.Tensor:
@@ -71,8 +92,15 @@ class Sparsifier:
     of ``method`` towards ``target`` sparsity over ``epochs`` epochs of ``steps_per_epoch``."""
 
     def __init__(self, net: nn.Module, method: str, target: float, epochs: int, steps_per_epoch: int,
-                 beta: float = 1.0, score_lr_ramp: bool = True, dense_ends: bool = False) -> None:
-        """``dense_ends``: leave the first and the last masked layer dense (the method's
+                 beta: float = 1.0, score_lr_ramp: bool = True, dense_ends: bool = False,
+                 score_init: str = "zero", modules: list[nn.Module] | None = None) -> None:
+        """``score_init``: OptG's scores start at 0 (the method, from scratch) or at ``|W|``
+        ("magnitude"): from a trained network magnitude is already a strong ranking, and
+        scores starting at 0 must learn a better one in the run's few thousand steps; from
+        ``|W|`` the first masks are magnitude pruning's and the accumulated saliency
+        ``-lr g W`` (in the same units: weight x step) moves weights across the threshold.
+        ``modules``: the layers to mask (default: every Conv2d and Linear of ``net``).
+        ``dense_ends``: leave the first and the last masked layer dense (the method's
         ``--first-layer-dense`` and ``--last-layer-dense``). From scratch they matter: the
         classifier starts at N(0, 0.01), far below the convolutions' He init, so one global
         magnitude threshold removes it whole and the network is left at chance."""
@@ -82,13 +110,18 @@ class Sparsifier:
             raise ValueError("target sparsity must be in [0, 1)")
         self.method, self.target, self.epochs, self.steps_per_epoch, self.beta = (
             method, target, epochs, steps_per_epoch, beta)
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"score_init {score_init!r}: use one of {SCORE_INITS}")
         self.score_lr_ramp = score_lr_ramp
         self.layers: list[tuple[nn.Module, Masked]] = []
-        candidates = [m for m in net.modules()
+        candidates = [m for m in (net.modules() if modules is None else modules)
                       if isinstance(m, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(m)]
         for module in candidates[1:-1] if dense_ends else candidates:
             masked = Masked(module.weight, scores=method == "optg")
             parametrize.register_parametrization(module, "weight", masked)
+            if masked.scores is not None and score_init == "magnitude":
+                with torch.no_grad():
+                    masked.scores.copy_(self.original(module).abs())
             self.layers.append((module, masked))
 
     @staticmethod
@@ -195,6 +228,32 @@ class CsrLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def dense_vs_csr_seconds(net: nn.Module, inputs: dict[int, torch.Tensor], rounds: int = 7) -> dict:
+    """Median seconds per batch of ``net`` (in eval mode, unchanged) against a copy of it with
+    CSR 1x1/Linear kernels, for each ``{batch: input}``, interleaved round by round so that a
+    noisy host slows both alike; the two must compute the same function. Threads: the caller's."""
+    import copy
+    import statistics
+
+    csr = with_csr_kernels(copy.deepcopy(net))
+    out = {}
+    with torch.inference_mode():
+        for batch, x in inputs.items():
+            torch.testing.assert_close(csr(x), net(x), atol=1e-3, rtol=1e-3)
+            times: dict[str, list[float]] = {"dense": [], "csr": []}
+            reps = 20 if batch == 1 else 3
+            for _ in range(rounds):
+                for name, m in (("dense", net), ("csr", csr)):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        m(x)
+                    times[name].append((time.perf_counter() - t0) / reps)
+            d, c = statistics.median(times["dense"]), statistics.median(times["csr"])
+            out[f"batch_{batch}"] = {"dense_ms": round(1e3 * d, 3), "csr_ms": round(1e3 * c, 3),
+                                     "csr_over_dense": round(c / d, 3)}
+    return out
+
+
 def with_csr_kernels(net: nn.Module) -> nn.Module:
     """``net`` (in place) with every 1x1 convolution and linear layer on CSR kernels."""
     for module in list(net.modules()):
@@ -207,5 +266,5 @@ def with_csr_kernels(net: nn.Module) -> nn.Module:
     return net
 
 
-__all__ = ["CsrLinear", "CsrPointwise", "METHODS", "Masked", "Sparsifier", "storage_bytes", "weight_sparsity",
+__all__ = ["CsrLinear", "CsrPointwise", "METHODS", "SCORE_INITS", "add_arguments", "dense_vs_csr_seconds", "Masked", "Sparsifier", "storage_bytes", "weight_sparsity",
            "with_csr_kernels"]

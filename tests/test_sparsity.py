@@ -62,6 +62,28 @@ def test_global_reallocation_prunes_the_lowest_share_across_layers(method):
     assert len({round(r, 3) for r in sp.per_layer()}) > 1  # rates differ per layer: one global ranking
 
 
+def test_magnitude_initialised_scores_start_from_magnitude_prunings_masks_and_then_move():
+    """``score_init="magnitude"``: the first re-allocation keeps what magnitude pruning keeps;
+    the scores then accumulate the saliency, so a trained step can change the ranking."""
+    optg, gmp = _net(), _net()
+    sp_o = sparsity.Sparsifier(optg, "optg", 0.8, 10, 1, score_init="magnitude")
+    sp_g = sparsity.Sparsifier(gmp, "gmp", 0.8, 10, 1)
+    sp_o.reallocate(0.6)
+    sp_g.reallocate(0.6)
+    for (_, a), (_, b) in zip(sp_o.layers, sp_g.layers):
+        assert torch.equal(a.mask, b.mask)
+    first = [k.mask.clone() for _, k in sp_o.layers]
+    opt = torch.optim.SGD([sp_o.score_group(50.0)], lr=50.0)
+    for _ in range(5):
+        opt.zero_grad()
+        optg(torch.randn(16, 3, 6, 6)).square().sum().backward()
+        opt.step()
+    sp_o.reallocate(0.6)
+    assert any(not torch.equal(m, k.mask) for m, (_, k) in zip(first, sp_o.layers))
+    with pytest.raises(ValueError, match="score_init"):
+        sparsity.Sparsifier(_net(), "optg", 0.5, 10, 1, score_init="random")
+
+
 def test_the_schedule_ramps_on_a_sigmoid_and_the_score_rate_follows_it():
     sp = sparsity.Sparsifier(_net(), "optg", 0.9, 100, 3)
     assert sp.sparsity_at(0) < 1e-20 and sp.sparsity_at(50) == pytest.approx(0.45) and sp.sparsity_at(99) > 0.8999
@@ -143,3 +165,62 @@ def test_sparse_training_resumes_to_the_same_weights_scores_and_masks(tmp_path, 
     assert_resumes_exactly(run, tmp_path / "state.pt", monkeypatch, saved_step=3)
     names = list(run(None).state_dict())
     assert any("scores" in k for k in names) and any("mask" in k for k in names)
+
+
+def test_only_the_given_modules_are_masked_and_csr_timing_checks_the_function():
+    net = _net()
+    sp = sparsity.Sparsifier(net, "gmp", 0.9, 10, 1, modules=[net[2], net[6]])
+    sp.reallocate(0.5)
+    assert [m for m, _ in sp.layers] == [net[2], net[6]]
+    assert not hasattr(net[0], "parametrizations")
+    sp.export()
+    speed = sparsity.dense_vs_csr_seconds(net.eval(), {1: torch.randn(1, 3, 6, 6), 4: torch.randn(4, 3, 6, 6)},
+                                          rounds=1)
+    assert set(speed) == {"batch_1", "batch_4"} and all(v["dense_ms"] > 0 and v["csr_ms"] > 0 for v in speed.values())
+    assert isinstance(net[2], nn.Conv2d)  # timed on a copy: the network itself keeps its dense layers
+
+
+def test_cfvit_linear_sparsity_fine_tune_resumes_and_writes_a_bundle_with_its_own_evaluation(tmp_path, monkeypatch):
+    """``models.cfvit.sparse`` end to end on a tiny CF-ViT: the Linear layers but the classifier
+    reach the target, an interrupted run resumes to the same weights, and the written bundle
+    loads with the evaluation of the sparse network (not the dense one's)."""
+    from safetensors.torch import load_file
+
+    from models.cfvit import data, sparse, train
+    from models.cfvit.checkpoint import load_ours
+
+    small = {"train": 256, "val": 64, "test": 64}
+    monkeypatch.setattr(data, "load", lambda name, split: data.synthetic_shapes(small[split], seed=len(split)))
+    train.main(["--data", "shapes", "--steps", "4", "--batch", "16", "--out", str(tmp_path / "dense-run"),
+                "--eval-every", "0", "--embed-dim", "32", "--depth", "2", "--heads", "2", "--limit-eval", "64",
+                "--name", "t", "--pause-file", "", "--weights-dir", str(tmp_path / "weights")])
+    bundle = tmp_path / "weights" / "t"
+    args = [str(bundle), "--method", "optg", "--sparsity", "0.9", "--steps", "6", "--epochs", "3", "--batch", "16",
+            "--save-every", "3", "--limit-eval", "64"]
+    straight = sparse.main(args + ["--out", str(tmp_path / "straight")])
+
+    real = sparse.progress
+
+    def dies_at_step_5(items, **options):
+        for i, item in enumerate(real(items, **options)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(sparse, "progress", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        sparse.main(args + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(sparse, "progress", real)
+    sparse.main(args + ["--out", str(tmp_path / "resumed")])
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    loaded = load_ours(tmp_path / "straight")
+    masked = sparse.masked_linears(loaded.model)
+    zeros = sum(int((m.weight == 0).sum()) for m in masked)
+    assert zeros == pytest.approx(0.9 * sum(m.weight.numel() for m in masked), abs=1)
+    assert straight["masked_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert int((loaded.model.head.weight == 0).sum()) == 0  # the classifier stays dense
+    assert round(loaded.meta["evaluation"]["test"]["accuracy_all_fine"], 4) == straight["accuracy"]["test"]["all_fine"]
+    assert loaded.meta["sparsity"]["method"] == "optg" and straight["speed_1_thread"]["batch_32"]["csr_ms"] > 0

@@ -41,46 +41,20 @@ from models.pssnet import dense_train
 from models.pssnet.dense_train import say
 
 
-def csr_speed(net: torch.nn.Module, size: int, rounds: int = 7) -> dict:
-    """Median seconds per batch of the network dense and with CSR 1x1/linear kernels, at
-    batch 1 and 32, measured interleaved (one thread is the caller's setting)."""
+def csr_speed(net: torch.nn.Module, size: int) -> dict:
+    """The network with BN folded, dense against CSR 1x1/linear kernels (``compress.sparsity``)."""
     import copy
-    import statistics
 
     from models.pssnet.nets import fold_bn
 
     dense = fold_bn(copy.deepcopy(net).eval())
-    csr = sparsity.with_csr_kernels(copy.deepcopy(dense))
-    out = {}
-    for batch in (1, 32):
-        x = torch.randn(batch, 3, size, size)
-        times: dict[str, list[float]] = {"dense": [], "csr": []}
-        with torch.inference_mode():
-            torch.testing.assert_close(csr(x), dense(x), atol=1e-3, rtol=1e-3)
-            for _ in range(rounds):
-                for name, m in (("dense", dense), ("csr", csr)):
-                    reps = 20 if batch == 1 else 3
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        m(x)
-                    times[name].append((time.perf_counter() - t0) / reps)
-        d, c = statistics.median(times["dense"]), statistics.median(times["csr"])
-        out[f"batch_{batch}"] = {"dense_ms": round(1e3 * d, 3), "csr_ms": round(1e3 * c, 3),
-                                 "csr_over_dense": round(c / d, 3)}
-    return out
+    return sparsity.dense_vs_csr_seconds(dense, {b: torch.randn(b, 3, size, size) for b in (1, 32)})
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--method", choices=sparsity.METHODS, required=True)
-    ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True)
+    sparsity.add_arguments(ap, score_init="zero")
     ap.add_argument("--start", choices=("trained", "scratch"), default="trained")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--epochs", type=int, default=100, help="mask re-allocations (and schedule units) per run")
-    ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--masked-ends", action="store_true", help="mask the stem convolution and the classifier "
                     "too (default: dense, the method's --first-layer-dense --last-layer-dense)")
     ap.add_argument("--score-lr", choices=("constant", "ramp"), default="constant",
@@ -114,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     before = dense_train.accuracy(net, sets)
     steps_per_epoch = math.ceil(args.steps / args.epochs)
     sp = sparsity.Sparsifier(net, args.method, args.sparsity, args.epochs, steps_per_epoch, args.beta,
-                             score_lr_ramp=args.score_lr == "ramp", dense_ends=not args.masked_ends)
+                             score_lr_ramp=args.score_lr == "ramp", dense_ends=not args.masked_ends,
+                             score_init=args.score_init)
     cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                                   warmup_steps=5 * steps_per_epoch, label_smoothing=args.label_smoothing,
                                   seed=args.seed, save_every=args.save_every)
@@ -144,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "real_speed": speed["batch_32"]["csr_over_dense"] < 1.0,
         "schedule": {"epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "beta": args.beta,
                      "score_lr": (None if args.method != "optg" else "weights' lr x sigmoid(beta (e - E/2))"
-                                  if args.score_lr == "ramp" else "weights' lr")},
+                                  if args.score_lr == "ramp" else "weights' lr"),
+                     "score_init": args.score_init if args.method == "optg" else None},
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "seconds": round(seconds, 1),
                      "data": "glyph train split, demo augmentation"},
         "command": command_line("models.pssnet.sparse", argv), "date": date.today().isoformat()})
