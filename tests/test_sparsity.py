@@ -224,3 +224,9 @@ def test_cfvit_linear_sparsity_fine_tune_resumes_and_writes_a_bundle_with_its_ow
     assert int((loaded.model.head.weight == 0).sum()) == 0  # the classifier stays dense
     assert round(loaded.meta["evaluation"]["test"]["accuracy_all_fine"], 4) == straight["accuracy"]["test"]["all_fine"]
     assert loaded.meta["sparsity"]["method"] == "optg" and straight["speed_1_thread"]["batch_32"]["csr_ms"] > 0
+
+    # The weights' optimiser never sees a score: those learn by SGD alone, without decay.
+    sp = sparsity.Sparsifier(loaded.model, "optg", 0.9, 3, 2, modules=sparse.masked_linears(loaded.model))
+    in_adamw = {id(p) for g in sparse.weight_groups(loaded.model, sp, 0.05) for p in g["params"]}
+    assert sp.scores() and not any(id(s) in in_adamw for s in sp.scores())
+    assert all(id(sp.original(m)) in in_adamw for m, _ in sp.layers)

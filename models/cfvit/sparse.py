@@ -53,6 +53,14 @@ def masked_linears(model: CfVisionTransformer) -> list[nn.Linear]:
     return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith("head")]
 
 
+def weight_groups(model: CfVisionTransformer, sp: sparsity.Sparsifier, weight_decay: float) -> list[dict]:
+    """AdamW's groups (the bundle's decay rule) without OptG's scores, which are parameters of
+    the model too but have their own optimiser (SGD, no decay)."""
+    scores = {id(p) for p in sp.scores()}
+    return [{**g, "params": [p for p in g["params"] if id(p) not in scores]}
+            for g in param_groups(model, weight_decay)]
+
+
 def evaluate(model: CfVisionTransformer, sets: dict[str, data.Split], limit: int | None) -> dict[str, dict]:
     """The bundle's evaluation (accuracy coarse-only and all-fine, and the eta curve) per split."""
     return {split: evaluate_split(model, ds, limit) for split, ds in sets.items()}
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers = masked_linears(model)
     sp = sparsity.Sparsifier(model, args.method, args.sparsity, args.epochs, steps_per_epoch, args.beta,
                              score_lr_ramp=False, score_init=args.score_init, modules=layers)
-    weights = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    weights = torch.optim.AdamW(weight_groups(model, sp, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scores = torch.optim.SGD(sp.scores(), lr=args.score_lr, momentum=0.9) if args.method == "optg" else None
     warmup = 5 * steps_per_epoch
     train_set = data.load("glyphs", "train")
