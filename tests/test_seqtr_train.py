@@ -28,7 +28,7 @@ def det_bundle(tmp_path_factory) -> Path:
     argv = ["--task", "det", "--name", "t-det", "--out", str(root / "run"), "--weights-dir", str(root / "w"),
             "--steps", "3", *FAST]
     assert T.main(argv + ["--stop-after", "2"]) is None  # interrupted: state saved at step 2
-    st = torch.load(root / "run" / "train_state.pt", weights_only=False)
+    st = torch.load(root / "run" / "train_state.pt", weights_only=True)
     assert st["step"] == 2
     out = T.main(argv)  # the same command resumes and finishes
     mp.undo()
@@ -111,7 +111,7 @@ def test_init_from_train_state(det_bundle: Path, tmp_path: Path, monkeypatch) ->
     model = T.SeqTR(T.seqtr_tiny("det", vocab_size=len(scenes.vocabulary_words()) + 3, max_token=15))
     info = T.init_from(model, state)
     assert info["weights"] == "ema" and info["step"] == 3 and not info["skipped"]
-    src = torch.load(state, weights_only=False)["ema"]
+    src = torch.load(state, weights_only=True)["ema"]
     assert all(torch.equal(v, src[k]) for k, v in model.state_dict().items())
 
 
@@ -186,7 +186,7 @@ def test_training_aids_run_and_are_recorded(tmp_path: Path, monkeypatch) -> None
     tr = manifest["training"]
     assert tr["aux_referent_weight"] == 1 and tr["aux_colour_weight"] == 1
     assert all(np.isfinite(e["aux_loss"]) and np.isfinite(e["colour_loss"]) for e in tr["log"])
-    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert st["aux_head"] is not None and st["colour_probe"] is not None
     # the training-only heads are not part of the bundled model
     model, _, _ = load(out)

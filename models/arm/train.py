@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     width_rng = np.random.default_rng(args.seed + 1)
     start, elapsed, paused_total = 0, 0.0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)  # our own file, written below
+        st = torch.load(state_path, weights_only=True)  # our own file: tensors, dicts, numbers, strings
         net.full.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     state_path = args.out / "train_state.pt"
     start, elapsed = 0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)  # our own file, written below
+        st = torch.load(state_path, weights_only=True)  # our own file: tensors, dicts, numbers, strings
         model.load_state_dict(st["model"])
         weights.load_state_dict(st["weights"])
         if scores is not None:

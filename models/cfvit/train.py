@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed + 1)
     start, elapsed, resumed_from, log, paused_total, cpu_before = 0, 0.0, [], [], 0.0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)  # our own file, written below
+        st = torch.load(state_path, weights_only=True)  # our own file: tensors, dicts, numbers, strings
         if st["argv"] != argv:
             print(f"note: resuming a run started as {shlex.join(st['argv'])!r}", file=sys.stderr)
         model.load_state_dict(st["model"])

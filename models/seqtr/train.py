@@ -216,7 +216,7 @@ def init_from(model: SeqTR, source: Path) -> dict:
     it has them), e.g. to continue from a run on an earlier scene generator."""
     info: dict = {"from": str(source)}
     if source.is_file():
-        st = torch.load(source, weights_only=False)  # our own training state
+        st = torch.load(source, weights_only=True)  # a training state: tensors, dicts, numbers, strings
         src = st["ema"] if st.get("ema") is not None else st["model"]
         info.update({"weights": "ema" if st.get("ema") is not None else "raw", "step": st["step"],
                      "command": "python -m models.seqtr.train " + shlex.join(st["argv"]),
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     start, elapsed, paused_before, resumed_from, log = 0, 0.0, 0.0, [], []
     history: list[dict] = []  # earlier command lines of this run (a resumed run may change e.g. --steps)
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)  # our own file, written below
+        st = torch.load(state_path, weights_only=True)  # our own file: tensors, dicts, numbers, strings
         if st["argv"] != argv:
             print(f"note: resuming a run started as {shlex.join(st['argv'])!r}", flush=True)
         model.load_state_dict(st["model"])
