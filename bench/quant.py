@@ -3,11 +3,13 @@
     python -m bench.quant                                 # ARM, PSS-Net and CF-ViT, bundled models
     python -m bench.quant --family pssnet --rounds 7 --png docs/img/quant_front.png --json out.json
     python -m bench.quant --family arm --arm-checkpoint arm-fsrcnn.pth --arm-int8-dir runs/arm-official-int8
+    python -m bench.quant --family cfvit --cfvit-sparse runs/cfvit-sparse/optg-90-s1 runs/cfvit-sparse/gmp-90-s1
 
 PSS-Net: every ladder rung in fp32 and as the server builds its int8 rung (from the bundle's
 stored calibration, ``python -m models.pssnet.quantize``; oneDNN kernels), plus the same rung
 calibrated on Gaussian noise (the naive data-free baseline).  CF-ViT: fp32 and the bundle's
-int8 version (dynamic int8 linears), at eta 0 (coarse only) and eta 1.01 (all fine).
+int8 version (dynamic int8 linears), at eta 0 (coarse only) and eta 1.01 (all fine), and
+any sparse CF-ViT bundles given (``--cfvit-sparse``) on dense and on CSR kernels.
 ARM: bicubic, every width in fp32, as the int8 rung ``models.arm.quantize`` trained (DDTB
 8-bit QAT, oneDNN kernels) and as the bf16 rung the server builds where the CPU has native bf16
 (``models.arm.bf16``: expand + upsampler in bf16); quality is RGB PSNR on the 8 test photos (whole images at one rung),
@@ -104,7 +106,14 @@ def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]
     return rows
 
 
-def cfvit_rows(rounds: int, progress: Callable[[str], None]) -> list[dict]:
+def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] = ()) -> list[dict]:
+    """The bundled CF-ViT in fp32 and int8; each ``sparse`` bundle (``models.cfvit.sparse``,
+    not served) adds its network on dense kernels and with its sparse Linear layers on CSR
+    kernels, timed in the same interleaved rounds."""
+    import copy
+
+    from compress.sparsity import with_csr_kernels
+    from models.cfvit.checkpoint import load_ours
     from models.cfvit.serving import CfVitModel
     from models.glyphs.data import load_split
 
@@ -125,6 +134,17 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None]) -> list[dict]:
                          "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
                          "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
             variants[name] = run
+    for folder in sparse:
+        net = load_ours(folder).model.eval()
+        for kernel, k_net in (("dense", net), ("csr", with_csr_kernels(copy.deepcopy(net)))):
+            for stage, eta in (("coarse", 0.0), ("fine", 1.01)):
+                run = (lambda net, eta: lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits)(k_net, eta)
+                name = f"{stage}/{folder.name}/{kernel}"
+                progress(f"CF-ViT {name}: held-out top-1")
+                rows.append({"model": model.name, "rung": f"{stage} {folder.name} {kernel}", "precision": "fp32",
+                             "calibration": None, "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
+                             "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
+                variants[name] = run
     return timed(rows, variants, x, rounds, progress)
 
 
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-n", type=int, default=512, help="noise inputs of the noise-calibrated baseline")
     ap.add_argument("--png", type=Path, default=None, help="write the accuracy-vs-time front here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cfvit-sparse", type=Path, nargs="*", default=[],
+                    help="sparse CF-ViT bundles (models.cfvit.sparse) to time on dense and CSR kernels")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     random.seed(0)
@@ -210,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family in ("pssnet", "all"):
         rows += pssnet_rows(args.rounds, args.calibration_n, progress)
     if args.family in ("cfvit", "all"):
-        rows += cfvit_rows(args.rounds, progress)
+        rows += cfvit_rows(args.rounds, progress, args.cfvit_sparse)
     mark_front(rows)
     print(f"torch {torch.__version__}, {args.threads} thread(s), quantized engine "
           f"{torch.backends.quantized.engine}; quality: RGB PSNR on the 8 ARM test photos, top-1 on 5,000 held-out "

@@ -127,6 +127,17 @@ def test_csr_kernels_compute_the_same_function():
         torch.testing.assert_close(csr(x), dense, atol=1e-5, rtol=1e-4)
 
 
+def test_csr_kernels_leave_dense_layers_dense():
+    """A layer a method kept dense (a classifier) would only be slower on CSR."""
+    net = _net()
+    sp = sparsity.Sparsifier(net, "gmp", 0.9, 10, 1, modules=[net[2]])
+    sp.reallocate(0.9)
+    sp.export()
+    csr = sparsity.with_csr_kernels(net.eval())
+    assert isinstance(csr[2], sparsity.CsrPointwise)
+    assert isinstance(csr[6], nn.Linear)
+
+
 def test_weight_decay_reaches_a_masked_weight():
     from models.pssnet.train import param_groups
 
