@@ -125,26 +125,25 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] 
     if int8 is None:
         raise SystemExit("the bundled CF-ViT has no int8 version: python -m models.cfvit.quantize BUNDLE")
     rows, variants = [], {}
-    for stage, eta in (("coarse", 0.0), ("fine", 1.01)):
+
+    def add(net: torch.nn.Module, stage: str, eta: float, rung: str, precision: str, name: str) -> None:
+        """One row: ``net`` exiting at ``eta`` (0: coarse only, 1.01: all fine), measured here."""
+        run = lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits  # noqa: E731
+        progress(f"CF-ViT {name}: held-out top-1")
+        rows.append({"model": model.name, "rung": rung, "precision": precision, "calibration": None,
+                     "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
+                     "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
+        variants[name] = run
+
+    stages = (("coarse", 0.0), ("fine", 1.01))
+    for stage, eta in stages:
         for precision, net in (("fp32", model.net), ("int8", int8)):
-            run = (lambda net, eta: lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits)(net, eta)
-            name = f"{stage}/{precision}"
-            progress(f"CF-ViT {name}: held-out top-1")
-            rows.append({"model": model.name, "rung": stage, "precision": precision, "calibration": None,
-                         "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
-                         "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
-            variants[name] = run
+            add(net, stage, eta, stage, precision, f"{stage}/{precision}")
     for folder in sparse:
         net = load_ours(folder).model.eval()
         for kernel, k_net in (("dense", net), ("csr", with_csr_kernels(copy.deepcopy(net)))):
-            for stage, eta in (("coarse", 0.0), ("fine", 1.01)):
-                run = (lambda net, eta: lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits)(k_net, eta)
-                name = f"{stage}/{folder.name}/{kernel}"
-                progress(f"CF-ViT {name}: held-out top-1")
-                rows.append({"model": model.name, "rung": f"{stage} {folder.name} {kernel}", "precision": "fp32",
-                             "calibration": None, "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
-                             "quality": 100 * top1(run, x, y), "metric": "top-1 %", "variant": name})
-                variants[name] = run
+            for stage, eta in stages:
+                add(k_net, stage, eta, f"{stage} {folder.name} {kernel}", "fp32", f"{stage}/{folder.name}/{kernel}")
     return timed(rows, variants, x, rounds, progress)
 
 

@@ -34,7 +34,9 @@ exists (there is none for 3x3 or depth-wise convolutions).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -232,9 +234,6 @@ def dense_vs_csr_seconds(net: nn.Module, inputs: dict[int, torch.Tensor], rounds
     """Median seconds per batch of ``net`` (in eval mode, unchanged) against a copy of it with
     CSR 1x1/Linear kernels, for each ``{batch: input}``, interleaved round by round so that a
     noisy host slows both alike; the two must compute the same function. Threads: the caller's."""
-    import copy
-    import statistics
-
     csr = with_csr_kernels(copy.deepcopy(net))
     out = {}
     with torch.inference_mode():

@@ -33,13 +33,13 @@ import json
 import math
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from compress import sparsity
+from compress.artifact import command_line
 from models.cfvit import data
 from models.cfvit.checkpoint import load_ours, save_ours
 from models.cfvit.evaluate import evaluate_split
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only (tests)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from compress.artifact import command_line
 
     tag = f"cfvit {args.method} {args.sparsity:.0%} seed {args.seed}"
     bundle = load_ours(args.bundle)

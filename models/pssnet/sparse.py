@@ -32,11 +32,11 @@ import json
 import math
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
 from compress import sparsity
+from compress.artifact import command_line
 from models.pssnet import dense_train
 from models.pssnet.dense_train import say
 
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.lr = args.lr if args.lr is not None else (0.05 if args.start == "scratch" else 0.01)
     torch.set_num_threads(args.threads)
-    from compress.artifact import command_line
     from models.pssnet.nets import DenseSubnet, _init_weights
     from models.pssnet.serving import PssNetModel
 
