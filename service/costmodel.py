@@ -28,7 +28,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,17 +62,6 @@ class LinearCost:
         if icpt < 0:  # through the origin instead
             return cls(0.0, float(np.median(t / np.maximum(n, 1e-12))))
         return cls(icpt, slope)
-
-
-def time_call(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall-clock of ``repeats`` calls, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class TailEstimate:
@@ -145,11 +134,36 @@ class CostModel:
 
     # --- calibration ------------------------------------------------------------------
 
+    def calibrate_rungs(self, runs: Mapping[Hashable, Callable[[int], object]], sizes: Iterable[int],
+                        repeats: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        """Time ``runs[key](n)`` (one forward pass of n items) at each size and fit each key's line.
+
+        Interleaved: after one untimed warm-up call each, every round times every (key, size)
+        once, in the same order, and each key's time at a size is the median over the rounds.
+        The planner compares rungs with each other, so what matters is their *relative* times.
+        Timed one rung after another, a co-tenant's burst during one rung's turn made that rung
+        look up to 1.5x slower than it was (a shared 2-core VM, ARM's seven rungs: w56-bf16 at
+        0.52-1.06 of w56 over eight start-ups), the planner never chose it, and a rung never
+        chosen is never observed, so the error stayed.  Interleaved, a burst lands on all
+        rungs alike, and one no longer than a round reaches each (key, size) in one round
+        only, which the median drops.  ``clock`` is for tests."""
+        sizes = list(sizes)
+        cells = [(key, n) for key in runs for n in sizes]
+        for key, n in cells:
+            runs[key](n)
+        seconds: dict[tuple[Hashable, int], list[float]] = {cell: [] for cell in cells}
+        for _ in range(repeats):
+            for key, n in cells:
+                t0 = clock()
+                runs[key](n)
+                seconds[(key, n)].append(clock() - t0)
+        for key in runs:
+            self.rungs[key] = LinearCost.fit([(n, statistics.median(seconds[(key, n)])) for n in sizes])
+            self.rung_ratio[key] = 1.0
+
     def calibrate_rung(self, key: Hashable, run: Callable[[int], object], sizes: Iterable[int], repeats: int) -> None:
-        """Time ``run(n)`` (one forward pass of n items) at each size and fit the line."""
-        samples = [(n, time_call(lambda n=n: run(n), repeats)) for n in sizes]
-        self.rungs[key] = LinearCost.fit(samples)
-        self.rung_ratio[key] = 1.0
+        """One rung alone (``calibrate_rungs`` with a single key)."""
+        self.calibrate_rungs({key: run}, sizes, repeats)
 
     def calibrate_overhead(self, samples: list[tuple[float, float]]) -> None:
         self.overhead = LinearCost.fit(samples)

@@ -68,10 +68,9 @@ class FamilyRuntime:
         t0 = time.perf_counter()
         reps = self.settings.calibration_repeats
         with torch.inference_mode():
-            for key in self.keys:
-                inputs = self.example(key, self.max_batch)
-                self.cost.calibrate_rung(key, lambda n, key=key, inputs=inputs: self.forward(key, take(inputs, 0, n)),
-                                         self.calibration_sizes(), reps)
+            inputs = {key: self.example(key, self.max_batch) for key in self.keys}
+            self.cost.calibrate_rungs({key: lambda n, key=key: self.forward(key, take(inputs[key], 0, n))
+                                       for key in self.keys}, self.calibration_sizes(), reps)
             if extra is not None:
                 extra()
         self.calibration_s = time.perf_counter() - t0

@@ -179,3 +179,31 @@ def test_a_seven_rung_ladder_plans_within_the_limit_and_beats_every_single_rung(
         for k in range(7):
             if times.seconds(np.full(n, k)) <= budget * full:
                 assert total <= err[:, k].sum() + 1e-9
+
+
+def test_a_seven_rung_ladder_is_no_worse_than_any_two_rung_plan():
+    """Brute force over every pair of rungs and every split of the patches between them:
+    the planner's plan within the limit is at least as good as the best of them.  (Before
+    pairs were searched, a rung just over the limit fell back to a cheaper rung everywhere
+    instead of the same rung with two patches at bicubic.)"""
+    rng = np.random.default_rng(3)
+    n = 9
+    quality = np.array([0.0, 1.0, 1.6, 1.7, 0.95, 1.55, 1.65])  # bicubic, w16/36/56, their bf16
+    err = 60 * np.exp(-quality[None, :] * rng.uniform(0.2, 1.0, size=(n, 1)))
+    times = dispatch.RungTimes(np.array([0.2, 0.9, 1.1, 0.8, 1.2, 1.1, 1.1]) * 1e-3,
+                               np.array([0.16, 0.31, 0.50, 0.67, 0.28, 0.37, 0.42]) * 1e-3, 128)
+    solver = dispatch.SecondsDispatch(err, times)
+    assert solver.joint is not None
+    full = times.seconds(np.full(n, 3))
+    splits = np.array(list(itertools.product([False, True], repeat=n)))
+    for budget in (0.3, 0.45, 0.55, 0.6, 0.65, 0.7, 0.8):
+        rungs = solver.solve(budget * full)
+        assert times.seconds(rungs) <= budget * full * (1 + 1e-9)
+        total = err[np.arange(n), rungs].sum()
+        best_pair = np.inf
+        for a, b in itertools.combinations(range(7), 2):
+            for upper in splits:
+                plan = np.where(upper, b, a)
+                if times.seconds(plan) <= budget * full:
+                    best_pair = min(best_pair, err[np.arange(n), plan].sum())
+        assert total <= best_pair + 1e-9, (budget, total, best_pair)

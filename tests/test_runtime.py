@@ -39,6 +39,25 @@ def _model(per_item: float = 0.001) -> CostModel:
     return cm
 
 
+def test_a_burst_during_calibration_does_not_single_out_one_rung() -> None:
+    """A co-tenant's burst as long as a round of calls landed on the rung being timed (rung
+    after rung: here rung b), which then looked 4x slower and was never chosen.  Calibration
+    interleaves the rungs, so the burst reaches each (rung, size) once and the median over
+    rounds drops it."""
+    now = [0.0]
+    calls = [0]
+
+    def run(n: int) -> None:  # three identical rungs: 1 ms + 0.1 ms per item, 4x during calls 14-22
+        calls[0] += 1
+        now[0] += (0.001 + 0.0001 * n) * (4.0 if 14 <= calls[0] < 23 else 1.0)
+
+    cost = CostModel(max_batch=32)
+    cost.calibrate_rungs({key: run for key in "abc"}, [1, 8, 32], repeats=3, clock=lambda: now[0])
+    for key in "abc":
+        assert cost.predict_forward(key, 32) == pytest.approx(0.0042, rel=1e-6)
+        assert cost.predict_forward(key, 1) == pytest.approx(0.0011, rel=1e-6)
+
+
 def test_prediction_chunks_by_max_batch_and_slowdown_follows_observations() -> None:
     cm = _model()
     assert cm.predict([("a", 40)]) == pytest.approx(0.040)
