@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
     metrics = Metrics()
     torch_threads = settings.torch_threads or max(1, available_cores() - 1)  # a core for HTTP, decode, encode
     machine = Machine(settings, metrics, Planner(settings),
-                      Scheduler(torch_threads, settings.request_timeout_s, settings.batch_max_wait_ms / 1000))
+                      Scheduler(torch_threads, settings.request_timeout_s, settings.batch_max_wait_ms / 1000,
+                                settings.idle_probe_s, settings.probe_max_ms / 1000))
     families = registry.load(settings) if families is None else families
     names = [f.name for f in families]
     if len(set(names)) < len(names):

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(0.0, ge=0.0, description="how long the worker waits for more requests to "
                                      "fill a batch when the queue is empty")
     calibration_repeats: int = Field(3, ge=1, description="timed runs per rung and batch size at start-up")
+    idle_probe_s: float = Field(1.0, ge=0.0, description="after this long with nothing queued, time one rung's "
+                                "forward pass on made-up inputs (round-robin over every rung) to keep the cost "
+                                "model current: a rung whose start-up timing was an outlier is otherwise never "
+                                "chosen and never corrected; 0 turns it off")
+    probe_max_ms: float = Field(5.0, gt=0.0, description="largest predicted time of one idle probe: a request "
+                                "that arrives during a probe waits at most about this long")
     ewma_alpha: float = Field(0.2, gt=0.0, le=1.0, description="weight of the newest observation in the "
                               "observed/predicted time EWMA")
     load_sample_s: float = Field(1.0, gt=0.0, description="CPU/GPU sampling interval")

@@ -24,6 +24,11 @@ Invariants (all under ``_cv``):
 * At dispatch a job that can no longer finish by its deadline is not computed: it fails
   with ``Expired`` (the route answers 429 when the deadline has not passed yet, else 504),
   and a job whose future was cancelled (client gone, shed by its route) is skipped.
+* Idle probes (``idle_probe_s`` > 0): after that long with nothing queued, the thread times
+  one forward pass of one rung, round-robin over every calibrated rung of every family, on
+  made-up inputs, sized to be predicted at most ``probe_max_s``, and feeds it to that
+  family's cost model like any pass.  A probe counts as running work for admission, so a
+  request that arrives meanwhile waits at most about ``probe_max_s`` and is told so.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class Family:
     # cost depends on the outputs (CF-ViT: exited rows cost less) counts its own.
     units: Callable[[Hashable, Items, Items], float] | None = None
     on_batch: Callable[[Hashable, int, float], None] | None = None  # metrics after each pass
+    probe: Callable[[Hashable, int], Items] | None = None  # made-up inputs of n items, for idle probes
     queued: int = 0
     accepting: bool = True
 
@@ -139,11 +145,17 @@ class Family:
 class Scheduler:
     """The machine's one compute thread and its deadline-ordered queue."""
 
+    # Probe sizes tried, largest first: the first predicted within ``probe_max_s`` is used.
+    PROBE_SIZES = (32, 16, 8, 4, 2, 1)
+
     def __init__(self, torch_threads: int = 0, no_deadline_horizon_s: float = 60.0,
-                 max_wait_s: float = 0.0) -> None:
+                 max_wait_s: float = 0.0, idle_probe_s: float = 0.0, probe_max_s: float = 0.005) -> None:
         self.torch_threads = torch_threads  # 0: leave torch's default
         self.no_deadline_horizon_s = no_deadline_horizon_s
         self.max_wait_s = max_wait_s  # wait this long for more work when a batch is not full
+        self.idle_probe_s, self.probe_max_s = idle_probe_s, probe_max_s  # 0: no idle probes
+        self._probes = itertools.count()
+        self.probes_run = 0
         self.families: dict[str, Family] = {}
         self._queue: list[Job] = []  # sorted by Job.order
         self._seq = itertools.count()
@@ -286,13 +298,19 @@ class Scheduler:
     # --- the scheduler thread -----------------------------------------------------------
 
     def _take_batch(self) -> list[Job] | None:
+        """The next batch; None once stopping; [] when the thread has been idle for
+        ``idle_probe_s`` (time for a probe)."""
         with self._cv:
             waited_for: Job | None = None  # each head waits for a fuller batch once
             while True:
                 while not self._queue:
                     if self._stopping:
                         return None
-                    self._cv.wait()
+                    if self.idle_probe_s > 0 and self._accepting:
+                        if not self._cv.wait(self.idle_probe_s) and not self._queue and not self._stopping:
+                            return []
+                    else:
+                        self._cv.wait()
                 head = self._queue[0]
                 if head is waited_for or self.max_wait_s <= 0 or len(self._queue) > 1 or \
                         head.items >= self.families[head.family].max_batch:
@@ -351,6 +369,9 @@ class Scheduler:
             batch = self._take_batch()
             if batch is None:
                 return
+            if not batch:
+                self._probe()
+                continue
             now = time.monotonic()
             live = []
             for job in batch:
@@ -374,6 +395,40 @@ class Scheduler:
             finally:
                 with self._cv:
                     self._running_s = 0.0
+
+    def _probe(self) -> None:
+        """Time one rung's forward pass on made-up inputs into its cost model (the next rung in
+        a round-robin over every family's calibrated rungs).
+
+        Why: start-up calibration is a few timed runs, and on a shared host one of them can be
+        an outlier; a rung calibrated too slow is never chosen, so no request ever corrects it,
+        and the host itself changes over hours.  Probing while idle keeps every rung's ratio
+        and the host's slowdown current at a cost of at most ``probe_max_s`` every
+        ``idle_probe_s`` of idle time."""
+        rungs = [(fam, key) for fam in self.families.values() if fam.probe is not None and fam.accepting
+                 for key in list(fam.cost.rungs)]
+        if not rungs:
+            return
+        fam, key = rungs[next(self._probes) % len(rungs)]
+        n = next((n for n in self.PROBE_SIZES if n <= fam.max_batch and
+                  fam.cost.predict_forward(key, n) <= self.probe_max_s), 1)
+        with self._cv:
+            if self._queue or self._stopping:  # work arrived meanwhile: it goes first
+                return
+            self._running_s, self._running_since = fam.cost.predict_forward(key, n), time.monotonic()
+        try:
+            x = fam.probe(key, n)
+            t0 = time.perf_counter()
+            out = fam.forward(key, x)
+            synchronize(out)
+            seconds = time.perf_counter() - t0
+            fam.cost.observe_forward(key, fam.units(key, x, out) if fam.units else count(x), seconds)
+            self.probes_run += 1
+        except Exception:  # a probe never stops the scheduler; the family's requests will say more
+            log.exception("idle probe of %s failed", fam.name)
+        finally:
+            with self._cv:
+                self._running_s = 0.0
 
     @staticmethod
     def _run(fam: Family, jobs: list[Job]) -> None:
@@ -431,11 +486,12 @@ class Executor:
                  max_batch: int = 128, max_wait_s: float = 0.0,
                  on_batch: Callable[[Hashable, int, float], None] | None = None,
                  units: Callable[[Hashable, Items, Items], float] | None = None,
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None, probe: Callable[[Hashable, int], Items] | None = None) -> None:
         self.name, self.forward, self.cost = name, forward, cost
         self.scheduler = scheduler or Scheduler(max_wait_s=max_wait_s)
         self._own = scheduler is None
-        self.family = self.scheduler.register(Family(name, forward, cost, max_batch, max_queue, units, on_batch))
+        self.family = self.scheduler.register(Family(name, forward, cost, max_batch, max_queue, units, on_batch,
+                                                     probe))
 
     def start(self) -> None:
         self.scheduler.start()

@@ -40,7 +40,7 @@ class FamilyRuntime:
         self.cost = CostModel(self.max_batch, settings.ewma_alpha)
         self.executor = Executor(name, forward, self.cost, settings.max_queue, self.max_batch,
                                  settings.batch_max_wait_ms / 1000, on_batch=self._on_batch, units=units,
-                                 scheduler=scheduler)
+                                 scheduler=scheduler, probe=example)
         self.ready = threading.Event()
         self.calibration_s = 0.0
         self.arrivals = RateMeter(settings.rate_window_s)

@@ -71,7 +71,8 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 # a rung look slower than the full width, and the planner's choices then follow that outlier.
 FAST_START = {"calibration_repeats": 3, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
               "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": [],
-              "arm_int8": False}  # ARM's int8 rungs: tests/test_arm_int8.py
+              "arm_int8": False,  # ARM's int8 rungs: tests/test_arm_int8.py
+              "idle_probe_s": 0.0}  # cost models move only with the tests' own requests (probes: test_runtime.py)
 
 
 @pytest.fixture(scope="module")

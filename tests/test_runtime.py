@@ -362,3 +362,47 @@ def test_a_new_head_gets_its_own_wait_for_a_fuller_batch() -> None:
     late.result(5), also.result(5)
     assert fwd.calls == [("a", 5)]
     ex.shutdown(5)
+
+
+def test_idle_probes_correct_a_rung_calibrated_too_slow_and_yield_to_requests() -> None:
+    """Start-up calibrated rung "b" 3x too slow (an outlier), so a planner would never
+    choose it and no request would ever correct it.  While the scheduler is idle it times
+    every rung in turn, within ``probe_max_s``, and b's prediction comes back to its real
+    time; a request that arrives is served as usual and gets the thread first."""
+    sizes: list[tuple[str, int, float]] = []
+
+    def forward(key: str, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.001 + 0.0001 * len(x))  # both rungs really cost the same
+        return x
+
+    def probe(key: str, n: int) -> torch.Tensor:
+        sizes.append((key, n, cost.predict_forward(key, n)))  # as predicted when the probe was sized
+        return torch.ones(n)
+
+    cost = CostModel(max_batch=64)
+    cost.rungs = {"a": LinearCost(0.001, 0.0001), "b": LinearCost(0.003, 0.0003)}  # b: the outlier
+    cost.rung_ratio = {"a": 1.0, "b": 1.0}
+    sched = Scheduler(idle_probe_s=0.005, probe_max_s=0.003)
+    ex = Executor("m", forward, cost, max_batch=64, scheduler=sched, probe=probe)
+    ex.start()
+    wait_until(lambda: sched.probes_run >= 80, timeout=30, what="80 idle probes")
+    assert {k for k, _, _ in sizes} == {"a", "b"}
+    assert all(predicted <= 0.003 or n == 1 for _, n, predicted in sizes)  # each probe sized to probe_max_s
+    assert max(n for _, n, _ in sizes) > 1
+    ratio = cost.predict_forward("b", 16) / cost.predict_forward("a", 16)
+    assert ratio < 1.8, ratio  # from 3.0: b is on its way back to a's time
+    assert ex.submit(Job([("a", torch.ones(4))], 0.001)).result(5)[0].shape == (4,)
+    assert sched.shutdown(5)
+
+
+def test_no_idle_probes_when_turned_off() -> None:
+    calls: list[int] = []
+    cost = CostModel(max_batch=8)
+    cost.rungs, cost.rung_ratio = {"a": LinearCost(0.001, 0.0001)}, {"a": 1.0}
+    sched = Scheduler(idle_probe_s=0.0)
+    ex = Executor("m", lambda k, x: x, cost, max_batch=8, scheduler=sched,
+                  probe=lambda k, n: calls.append(n) or torch.ones(n))
+    ex.start()
+    time.sleep(0.2)
+    assert calls == [] and sched.probes_run == 0
+    assert sched.shutdown(5)
