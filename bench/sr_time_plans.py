@@ -12,14 +12,16 @@ its sets of rungs searched as single rungs plus the joint knapsack (the planner 
 were added) and as single rungs, pairs and the joint knapsack (the served planner), runs the
 plans and measures RGB PSNR against the HR photo (4 px crop).  It prints, per budget and
 calibration, each planner's mean PSNR drop against full width and the predicted time of
-full width's rungs relative to w56, so the rows show which rungs fitted.  Quality only: the
-plans' times are predictions; ``bench.sr_latency`` measures them through a server.
+each rung's 25-patch pass relative to full width's, so the rows show which rungs fitted, and
+the time each planner takes to plan one image.  Quality only: the plans' times are
+predictions; ``bench.sr_latency`` measures them through a server.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import time
 from datetime import date
 from pathlib import Path
 
@@ -76,6 +78,7 @@ def main() -> None:
     print("\n| calibration | predicted 25-patch pass / w56 | budget | " + " | ".join(PLANNERS) + " |")
     print("|---|---|---|" + "---|" * len(PLANNERS))
     means: dict[tuple[float, str], list[float]] = {}
+    plan_ms: dict[str, list[float]] = {}
     for c in range(args.calibrations):
         times = calibrated_times(model, args.repeats)
         per_pass = [times.seconds(np.full(25, k)) for k in range(len(names))]
@@ -87,7 +90,10 @@ def main() -> None:
                 for item in work:
                     a = item[3]
                     limit = b * times.seconds(np.full(len(a.positions), top))
-                    drops.append(drop(dispatch.SecondsDispatch(a.pred_mse, times, joint_set_rungs=pair_rungs).solve(limit), item))
+                    t0 = time.perf_counter()
+                    rungs = dispatch.SecondsDispatch(a.pred_mse, times, joint_set_rungs=pair_rungs).solve(limit)
+                    plan_ms.setdefault(planner, []).append(1000 * (time.perf_counter() - t0))
+                    drops.append(drop(rungs, item))
                 means.setdefault((b, planner), []).append(float(np.mean(drops)))
                 cells.append(f"{np.mean(drops):.3f} dB")
             print(f"| {c} | {relative} | {b:.2f} | " + " | ".join(cells) + " |", flush=True)
@@ -96,6 +102,8 @@ def main() -> None:
     for b in args.budgets:
         print(f"| {b:.2f} | " + " | ".join(
             f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}] dB" for v in (means[(b, p)] for p in PLANNERS)) + " |")
+    print("| ms to plan an image at one budget, median | " + " | ".join(
+        f"{np.median(plan_ms[p]):.2f} ms" for p in PLANNERS) + " |")
 
 
 if __name__ == "__main__":
