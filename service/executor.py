@@ -425,7 +425,8 @@ class Scheduler:
             fam.cost.observe_forward(key, fam.units(key, x, out) if fam.units else count(x), seconds)
             self.probes_run += 1
         except Exception:  # a probe never stops the scheduler; the family's requests will say more
-            log.exception("idle probe of %s failed", fam.name)
+            log.exception("idle probe of %s failed; no more probes of it", fam.name)
+            fam.probe = None  # once, not every idle second
         finally:
             with self._cv:
                 self._running_s = 0.0
