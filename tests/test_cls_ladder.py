@@ -21,6 +21,11 @@ pytestmark = [pytest.mark.slow,  # starts the app and times every rung
                                  reason="no bundled PSS-Net with variants (python -m models.pssnet.prune ... --out)")]
 
 
+def _pruned(method: str) -> bool:
+    """Filter pruning in either form: CLR-RNF cuts a trained network, DCFF trains a compact one."""
+    return method.startswith("clr-") or method == "dcff"
+
+
 def _png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")
@@ -36,18 +41,19 @@ def test_one_ladder_across_methods_is_listed_and_a_pruned_rung_serves() -> None:
         [m] = c.get("/v1/models").json()["models"]
         rungs = {r["name"]: r for r in m["rungs"]}
         methods = {r["method"] for r in rungs.values()}
-        assert "pss-net" in methods and any(x.startswith("clr-") for x in methods), methods
+        assert "pss-net" in methods and any(_pruned(x) for x in methods), methods
         for r in rungs.values():  # every rung: held-out accuracy and a time measured at start-up
             assert 0 < r["accuracy"] <= 1 and r["ms_per_item_full_batch"] > 0, r
         front = [r for r in rungs.values() if not r["dominated"]]
-        pruned = [r for r in front if r["method"].startswith("clr-")]
+        pruned = [r for r in front if _pruned(r["method"])]
         assert pruned, "no pruned rung on the front: " + ", ".join(f"{r['name']} ({r['method']})" for r in front)
         # The front, fastest first, must gain validation accuracy at every step (else one is dominated).
         by_time = sorted(front, key=lambda r: r["ms_per_item_full_batch"])
         assert all(a["val_accuracy"] < b["val_accuracy"] for a, b in zip(by_time, by_time[1:])), by_time
         variant = next(r for r in pruned if r["precision"] == "fp32") if any(
             r["precision"] == "fp32" for r in pruned) else pruned[0]
-        assert variant["variant"]["command"].startswith("python -m models.pssnet.prune")
+        made_by = "models.pssnet.compact" if variant["method"] == "dcff" else "models.pssnet.prune"
+        assert variant["variant"]["command"].startswith(f"python -m {made_by}"), variant["variant"]["command"]
 
         top_ms = max(r["ms_per_item_full_batch"] for r in front)
         for r in pruned:  # a time budget equal to its share of the top's time picks exactly it
