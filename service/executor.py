@@ -26,7 +26,8 @@ Invariants (all under ``_cv``):
   and a job whose future was cancelled (client gone, shed by its route) is skipped.
 * Idle probes (``idle_probe_s`` > 0): after that long with nothing queued, the thread times
   one forward pass of one rung, round-robin over every calibrated rung of every family, on
-  made-up inputs, sized to be predicted at most ``probe_max_s``, and feeds it to that
+  made-up inputs, sized to be predicted at most ``probe_max_s`` (rungs slower than that for
+  one item are not probed), and feeds it to that
   family's cost model like any pass.  A probe counts as running work for admission, so a
   request that arrives meanwhile waits at most about ``probe_max_s`` and is told so.
 """
@@ -404,9 +405,11 @@ class Scheduler:
         an outlier; a rung calibrated too slow is never chosen, so no request ever corrects it,
         and the host itself changes over hours.  Probing while idle keeps every rung's ratio
         and the host's slowdown current at a cost of at most ``probe_max_s`` every
-        ``idle_probe_s`` of idle time."""
+        ``idle_probe_s`` of idle time.  A rung whose single item is predicted to take longer
+        is not probed (it learns from requests only): the bound is what a request arriving
+        during a probe may wait, and admission would shed one that no longer fits."""
         rungs = [(fam, key) for fam in self.families.values() if fam.probe is not None and fam.accepting
-                 for key in list(fam.cost.rungs)]
+                 for key in list(fam.cost.rungs) if fam.cost.predict_forward(key, 1) <= self.probe_max_s]
         if not rungs:
             return
         fam, key = rungs[next(self._probes) % len(rungs)]

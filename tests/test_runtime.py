@@ -380,14 +380,15 @@ def test_idle_probes_correct_a_rung_calibrated_too_slow_and_yield_to_requests() 
         return torch.ones(n)
 
     cost = CostModel(max_batch=64)
-    cost.rungs = {"a": LinearCost(0.001, 0.0001), "b": LinearCost(0.003, 0.0003)}  # b: the outlier
-    cost.rung_ratio = {"a": 1.0, "b": 1.0}
-    sched = Scheduler(idle_probe_s=0.005, probe_max_s=0.003)
+    cost.rungs = {"a": LinearCost(0.001, 0.0001), "b": LinearCost(0.003, 0.0003),  # b: the outlier
+                  "big": LinearCost(0.02, 0.0001)}  # one item is far over probe_max_s: never probed
+    cost.rung_ratio = {"a": 1.0, "b": 1.0, "big": 1.0}
+    sched = Scheduler(idle_probe_s=0.005, probe_max_s=0.004)
     ex = Executor("m", forward, cost, max_batch=64, scheduler=sched, probe=probe)
     ex.start()
     wait_until(lambda: sched.probes_run >= 80, timeout=30, what="80 idle probes")
-    assert {k for k, _, _ in sizes} == {"a", "b"}
-    assert all(predicted <= 0.003 or n == 1 for _, n, predicted in sizes)  # each probe sized to probe_max_s
+    assert {k for k, _, _ in sizes} == {"a", "b"}  # not "big"
+    assert all(predicted <= 0.004 for _, _, predicted in sizes)  # each probe sized to probe_max_s
     assert max(n for _, n, _ in sizes) > 1
     ratio = cost.predict_forward("b", 16) / cost.predict_forward("a", 16)
     assert ratio < 1.8, ratio  # from 3.0: b is on its way back to a's time
