@@ -86,7 +86,7 @@ class Settings(BaseSettings):
                                 "forward pass on made-up inputs (round-robin over every rung) to keep the cost "
                                 "model current: a rung whose start-up timing was an outlier is otherwise never "
                                 "chosen and never corrected; 0 turns it off")
-    probe_max_ms: float = Field(5.0, gt=0.0, description="largest predicted time of one idle probe: a request "
+    probe_max_ms: float = Field(10.0, gt=0.0, description="largest predicted time of one idle probe: a request "
                                 "that arrives during a probe waits at most about this long")
     ewma_alpha: float = Field(0.2, gt=0.0, le=1.0, description="weight of the newest observation in the "
                               "observed/predicted time EWMA")

@@ -150,7 +150,7 @@ class Scheduler:
     PROBE_SIZES = (32, 16, 8, 4, 2, 1)
 
     def __init__(self, torch_threads: int = 0, no_deadline_horizon_s: float = 60.0,
-                 max_wait_s: float = 0.0, idle_probe_s: float = 0.0, probe_max_s: float = 0.005) -> None:
+                 max_wait_s: float = 0.0, idle_probe_s: float = 0.0, probe_max_s: float = 0.01) -> None:
         self.torch_threads = torch_threads  # 0: leave torch's default
         self.no_deadline_horizon_s = no_deadline_horizon_s
         self.max_wait_s = max_wait_s  # wait this long for more work when a batch is not full
