@@ -61,16 +61,20 @@ def main() -> None:
     model = ArmSR.from_checkpoint(args.checkpoint, device="cpu", int8=False, bf16=not args.no_bf16)
     images = data.load_folder(args.images) if args.images else data.load_split("test")
     top = model.top
+
+    def psnr_at(rungs: np.ndarray, a, hr: np.ndarray, lr: np.ndarray) -> float:
+        """RGB PSNR of the 8-bit output with ``rungs`` per patch."""
+        canvas = model.run(model._plan(a, rungs, None, {}), lr.astype(np.float32) / 255)
+        return psnr_rgb(np.clip(np.rint(canvas * 255), 0, 255), hr)
+
     work = []
     for name, hr, lr in images:
         a = model.analyse(lr, "full")
-        canvas = model.run(model.choose(a, mode="fixed", rung=top), lr.astype(np.float32) / 255)
-        work.append((name, hr, lr, a, psnr_rgb(np.clip(np.rint(canvas * 255), 0, 255), hr)))
+        work.append((name, hr, lr, a, psnr_at(np.full(len(a.positions), top), a, hr, lr)))
 
     def drop(rungs: np.ndarray, item: tuple) -> float:
         _name, hr, lr, a, full_psnr = item
-        canvas = model.run(model._plan(a, rungs, None, {}), lr.astype(np.float32) / 255)
-        return full_psnr - psnr_rgb(np.clip(np.rint(canvas * 255), 0, 255), hr)
+        return full_psnr - psnr_at(rungs, a, hr, lr)
 
     names = [r.name for r in model.rungs]
     print(f"{Path(args.checkpoint).name}, {len(images)} images, {date.today()}, {platform.processor() or platform.machine()}, "

@@ -142,6 +142,16 @@ class Family:
     queued: int = 0
     accepting: bool = True
 
+    def timed_forward(self, key: Hashable, x: Items) -> tuple[Items, float]:
+        """One forward pass, finished (``synchronize``), its seconds taught to the cost model:
+        what every pass does, a batch's or an idle probe's."""
+        t0 = time.perf_counter()
+        out = self.forward(key, x)
+        synchronize(out)
+        seconds = time.perf_counter() - t0
+        self.cost.observe_forward(key, self.units(key, x, out) if self.units else count(x), seconds)
+        return out, seconds
+
 
 class Scheduler:
     """The machine's one compute thread and its deadline-ordered queue."""
@@ -420,12 +430,7 @@ class Scheduler:
                 return
             self._running_s, self._running_since = fam.cost.predict_forward(key, n), time.monotonic()
         try:
-            x = fam.probe(key, n)
-            t0 = time.perf_counter()
-            out = fam.forward(key, x)
-            synchronize(out)
-            seconds = time.perf_counter() - t0
-            fam.cost.observe_forward(key, fam.units(key, x, out) if fam.units else count(x), seconds)
+            fam.timed_forward(key, fam.probe(key, n))
             self.probes_run += 1
         except Exception:  # a probe never stops the scheduler; the family's requests will say more
             log.exception("idle probe of %s failed; no more probes of it", fam.name)
@@ -450,12 +455,8 @@ class Scheduler:
             results = []
             for s in range(0, n_items, fam.max_batch):
                 chunk = take(inputs, s, s + fam.max_batch)
-                tf = time.perf_counter()
-                out = fam.forward(key, chunk)
-                synchronize(out)
-                dt = time.perf_counter() - tf
+                out, dt = fam.timed_forward(key, chunk)
                 results.append(out)
-                fam.cost.observe_forward(key, fam.units(key, chunk, out) if fam.units else count(chunk), dt)
                 if fam.on_batch is not None:
                     fam.on_batch(key, count(chunk), dt)
             out = concat(results)
