@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.common.halves import run_both
+
 try:  # ISA-L's deflate: about 4x faster than zlib's level 1 at the same size on SR outputs
     from isal import isal_zlib as _fast_deflate
 except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps PNG working without it
@@ -28,6 +30,14 @@ FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 # Not an image format: the SR canvas as raw (H, W, C) uint8 bytes, for protocols that carry tensors (OIP).
 RAW_PIXELS = "application/x-raw-pixels"
 PNG_COMPRESS_LEVEL = 1  # measured: as small as Pillow's level 1, 5-8x faster (docs/BENCHMARKS.md)
+# A PNG at least this large (filtered bytes) is deflated in two halves at once (deflate releases
+# the GIL): the largest fixed step of an SR answer, halved for a request served alone.  Below
+# it the hop to the helper thread costs more than it saves.
+PARALLEL_DEFLATE_BYTES = 128 * 1024
+# zlib's two header bytes by level (the level field is informational; the same as zlib.compress writes)
+_ZLIB_HEADER = {lvl: b"\x78" + (b"\x01" if lvl <= 1 else b"\x5e" if lvl <= 5 else b"\x9c" if lvl == 6 else b"\xda")
+                for lvl in range(10)}
+_DEFLATE_WINDOW = 32 * 1024  # deflate's history: the second half starts with the first's last 32 KiB as dictionary
 _PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+alpha, RGB, RGBA
 
 
@@ -162,10 +172,7 @@ def png_bytes(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> b
     filtered[:, 0] = 2  # filter type Up: each byte minus the byte above it (mod 256)
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    if _fast_deflate is not None and 1 <= compress_level <= 3:
-        idat = _fast_deflate.compress(filtered, compress_level)
-    else:
-        idat = zlib.compress(filtered, compress_level)
+    idat = zlib_stream(filtered.reshape(-1), compress_level)
     header = struct.pack(">IIBBBBB", w, h, depth, _PNG_COLOR_TYPE[c], 0, 0, 0)
     return b"".join([b"\x89PNG\r\n\x1a\n", *_png_chunk(b"IHDR", header), *_png_chunk(b"IDAT", idat),
                      *_png_chunk(b"IEND", b"")])
@@ -173,3 +180,35 @@ def png_bytes(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> b
 
 def _png_chunk(tag: bytes, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     return struct.pack(">I", len(data)), tag, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+def _deflate_module(level: int):
+    return _fast_deflate if _fast_deflate is not None and 1 <= level <= 3 else zlib
+
+
+def _raw_deflate(data: memoryview, level: int, final: bool, zdict: bytes | None = None) -> bytes:
+    """Raw deflate (no zlib header or checksum) of ``data``; a non-final piece ends with a
+    sync flush, so it stops on a byte boundary and the next piece's blocks can follow it."""
+    mod = _deflate_module(level)
+    kw = {"zdict": zdict} if zdict else {}
+    comp = mod.compressobj(level, zlib.DEFLATED, -15, **kw)
+    return comp.compress(data) + comp.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
+def zlib_stream(data: np.ndarray, level: int) -> bytes:
+    """A zlib stream of ``data`` (1-D uint8) at ``level``, as ``zlib.compress`` makes one.
+
+    From ``PARALLEL_DEFLATE_BYTES`` on it is made of two raw deflate pieces compressed at
+    the same time (``models.common.halves``), the second with the first's last 32 KiB as its
+    dictionary (so it compresses as if it had followed on), joined under one zlib header and
+    the Adler-32 of the whole (pigz's layout: any inflater reads it as one stream).  The
+    size differs from one piece by a few bytes (a sync flush)."""
+    if level == 0 or data.nbytes < PARALLEL_DEFLATE_BYTES:
+        return _deflate_module(level).compress(data, level)
+    view = memoryview(data)
+    half = data.nbytes // 2
+    window = bytes(view[max(0, half - _DEFLATE_WINDOW):half])
+    first, second = run_both(lambda: _raw_deflate(view[:half], level, False),
+                             lambda: _raw_deflate(view[half:], level, True, window))
+    return b"".join([_ZLIB_HEADER[level], first, second, struct.pack(">I", zlib.adler32(view))])
+

@@ -48,6 +48,28 @@ def test_zlib_fallback_without_isal(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(_read(imageio.png_bytes(px, 1)), px)
 
 
+@pytest.mark.parametrize("level", [1, 3, 6])
+@pytest.mark.parametrize("isal", [True, False])
+def test_large_png_deflated_in_two_pieces_is_one_valid_stream(monkeypatch: pytest.MonkeyPatch, level: int,
+                                                               isal: bool) -> None:
+    """Above PARALLEL_DEFLATE_BYTES the IDAT is two deflate pieces made at once: any
+    inflater (zlib's, Pillow's) must read it as one stream with a correct Adler-32, and
+    it must be no larger than one piece but for a sync flush and a block boundary."""
+    if not isal:
+        monkeypatch.setattr(imageio, "_fast_deflate", None)
+    px = _pixels((300, 260, 3), np.uint8, seed=5)  # 234 KB of filtered rows
+    assert px.nbytes >= imageio.PARALLEL_DEFLATE_BYTES
+    png = imageio.png_bytes(px, level)
+    np.testing.assert_array_equal(_read(png), px)
+    data = np.ascontiguousarray(px).reshape(-1)
+    pieces = imageio.zlib_stream(data, level)
+    assert zlib.decompress(pieces) == data.tobytes()
+    monkeypatch.setattr(imageio, "PARALLEL_DEFLATE_BYTES", 1 << 40)
+    whole = imageio.zlib_stream(data, level)
+    assert zlib.decompress(whole) == data.tobytes()
+    assert len(pieces) <= 1.002 * len(whole) + 64
+
+
 def test_non_contiguous_input_and_bad_arguments() -> None:
     planes = _pixels((3, 20, 30), np.uint8)
     np.testing.assert_array_equal(_read(imageio.png_bytes(planes.transpose(1, 2, 0))), planes.transpose(1, 2, 0))

@@ -120,19 +120,21 @@ class Canvas:
         return self.sum
 
     def _divide_grid(self, ys: np.ndarray, xs: np.ndarray) -> None:
-        """Divide by count(y, x) = rows(y) * cols(x), only where it exceeds 1.  Divides by
-        the same float32 product as a per-pixel count would, so the result is identical.
-        Works on the (H, W * C) view with per-value divisors, so numpy's inner loops run
-        along whole rows instead of over the C values of one pixel."""
+        """Divide by count(y, x) = rows(y) * cols(x), only where it exceeds 1.
+        Divides by the same float32 product as a per-pixel count would, so the result is
+        identical.  Works on the (H, W * C) view, a run of rows with one row count at a
+        time, with one row of per-value divisors: numpy's inner loops run along whole rows,
+        and no divisor array the size of the canvas is allocated."""
         h, w, c = self.sum.shape
         flat = self.sum.reshape(h, w * c)
-        rows, cols = _coverage(ys, self._size, h), np.repeat(_coverage(xs, self._size, w), c)
-        for band in _runs(rows > 1):  # (columns no patch covers have count 0: left at 0)
-            flat[band] /= np.maximum(rows[band, None] * cols[None, :], 1)
+        counts, cols = _coverage(ys, self._size, h), np.repeat(_coverage(xs, self._size, w), c)
         strips = _runs(cols > 1)
-        for band in _runs(rows == 1):
-            for strip in strips:
-                flat[band, strip] /= cols[strip]
+        for band, k in _constant_runs(counts):
+            if k > 1:
+                flat[band] /= np.maximum(k * cols, np.float32(1))  # (columns no patch covers: count 0, left at 0)
+            elif k == 1:
+                for strip in strips:
+                    flat[band, strip] /= cols[strip]
 
 
 def _coverage(starts: np.ndarray, size: int, length: int) -> np.ndarray:
@@ -141,6 +143,14 @@ def _coverage(starts: np.ndarray, size: int, length: int) -> np.ndarray:
     np.add.at(count, np.minimum(starts, length), 1)
     np.add.at(count, np.minimum(starts + size, length), -1)
     return np.cumsum(count[:-1], dtype=np.float32)
+
+
+def _constant_runs(values: np.ndarray) -> list[tuple[slice, np.float32]]:
+    """Maximal runs of equal values in a 1-D array, as (slice, value)."""
+    if not len(values):
+        return []
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(values)) + 1, [len(values)]]).tolist()
+    return [(slice(s, e), values[s]) for s, e in zip(edges[:-1], edges[1:])]
 
 
 def _runs(mask: np.ndarray) -> list[slice]:
