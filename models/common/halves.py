@@ -3,9 +3,10 @@
 The server computes on one thread (one torch thread, the other core left to the event
 loop), and after the network an SR answer still has to be stitched and PNG-encoded: work
 that is about a fifth of a full-width request and that no rung makes cheaper.  For a
-request served alone the second core is idle meanwhile, so the work that splits cleanly
-(disjoint row bands of the canvas, the two halves of a deflate stream) runs its second
-half on one helper thread.  numpy and deflate release the GIL, so the halves overlap.
+request served alone the second core is idle meanwhile, so work that splits cleanly (the
+two halves of a deflate stream, ``service.imageio``) runs its second half on one helper
+thread; deflate releases the GIL, so the halves overlap.  (Stitching in two row bands was
+measured too and gained too little to keep: docs/BENCHMARKS.md 1.8.)
 
 Invariant: a caller never waits for another caller's half.  When the helper is already
 busy (two requests finishing at once, on a machine whose cores are then all busy anyway),
