@@ -97,8 +97,8 @@ def host_seconds(model: ArmSR, repeats: int = 5) -> Callable[[np.ndarray], float
     server's cost model, calibrated the same way: fixed + per patch, batches up to 64)."""
     cost = CostModel(max_batch=64)
     x = torch.rand(64, 3, tiling.PATCH, tiling.PATCH)
-    for r in model.rungs:
-        cost.calibrate_rung(r.index, lambda n, r=r: model.run_patches(r.index, x[:n]), (1, 8, 32, 64), repeats)
+    cost.calibrate_rungs({r.index: (lambda n, k=r.index: model.run_patches(k, x[:n])) for r in model.rungs},
+                         (1, 8, 32, 64), repeats)
 
     return lambda rungs: cost.predict(rung_work(rungs))
 

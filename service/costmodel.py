@@ -161,10 +161,6 @@ class CostModel:
             self.rungs[key] = LinearCost.fit([(n, statistics.median(seconds[(key, n)])) for n in sizes])
             self.rung_ratio[key] = 1.0
 
-    def calibrate_rung(self, key: Hashable, run: Callable[[int], object], sizes: Iterable[int], repeats: int) -> None:
-        """One rung alone (``calibrate_rungs`` with a single key)."""
-        self.calibrate_rungs({key: run}, sizes, repeats)
-
     def calibrate_overhead(self, samples: list[tuple[float, float]]) -> None:
         self.overhead = LinearCost.fit(samples)
 

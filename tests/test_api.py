@@ -297,7 +297,7 @@ def test_not_ready_until_calibrated(bundled_model) -> None:
         assert c.get("/readyz").status_code == 503
         r = c.post("/superresolve", content=_encode(synthetic_photo(16, 16)))
         assert r.status_code == 503 and "warming up" in r.json()["error"]["message"]
-        svc.runtime.cost.calibrate_rung(0, lambda n: None, [1, 8], 1)  # half-way through calibration
+        svc.runtime.cost.calibrate_rungs({0: lambda n: None}, [1, 8], 1)  # half-way through calibration
         assert c.get("/metrics").status_code == 200 and c.get("/v1/models").status_code == 200
 
 

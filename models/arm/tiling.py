@@ -145,7 +145,7 @@ def _coverage(starts: np.ndarray, size: int, length: int) -> np.ndarray:
     return np.cumsum(count[:-1], dtype=np.float32)
 
 
-def _constant_runs(values: np.ndarray) -> list[tuple[slice, np.float32]]:
+def _constant_runs(values: np.ndarray) -> list[tuple[slice, np.generic]]:
     """Maximal runs of equal values in a 1-D array, as (slice, value)."""
     if not len(values):
         return []
@@ -155,8 +155,7 @@ def _constant_runs(values: np.ndarray) -> list[tuple[slice, np.float32]]:
 
 def _runs(mask: np.ndarray) -> list[slice]:
     """Maximal runs of True in a 1-D mask, as slices."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
-    return [slice(a, b) for a, b in zip(edges[::2].tolist(), edges[1::2].tolist())]
+    return [band for band, value in _constant_runs(mask) if value]
 
 
 def covered_hw(pos: np.ndarray, patch: int = PATCH) -> tuple[int, int]:

@@ -51,9 +51,9 @@ def run_both(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
 
     try:
         future = _helper().submit(release_after)
-    except BaseException:  # pool shut down (interpreter exit): do it here
+    except RuntimeError:  # the pool is shut down (interpreter exit): both halves here
         _free.release()
-        raise
+        return first(), second()
     try:
         a = first()
     finally:
