@@ -106,6 +106,20 @@ class FusedConv2d(nn.Conv2d):
         return conv
 
 
+@torch.no_grad()
+def exported_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (eval mode) with every ``FusedConv2d`` replaced by the plain
+    convolution it computes: the compact dense network the method delivers."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for parent in list(out.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FusedConv2d):
+                setattr(parent, name, child.exported())
+    return out.eval()
+
+
 def refuse_all(module: nn.Module, epoch: int, epochs: int) -> dict[str, int]:
     """Re-fuse every ``FusedConv2d`` in ``module`` for ``epoch``; counts of layers whose scores
     were finite (re-chosen) and not (kept)."""

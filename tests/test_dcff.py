@@ -52,7 +52,7 @@ def test_at_high_temperature_the_choice_is_kept_and_fusion_becomes_selection():
 
 
 def test_dcff_compact_mobilenet_exports_exactly_and_has_the_compact_widths():
-    from models.pssnet.compact import compact_widths, dcff_compact, export, plain_compact
+    from models.pssnet.compact import compact_widths, dcff_compact, plain_compact
     from models.pssnet.dense_train import layer_widths
     from models.pssnet.nets import demo_spec
 
@@ -61,7 +61,7 @@ def test_dcff_compact_mobilenet_exports_exactly_and_has_the_compact_widths():
     net = dcff_compact(spec, 0.5)
     dcff.refuse_all(net, 0, 4)
     net.eval()
-    dense = export(net)
+    dense = dcff.exported_copy(net)
     assert layer_widths(dense.widths) == compact_widths(spec, 0.5) == layer_widths(plain_compact(spec, 0.5).widths)
     assert not any(isinstance(m, dcff.FusedConv2d) for m in dense.modules())
     x = torch.randn(3, 3, 32, 32)
@@ -77,3 +77,43 @@ def test_compact_widths_floor_every_layer():
     spec = demo_spec("mobilenet_v1", 7)
     full = compact_widths(spec, 1.0)
     assert compact_widths(spec, 0.5) == [max(1, math.floor(0.5 * n)) for n in full]
+
+
+def test_cifar_resnet56_has_the_papers_size():
+    """125.49 M multiply-accumulates and 0.85 M parameters on 10 classes: the ResNet-56 the
+    pruning papers (DCFF's table included) start from; half inner width halves the MACs."""
+    from models.pssnet.cifar_resnet import CifarResNet, compact_inner, macs
+
+    full = CifarResNet(56, 10)
+    assert macs(full) == 125_485_696 and sum(p.numel() for p in full.parameters()) == 853_018
+    half = CifarResNet(56, 10, compact_inner(56, 0.5))
+    assert macs(half) / macs(full) == pytest.approx(0.50, abs=0.01)
+    assert full(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        CifarResNet(55)
+    with pytest.raises(ValueError, match="inner widths"):
+        CifarResNet(20, 10, [17] * 9)  # wider than stage 1's 16
+
+
+def test_dcff_compact_resnet_exports_exactly_and_round_trips(tmp_path):
+    from models.pssnet import cifar_resnet
+    from models.pssnet.compact import compact_resnet
+
+    torch.manual_seed(0)
+    net = compact_resnet(20, 7, 0.5, fused=True)
+    fused = [m for m in net.modules() if isinstance(m, dcff.FusedConv2d)]
+    assert len(fused) == 9 and {(m.compact_out, m.out_channels) for m in fused} == {(8, 16), (16, 32), (32, 64)}
+    dcff.refuse_all(net, 0, 4)
+    net.train()
+    net(torch.randn(8, 3, 32, 32))  # BN statistics move off their initial values
+    dense = dcff.exported_copy(net)
+    assert not any(isinstance(m, dcff.FusedConv2d) for m in dense.modules())
+    assert set(dense.state_dict()) == set(compact_resnet(20, 7, 0.5, fused=False).state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert float((net.eval()(x) - dense(x)).abs().max()) <= 1e-5
+    manifest = cifar_resnet.save(tmp_path, dense, {"method": "dcff"})
+    loaded, read = cifar_resnet.load(tmp_path)
+    assert read == manifest and manifest["inner_widths"] == [8] * 3 + [16] * 3 + [32] * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), dense(x), rtol=0, atol=0)

@@ -149,3 +149,26 @@ def test_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(steps=6, batch=16, lr=0.01, weight_decay=5e-4, seed=0, save_every=3, warmup_steps=2)
     assert_resumes_exactly(lambda state: train(_mbv1_subnet(2), images, labels, cfg, state_path=state),
                            tmp_path / "state.pt", monkeypatch, saved_step=3)
+
+
+def test_training_reports_its_loss_and_batch_accuracy(monkeypatch, capsys):
+    """Every REPORT_EVERY steps (and at the end) the loop prints the mean training loss and
+    batch accuracy since its last report: a run stuck at chance shows it while it runs."""
+    import math
+    import re
+
+    import numpy as np
+
+    from models.pssnet import dense_train
+
+    monkeypatch.setattr(dense_train, "REPORT_EVERY", 2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 7, size=48).astype(np.int64)
+    cfg = dense_train.TrainConfig(steps=5, batch=8, lr=0.01, seed=0, save_every=100)
+    dense_train.train(_mbv1_subnet(2), images, labels, cfg, desc="probe")
+    lines = re.findall(r"\[probe\] step (\d+): training loss ([\d.]+), batch top-1 ([\d.]+) % \(last (\d+) images\)",
+                       capsys.readouterr().err)
+    assert [int(s) for s, *_ in lines] == [2, 4, 5]
+    assert [int(n) for *_, n in lines] == [16, 16, 8]
+    assert all(0 < float(loss) < 10 * math.log(7) and 0 <= float(acc) <= 100 for _s, loss, acc, _n in lines)

@@ -1,10 +1,13 @@
-"""Compact MobileNetV1 networks trained from scratch on the glyph set: DCFF (filters fused from
-the full bank, ``compress.dcff``) against the same compact network trained plainly.
+"""Compact networks trained from scratch on the glyph set: DCFF (filters fused from the full
+bank, ``compress.dcff``) against the same compact network trained plainly, on our MobileNetV1
+and on the method's own CIFAR workhorse, ResNet-56 (``--arch resnet56``).
 
     python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --method dcff --keep 0.5 \
         --seed 0 --out runs/compact/dcff-k50-s0
     python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --method plain --keep 0.5 \
         --seed 0 --out runs/compact/plain-k50-s0
+    python -m models.pssnet.compact models/pssnet/weights/pss-mbv1-glyphs --arch resnet56 --method dcff \
+        --keep 0.5 --lr 0.05 --seed 0 --out runs/compact/r56-dcff-k50-s0
 
 The bundle gives the architecture (its full-width subnet ``max``: depths, strides and
 resolution 40),
@@ -12,7 +15,12 @@ the classes and the preprocessing; nothing of its weights is used. The compact n
 ``floor(keep * n)`` of the ``n`` filters of the stem and of every point-wise convolution
 (DCFF's ``m = floor(n (1 - r))`` with one rate ``r = 1 - keep`` for every layer; the paper's
 per-layer rates are hand-set per network). Depth-wise convolutions, BN layers and the
-classifier are compact from the start, as in DCFF.
+classifier are compact from the start, as in DCFF. With ``--arch resnet56`` the bundle gives
+only the classes and the preprocessing, and what is compact is every residual block's inner
+width (its first convolution, fused in DCFF; ``models.pssnet.cifar_resnet``), the residual
+path keeping its stage width; that network is written as a plain ResNet
+(``cifar_resnet.save``), not as a served variant. At the default rate 0.1 plain training of
+that ResNet-56 never left chance on seed 0; its runs use 0.05 (docs/COMPRESSION.md).
 
 Both methods share one training loop (``models.pssnet.dense_train``: data order,
 augmentation, SGD with Nesterov momentum, cosine learning rate with a linear warm-up, the
@@ -41,7 +49,7 @@ import torch
 from torch import nn
 
 from compress import dcff
-from models.pssnet import dense_train
+from models.pssnet import cifar_resnet, dense_train
 from models.pssnet.dense_train import layer_widths, mobilenet_widths, say
 from models.pssnet.nets import DenseSubnet, SupernetSpec, _init_weights, subnet_widths
 
@@ -77,21 +85,23 @@ def dcff_compact(spec: SupernetSpec, keep: float) -> DenseSubnet:
     return net
 
 
-@torch.no_grad()
-def export(net: DenseSubnet) -> DenseSubnet:
-    """A copy of a DCFF network with every fused layer replaced by its plain convolution."""
-    import copy
-
-    out = copy.deepcopy(net)
-    for seq, i in fusable_slots(out):
-        if isinstance(seq[i], dcff.FusedConv2d):
-            seq[i] = seq[i].exported()
-    return out.eval()
+def compact_resnet(depth: int, num_classes: int, keep: float, fused: bool) -> cifar_resnet.CifarResNet:
+    """The CIFAR ResNet with every block's inner width at ``keep``, freshly initialised; with
+    ``fused``, each block's first convolution is a ``FusedConv2d`` over its stage width's bank."""
+    net = cifar_resnet.CifarResNet(depth, num_classes, cifar_resnet.compact_inner(depth, keep))
+    if fused:
+        for block, n in zip(net.blocks, cifar_resnet.block_widths(depth)):
+            c = block.conv1
+            block.conv1 = dcff.FusedConv2d(c.in_channels, c.out_channels, n, 3, c.stride[0], 1)
+        cifar_resnet.init_weights(net)
+    return net
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path, help="a PSS-Net bundle: its architecture, classes and preprocessing")
+    ap.add_argument("--arch", choices=("mobilenetv1", "resnet56"), default="mobilenetv1",
+                    help="mobilenetv1: the bundle's full-width subnet; resnet56: the CIFAR ResNet-56")
     ap.add_argument("--method", choices=("dcff", "plain"), required=True)
     ap.add_argument("--keep", type=float, default=0.5, help="share of each layer's filters kept (1 - DCFF's rate)")
     ap.add_argument("--seed", type=int, default=0)
@@ -111,10 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     from compress.artifact import command_line
     from models.pssnet.serving import PssNetModel
 
-    tag = f"{args.method} keep {args.keep} seed {args.seed}"
+    resnet = args.arch == "resnet56"
+    tag = f"{'resnet56 ' if resnet else ''}{args.method} keep {args.keep} seed {args.seed}"
     model = PssNetModel.from_checkpoint(args.bundle, int8=False, variants=False)
     torch.manual_seed(args.seed)
-    net = dcff_compact(model.spec, args.keep) if args.method == "dcff" else plain_compact(model.spec, args.keep)
+    if resnet:
+        if model.input_size != cifar_resnet.CifarResNet.input_size:
+            raise SystemExit(f"--arch resnet56 needs a bundle whose images are 32x32, not {model.input_size}")
+        net = compact_resnet(56, len(model.classes), args.keep, fused=args.method == "dcff")
+        net = net.to(memory_format=torch.channels_last)
+    else:
+        net = dcff_compact(model.spec, args.keep) if args.method == "dcff" else plain_compact(model.spec, args.keep)
     images, labels = dense_train.training_split()
     epochs = args.epochs
     per_epoch = math.ceil(args.steps / epochs)
@@ -132,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                                   warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dense_train.train(net, images, labels, cfg, state_path=args.out / "train_state.pt", before_step=refuse, desc=tag)
+    dense_train.train(net, images, labels, cfg, state_path=args.out / "train_state.pt", before_step=refuse, desc=tag,
+                      input_size=cifar_resnet.CifarResNet.input_size if resnet else None, channels_last=resnet)
     sets = dense_train.held_out(model.preprocess)
-    exported = export(net) if args.method == "dcff" else net.eval()
+    exported = dcff.exported_copy(net) if args.method == "dcff" else net.eval()
     extra = {}
     if args.method == "dcff":
         x = sets["test"][0]
@@ -148,13 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     acc = dense_train.accuracy(exported, sets)
     say(tag, f"val {100 * acc['val']:.2f} %, test {100 * acc['test']:.2f} %" +
         (f", export max |diff| {extra['export_max_abs_diff']:.2e}" if extra else ""))
-    manifest = dense_train.write_variant(args.out, exported, {
+    manifest = {
         "method": args.method if args.method == "dcff" else "plain-compact", "keep": args.keep, "seed": args.seed,
-        "source": {"bundle": model.name, "architecture_of": "max", "weights": "trained from scratch"},
+        "source": {"bundle": model.name, "architecture_of": "resnet56" if resnet else "max",
+                   "weights": "trained from scratch"},
         "accuracy": acc, **extra,
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "loss": "cross-entropy",
                      "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
-        "command": command_line("models.pssnet.compact", argv), "date": date.today().isoformat()})
+        "command": command_line("models.pssnet.compact", argv), "date": date.today().isoformat()}
+    if resnet:
+        manifest = cifar_resnet.save(args.out, exported, {**manifest, "classes": list(model.classes)})
+    else:
+        manifest = dense_train.write_variant(args.out, exported, manifest)
     print(json.dumps(manifest, indent=2))
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from models.pssnet.nets import BlockWidths, DenseSubnet, SubnetConfig, SubnetWidths, SupernetSpec, widths_flops
 
+REPORT_EVERY = 250  # steps between lines of training loss and accuracy
 VARIANTS = "variants"  # a bundle's sub-folder of served dense variants, one folder each
 
 
@@ -62,18 +63,21 @@ def say(tag: str, msg: str) -> None:
 def train(net: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *,
           state_path: Path | None = None, extra_groups: list[dict] | None = None,
           before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
-          desc: str = "train") -> nn.Module:
+          desc: str = "train", input_size: int | None = None, channels_last: bool = False) -> nn.Module:
     """Train ``net`` in place for ``cfg.steps`` steps (train-mode BN), resumable from
     ``state_path``. ``extra_groups``: parameter groups beyond the network's weights (e.g.
     OptG's scores), each with its own settings; ``before_step(step, optimiser)`` runs before
     every step's forward pass (a method's schedule: re-fusing, re-masking, a group's lr).
     The cosine schedule sets every group's ``lr`` from its ``initial_lr``; a hook that wants
-    another rate sets it after."""
+    another rate sets it after. ``input_size``: the training crop (default: the network's
+    ``spec.input_size``); ``channels_last``: feed the batches in that memory layout (oneDNN's
+    convolutions train about 1.25x faster so on a CPU; the same arithmetic, summed in
+    another order)."""
     from models.common.progress import progress
     from models.pssnet.data import Augment
     from models.pssnet.train import param_groups
 
-    augment = Augment.demo(net.spec.input_size)
+    augment = Augment.demo(input_size or net.spec.input_size)
     ids = {id(p) for g in (extra_groups or []) for p in g["params"]}
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]}
               for g in param_groups(net, cfg.weight_decay)] + list(extra_groups or [])
@@ -103,6 +107,7 @@ def train(net: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
 
     net.train()
     per_epoch = len(labels) // cfg.batch
+    seen = {"loss": 0.0, "correct": 0, "n": 0}  # since the last report: a run that stalls shows it
     for step in progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc=desc, log_interval=30):
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step)
@@ -111,10 +116,22 @@ def train(net: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
         order = np.random.default_rng((cfg.seed, step // per_epoch)).permutation(len(labels))
         idx = order[(step % per_epoch) * cfg.batch:(step % per_epoch + 1) * cfg.batch]
         x = augment(torch.from_numpy(images[idx]), torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-        loss = F.cross_entropy(net(x), torch.from_numpy(labels[idx]), label_smoothing=cfg.label_smoothing)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(labels[idx])
+        logits = net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        seen["loss"] += float(loss.detach()) * len(y)
+        seen["correct"] += int((logits.detach().argmax(1) == y).sum())
+        seen["n"] += len(y)
+        if (step + 1) % REPORT_EVERY == 0 or step + 1 == cfg.steps:
+            say(desc, f"step {step + 1}: training loss {seen['loss'] / seen['n']:.3f}, "
+                      f"batch top-1 {100 * seen['correct'] / seen['n']:.1f} % (last {seen['n']} images), "
+                      f"lr {opt.param_groups[0]['lr']:.4f}")
+            seen = {"loss": 0.0, "correct": 0, "n": 0}
         if (step + 1) % cfg.save_every == 0:
             save(step + 1)
     save(cfg.steps)
