@@ -117,3 +117,18 @@ def test_dcff_compact_resnet_exports_exactly_and_round_trips(tmp_path):
     assert read == manifest and manifest["inner_widths"] == [8] * 3 + [16] * 3 + [32] * 3
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), dense(x), rtol=0, atol=0)
+
+
+def test_zero_last_bn_starts_every_block_as_its_shortcut():
+    from models.pssnet.compact import compact_resnet
+
+    torch.manual_seed(0)
+    net = compact_resnet(20, 5, 0.5, fused=True, zero_last_bn=True).eval()
+    x = torch.relu(torch.randn(2, 16, 32, 32))
+    for block in net.blocks:
+        with torch.inference_mode():
+            y = block(x)
+        torch.testing.assert_close(y, torch.relu(block.shortcut(x)), rtol=0, atol=0)
+        x = y
+    plain = compact_resnet(20, 5, 0.5, fused=False)
+    assert all(float(b.bn2.weight.detach().abs().sum()) > 0 for b in plain.blocks)  # not without asking

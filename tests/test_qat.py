@@ -121,4 +121,4 @@ def test_an_addend_of_a_relu_sum_gets_no_grid_below_minus_the_other_addend():
     x = torch.rand(8, 3, 8, 8) * 2 - 1
     with torch.inference_mode():
         err = float((prepared.eval()(x) - net(x)).abs().max())
-    assert err < 0.05 * float(net(x).max())
+    assert err < 0.05 * float(net(x).detach().max())

@@ -103,6 +103,16 @@ def init_weights(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def zero_last_bn(net: nn.Module) -> None:
+    """Each block's second BN scale to 0 (Goyal et al. 2017), so that every block starts as
+    its shortcut.  Not what the pruning papers' ResNet-56 does; offered because with the
+    papers' initialisation it sits at chance for the first 750-2,000 steps on the glyphs
+    (docs/COMPRESSION.md)."""
+    for m in net.modules():
+        if isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+
+
 def macs(net: nn.Module, size: int = 32) -> int:
     """Multiply-accumulates of one image's forward pass (convolutions and linear layers), as
     the pruning papers count "FLOPs"."""

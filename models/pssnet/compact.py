@@ -85,7 +85,8 @@ def dcff_compact(spec: SupernetSpec, keep: float) -> DenseSubnet:
     return net
 
 
-def compact_resnet(depth: int, num_classes: int, keep: float, fused: bool) -> cifar_resnet.CifarResNet:
+def compact_resnet(depth: int, num_classes: int, keep: float, fused: bool,
+                   zero_last_bn: bool = False) -> cifar_resnet.CifarResNet:
     """The CIFAR ResNet with every block's inner width at ``keep``, freshly initialised; with
     ``fused``, each block's first convolution is a ``FusedConv2d`` over its stage width's bank."""
     net = cifar_resnet.CifarResNet(depth, num_classes, cifar_resnet.compact_inner(depth, keep))
@@ -94,6 +95,8 @@ def compact_resnet(depth: int, num_classes: int, keep: float, fused: bool) -> ci
             c = block.conv1
             block.conv1 = dcff.FusedConv2d(c.in_channels, c.out_channels, n, 3, c.stride[0], 1)
         cifar_resnet.init_weights(net)
+    if zero_last_bn:
+        cifar_resnet.zero_last_bn(net)
     return net
 
 
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bundle", type=Path, help="a PSS-Net bundle: its architecture, classes and preprocessing")
     ap.add_argument("--arch", choices=("mobilenetv1", "resnet56"), default="mobilenetv1",
                     help="mobilenetv1: the bundle's full-width subnet; resnet56: the CIFAR ResNet-56")
+    ap.add_argument("--zero-last-bn", action="store_true",
+                    help="resnet56: each block's last BN scale starts at 0 (not the papers' initialisation)")
     ap.add_argument("--method", choices=("dcff", "plain"), required=True)
     ap.add_argument("--keep", type=float, default=0.5, help="share of each layer's filters kept (1 - DCFF's rate)")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
         raise SystemExit("--keep must be in (0, 1]")
+    if args.zero_last_bn and args.arch != "resnet56":
+        raise SystemExit("--zero-last-bn is for --arch resnet56")
     torch.set_num_threads(args.threads)
     from compress.artifact import command_line
     from models.pssnet.serving import PssNetModel
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if resnet:
         if model.input_size != cifar_resnet.CifarResNet.input_size:
             raise SystemExit(f"--arch resnet56 needs a bundle whose images are 32x32, not {model.input_size}")
-        net = compact_resnet(56, len(model.classes), args.keep, fused=args.method == "dcff")
+        net = compact_resnet(56, len(model.classes), args.keep, fused=args.method == "dcff",
+                             zero_last_bn=args.zero_last_bn)
         net = net.to(memory_format=torch.channels_last)
     else:
         net = dcff_compact(model.spec, args.keep) if args.method == "dcff" else plain_compact(model.spec, args.keep)
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = {
         "method": args.method if args.method == "dcff" else "plain-compact", "keep": args.keep, "seed": args.seed,
         "source": {"bundle": model.name, "architecture_of": "resnet56" if resnet else "max",
-                   "weights": "trained from scratch"},
+                   "weights": "trained from scratch" + (", last BN of each block at 0" if args.zero_last_bn else "")},
         "accuracy": acc, **extra,
         "training": {**cfg.to_dict(), "schedule": "cosine with linear warm-up", "loss": "cross-entropy",
                      "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
