@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.quant import SIZES, timings
+from compress.artifact import macs
 
 FORMATS = ("cifar-resnet", "pssnet-dense-variant")
 
@@ -103,8 +104,6 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(accuracy_table([m for _f, m in runs])))
         folder, manifest = runs[0]
         compact, full, size = compact_and_full(folder, manifest, args.bundle)
-        from models.pssnet.cifar_resnet import macs
-
         nets = {"full width": full, f"keep {keep}": compact}
         ms = timings(nets, torch.randn(max(SIZES), 3, size, size), args.rounds)
         print(f"\n{args.threads} torch thread(s), median of {args.rounds} interleaved rounds\n")

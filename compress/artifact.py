@@ -47,6 +47,21 @@ def top1(run, x, y, batch: int = 500) -> float:
     return float((pred == y).float().mean())
 
 
+def macs(net, size: int = 32) -> int:
+    """Multiply-accumulates of ``net``'s forward pass on one ``size`` x ``size`` RGB image
+    (convolutions and linear layers), as the pruning papers count "FLOPs"."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = net.training
+    net.eval()
+    with counter, torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    net.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def command_line(module: str, argv: list[str] | None = None) -> str:
     """The shell command that ran ``python -m module`` with ``argv`` (default: this process's)."""
     args = sys.argv[1:] if argv is None else argv

@@ -37,6 +37,12 @@ from torch import nn
 T_START, T_END, STEEPNESS = 1.0, 1e4, 1.0
 
 
+def compact_width(n: int, keep: float) -> int:
+    """DCFF's compact width ``m = floor(n (1 - r))`` of an ``n``-filter layer, with
+    ``keep = 1 - r``; at least one filter."""
+    return max(1, math.floor(keep * n))
+
+
 def temperature(epoch: int, epochs: int, t_start: float = T_START, t_end: float = T_END,
                 k: float = STEEPNESS) -> float:
     """``T(e) = A / (1 + exp(-k e)) + t_start - A / 2`` with

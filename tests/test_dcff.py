@@ -82,7 +82,8 @@ def test_compact_widths_floor_every_layer():
 def test_cifar_resnet56_has_the_papers_size():
     """125.49 M multiply-accumulates and 0.85 M parameters on 10 classes: the ResNet-56 the
     pruning papers (DCFF's table included) start from; half inner width halves the MACs."""
-    from models.pssnet.cifar_resnet import CifarResNet, compact_inner, macs
+    from compress.artifact import macs
+    from models.pssnet.cifar_resnet import CifarResNet, compact_inner
 
     full = CifarResNet(56, 10)
     assert macs(full) == 125_485_696 and sum(p.numel() for p in full.parameters()) == 853_018

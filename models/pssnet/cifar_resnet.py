@@ -20,12 +20,13 @@ added to its input.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress.dcff import compact_width
 
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -90,7 +91,7 @@ def block_widths(depth: int = 56) -> list[int]:
 
 def compact_inner(depth: int, keep: float) -> list[int]:
     """``floor(keep * n)`` (at least 1) of every block's inner width."""
-    return [max(1, math.floor(keep * n)) for n in block_widths(depth)]
+    return [compact_width(n, keep) for n in block_widths(depth)]
 
 
 def init_weights(net: nn.Module) -> None:
@@ -113,20 +114,6 @@ def zero_last_bn(net: nn.Module) -> None:
             nn.init.zeros_(m.bn2.weight)
 
 
-def macs(net: nn.Module, size: int = 32) -> int:
-    """Multiply-accumulates of one image's forward pass (convolutions and linear layers), as
-    the pruning papers count "FLOPs"."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    was_training = net.training
-    net.eval()
-    with counter, torch.no_grad():
-        net(torch.zeros(1, 3, size, size))
-    net.train(was_training)
-    return counter.get_total_flops() // 2
-
-
 FORMAT = "cifar-resnet"
 
 
@@ -137,6 +124,8 @@ def save(out: Path, net: CifarResNet, manifest: dict) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    from compress.artifact import macs
+
     manifest = {**manifest, "format": FORMAT, "depth": net.depth, "inner_widths": net.inner,
                 "num_classes": net.fc.out_features, "mflops": round(macs(net) / 1e6, 3),
                 "params": sum(p.numel() for p in net.parameters())}

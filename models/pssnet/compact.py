@@ -56,7 +56,7 @@ from models.pssnet.nets import DenseSubnet, SupernetSpec, _init_weights, subnet_
 
 def compact_widths(spec: SupernetSpec, keep: float) -> list[int]:
     """``floor(keep * n)`` (at least 1) of every prunable layer's width in the largest subnet."""
-    return [max(1, math.floor(keep * n)) for n in layer_widths(subnet_widths(spec, spec.max_cfg()))]
+    return [dcff.compact_width(n, keep) for n in layer_widths(subnet_widths(spec, spec.max_cfg()))]
 
 
 def plain_compact(spec: SupernetSpec, keep: float) -> DenseSubnet:
