@@ -172,3 +172,26 @@ def test_training_reports_its_loss_and_batch_accuracy(monkeypatch, capsys):
     assert [int(s) for s, *_ in lines] == [2, 4, 5]
     assert [int(n) for *_, n in lines] == [16, 16, 8]
     assert all(0 < float(loss) < 10 * math.log(7) and 0 <= float(acc) <= 100 for _s, loss, acc, _n in lines)
+
+
+def test_bf16_autocast_training_runs_products_in_bf16_and_keeps_float32_weights():
+    """``bf16_autocast``: the convolutions see and return bf16 (the speed), while the weights
+    the optimiser updates, and so the network written, stay float32."""
+    import numpy as np
+    import torch
+
+    from models.pssnet import dense_train
+
+    net = _mbv1_subnet(2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen: list[torch.dtype] = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 7, size=16).astype(np.int64)
+    cfg = dense_train.TrainConfig(steps=2, batch=8, lr=0.01, seed=0, save_every=100, bf16_autocast=True)
+    dense_train.train(net, images, labels, cfg, desc="bf16")
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items() if v.is_floating_point())

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="train under bf16 autocast (products in bf16, weights and "
+                    "optimiser in float32): about 1.9x faster where the CPU multiplies bf16 natively (AMX)")
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
         raise SystemExit("--keep must be in (0, 1]")
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 say("dcff", f"epoch {e}/{epochs}: T = {dcff.temperature(e, epochs):.1f}, {counts}")
 
     cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-                                  warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
+                                  warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every,
+                                  bf16_autocast=args.bf16)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dense_train.train(net, images, labels, cfg, state_path=args.out / "train_state.pt", before_step=refuse, desc=tag,

@@ -51,6 +51,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     save_every: int = 500
+    bf16_autocast: bool = False  # forward and backward products in bf16, weights and optimiser in float32
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,12 +73,20 @@ def train(net: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
     another rate sets it after. ``input_size``: the training crop (default: the network's
     ``spec.input_size``); ``channels_last``: feed the batches in that memory layout (oneDNN's
     convolutions train about 1.25x faster so on a CPU; the same arithmetic, summed in
-    another order)."""
+    another order). ``cfg.bf16_autocast``: products in bf16 under ``torch.autocast``
+    (about 1.9x faster training of the half-width ResNet-56 on a CPU with AMX; the loss,
+    the weights and the optimiser stay float32), for long comparisons both sides run alike."""
     from models.common.progress import progress
     from models.pssnet.data import Augment
     from models.pssnet.train import param_groups
 
     augment = Augment.demo(input_size or net.spec.input_size)
+    device_type = next(net.parameters()).device.type
+    if cfg.bf16_autocast:
+        from compress.bf16 import native_bf16
+
+        if not native_bf16(device_type):
+            say(desc, "bf16 autocast on a device without native bf16 products: expect it slower than float32")
     ids = {id(p) for g in (extra_groups or []) for p in g["params"]}
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]}
               for g in param_groups(net, cfg.weight_decay)] + list(extra_groups or [])
@@ -119,8 +128,9 @@ def train(net: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConf
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(labels[idx])
-        logits = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            logits = net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
