@@ -45,9 +45,11 @@ def runs_under(roots: list[Path]) -> list[tuple[Path, dict]]:
     return out
 
 
-def group_key(m: dict) -> tuple[str, float, int]:
+def group_key(m: dict) -> tuple[str, float, int, str]:
+    """Network, width, steps and the training's arithmetic: only runs alike in all four compare."""
     arch = f"resnet{m['depth']}" if m["format"] == "cifar-resnet" else "mobilenetv1"
-    return arch, float(m["keep"]), int(m["training"]["steps"])
+    products = "bf16 autocast" if m["training"].get("bf16_autocast") else "float32"
+    return arch, float(m["keep"]), int(m["training"]["steps"]), products
 
 
 def accuracy_table(runs: list[dict]) -> list[str]:
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     for folder, m in found:
         groups[group_key(m)].append((folder, m))
-    for (arch, keep, steps), runs in sorted(groups.items()):
-        print(f"\n### {arch}, keep {keep}, {steps} steps\n")
+    for (arch, keep, steps, products), runs in sorted(groups.items()):
+        print(f"\n### {arch}, keep {keep}, {steps} steps, trained in {products}\n")
         print("\n".join(accuracy_table([m for _f, m in runs])))
         folder, manifest = runs[0]
         compact, full, size = compact_and_full(folder, manifest, args.bundle)
