@@ -56,8 +56,12 @@ def test_one_ladder_across_methods_is_listed_and_a_pruned_rung_serves() -> None:
         assert variant["variant"]["command"].startswith(f"python -m {made_by}"), variant["variant"]["command"]
 
         top_ms = max(r["ms_per_item_full_batch"] for r in front)
-        for r in pruned:  # a time budget equal to its share of the top's time picks exactly it
-            budget = r["ms_per_item_full_batch"] / top_ms
+        shares = sorted(x["ms_per_item_full_batch"] / top_ms for x in front)
+        for r in pruned:  # a time budget at its share of the top's time picks exactly it
+            share = r["ms_per_item_full_batch"] / top_ms
+            dearer = [x for x in shares if x > share]
+            # a hair above the share (the listed ms are rounded), still below the next dearer rung
+            budget = min(share * 1.001, (share + dearer[0]) / 2) if dearer else share
             got = c.post("/classify", content=_png(), headers={"content-type": "image/png"},
                          params={"budget": f"{budget:.6f}"})
             assert got.status_code == 200 and got.json()["rung"]["name"] == r["name"], (r["name"], got.text)
