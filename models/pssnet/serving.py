@@ -96,8 +96,9 @@ class PssNetModel:
                  supernet: PssSupernet, manifest: dict) -> None:
         self.name, self.spec, self.classes, self.rungs = name, spec, classes, rungs
         # Served channels-last: oneDNN then runs the depth-wise and point-wise convolutions
-        # without reordering every layer's input and output (1.7-2.4x faster at batch 32 on a
-        # CPU, the same numbers to float rounding); ``forward`` hands the batch over in it too.
+        # without reordering every layer's input and output (1.4-1.55x faster at batch 32 on an
+        # AMX CPU, python -m bench.memory_format; the same numbers to float rounding);
+        # ``forward`` hands the batch over in it too.
         self._nets = [net.to(memory_format=torch.channels_last) for net in nets]
         self._pre = preprocess_cfg
         self._stats, self._supernet, self.manifest = stats, supernet, manifest
