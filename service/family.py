@@ -160,6 +160,12 @@ class ServedFamily(ABC, Generic[Work, Plan]):
 
     max_batch: int | None = None  # items per forward pass; None: the server's batch_max_items
 
+    def before_timing(self, max_batch: int) -> None:
+        """Called once at start-up on the scheduler thread (its thread count), before the
+        rungs are timed: where a family picks each network's engine by measuring it where it
+        will run (PSS-Net: torch or ONNX Runtime per batch size).  The start-up timing then
+        measures what will be served."""
+
     def calibrated(self, predict, max_batch: int) -> None:
         """Called once the start-up timing is done.  ``predict([(key, n), ...])`` is then the
         cost model's live prediction, in seconds, of those forward passes (n items at key,

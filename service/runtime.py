@@ -63,10 +63,13 @@ class FamilyRuntime:
         top = self.max_batch
         return sorted({n for n in (1, 8, 32, top) if n <= top})
 
-    def calibrate(self, extra: Callable[[], None] | None = None) -> None:
-        """Time every rung (and the family's ``extra`` work), then mark ready."""
+    def calibrate(self, extra: Callable[[], None] | None = None, before: Callable[[], None] | None = None) -> None:
+        """Run ``before`` (the family's engine choice), time every rung (and the family's
+        ``extra`` work), then mark ready."""
         t0 = time.perf_counter()
         reps = self.settings.calibration_repeats
+        if before is not None:
+            before()
         with torch.inference_mode():
             inputs = {key: self.example(key, self.max_batch) for key in self.keys}
             self.cost.calibrate_rungs({key: lambda n, key=key: self.forward(key, take(inputs[key], 0, n))
@@ -81,11 +84,11 @@ class FamilyRuntime:
                  extra={"model": self.name, "cost": self.cost.snapshot()})
         self.ready.set()
 
-    def start(self, extra: Callable[[], None] | None = None) -> Future:
+    def start(self, extra: Callable[[], None] | None = None, before: Callable[[], None] | None = None) -> Future:
         """Start the worker and calibrate on it: the same thread (and so the same OpenMP
         thread team) that will serve, while /healthz already answers."""
         self.executor.start()
-        fut = self.executor.submit(Job([], 0.0, finish=lambda _outputs: self.calibrate(extra)))
+        fut = self.executor.submit(Job([], 0.0, finish=lambda _outputs: self.calibrate(extra, before)))
         fut.add_done_callback(self._calibrated)
         return fut
 

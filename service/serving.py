@@ -369,7 +369,7 @@ class FamilyService:
                 rt.cost.calibrate_overhead(f.calibrate_extra(self.settings.calibration_repeats))
             f.calibrated(rt.cost.predict, full)
 
-        return rt.start(extra=after_timing)
+        return rt.start(extra=after_timing, before=lambda: f.before_timing(full))
 
     def describe(self) -> dict:
         """This model's entry in GET /v1/models."""

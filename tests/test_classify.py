@@ -60,6 +60,10 @@ class FakePssNet:
         self.rungs = [FakeRung(i, n, f, 1000 * (i + 1), acc, {"resolution": 16, "width": i})
                       for i, (n, f, acc) in enumerate([("min", 30.0, 0.6), ("f60", 60.0, 0.7), ("max", 100.0, 0.8)])]
         self.batches: list[tuple[int, int]] = []
+        self.engine_choices: dict = {}
+
+    def choose_engines(self, engine: str, sizes, rounds: int = 5) -> dict:
+        return {}  # its 'subnets' are not networks: they stay on their one engine
 
     @property
     def ladder(self) -> list[FakeRung]:

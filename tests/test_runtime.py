@@ -407,3 +407,42 @@ def test_no_idle_probes_when_turned_off() -> None:
     time.sleep(0.2)
     assert calls == [] and sched.probes_run == 0
     assert sched.shutdown(5)
+
+
+# --- start-up objects out of the garbage collector's walk ---------------------------------
+
+
+def test_serving_freezes_what_start_up_built_and_releases_it_at_shutdown() -> None:
+    """While the app serves, the objects alive after start-up sit in the collector's permanent
+    generation (a full collection under load then skips them instead of pausing every request
+    for hundreds of ms); at shutdown they are handed back, so a dropped app can be collected."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.memory import freeze_startup_objects
+    from tests.conftest import FAST_START, wait_ready
+    from tests.test_family_contract import Toy
+
+    assert gc.get_freeze_count() == 0
+    sentinel = [object() for _ in range(1000)]  # alive before the app starts: frozen with it
+    with TestClient(create_app(Settings(**{**FAST_START, "families": []}), families=[Toy()])) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() >= len(sentinel)
+        t0 = time.perf_counter()
+        gc.collect()
+        walked_s = time.perf_counter() - t0
+    assert gc.get_freeze_count() == 0
+    t0 = time.perf_counter()
+    gc.collect()
+    assert walked_s < time.perf_counter() - t0  # the frozen objects were not walked
+    with TestClient(create_app(Settings(**{**FAST_START, "families": [], "freeze_startup_objects": False}),
+                               families=[Toy()])) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() == 0
+    freeze_startup_objects()
+    try:
+        assert gc.get_freeze_count() > len(sentinel)
+    finally:
+        gc.unfreeze()

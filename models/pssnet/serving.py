@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.common.ort_engine import EngineChoice
 from models.pssnet.calibrate import bn_stats, load_bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import load_bundle, load_official_checkpoint, save_bundle
 from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, resize_pixels, to_rgb_u8
@@ -109,6 +110,10 @@ class PssNetModel:
         # rung index -> (int8 module on the CPU, its artifact entry: quality, calibration, command)
         self.int8_rungs: dict[int, tuple[torch.nn.Module, dict]] = {}
         self._with_bn: dict[int, DenseSubnet] = {}  # a variant's network before BN folding
+        # rung index -> its runner on the faster engine per batch size, and what was measured
+        # (``choose_engines``); rungs without one run on torch
+        self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.engine_choices: dict[int, EngineChoice] = {}
 
     def to(self, device: str | torch.device) -> PssNetModel:
         """Serve every subnet on ``device``; ``forward`` moves its input there."""
@@ -282,8 +287,35 @@ class PssNetModel:
         if batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected (n, 3, S, S), got {tuple(batch.shape)}")
         with torch.inference_mode():
-            batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            return self._nets[rung_index](batch)
+            batch = batch.to(self.device, non_blocking=True)
+            runner = self._runners.get(rung_index)
+            return runner(batch) if runner is not None else self._torch_forward(rung_index, batch)
+
+    def _torch_forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
+        return self._nets[rung_index](batch.contiguous(memory_format=torch.channels_last))
+
+    def choose_engines(self, engine: str = "auto", sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                       rungs: Sequence[int] | None = None, rounds: int = 5) -> dict[int, EngineChoice]:
+        """Serve each of ``rungs`` (default: the ladder's, the only fp32 rungs a planner
+        picks) on the faster of torch and ONNX Runtime at each batch size, measured now on
+        the calling thread with its thread count: call it on the thread that will serve.
+        ``engine``: "auto" (both where ONNX Runtime is installed, else torch), "torch" or
+        "onnxruntime" (at every size).  The logits agree to float rounding (the ONNX graph is
+        the same network: a test checks it on held-out images).  CPU only."""
+        from models.common.ort_engine import TORCH, serve_faster
+
+        self._runners, self.engine_choices = {}, {}
+        if engine == TORCH or self.device.type != "cpu":
+            return {}
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(max(sizes), 3, self.input_size, self.input_size, generator=gen)
+        for i in (rungs if rungs is not None else [r.index for r in self.ladder]):
+            contiguous = copy.deepcopy(self._nets[i]).to(memory_format=torch.contiguous_format)
+            runner, choice = serve_faster(contiguous, lambda x, i=i: self._torch_forward(i, x), example, sizes,
+                                          engine, rounds)
+            if choice is not None:
+                self._runners[i], self.engine_choices[i] = runner, choice
+        return self.engine_choices
 
     __call__ = forward
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import AliasChoices, Field
@@ -43,6 +43,12 @@ class PssNetSettings(FamilySettings):
                                      "per line) for an official checkpoint")
     int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), built "
                        "at start-up from their stored calibration (about 1.5 s each; CPU only)")
+    engine: Literal["torch", "auto", "onnxruntime"] = Field(
+        "torch", description="what runs the fp32 ladder rungs on a CPU: torch; auto times torch and ONNX Runtime "
+        "on each rung at start-up and runs every batch on the one that was faster at its size (needs pip install "
+        "'anytime-serve[onnx]'; torch alone without it); or onnxruntime at every size. auto answers sooner and "
+        "serves more, but on a 2-core host under twice its capacity the event loop, not the network, becomes the "
+        "bottleneck and fewer requests are answered in time or shed at once (docs/BENCHMARKS.md 2.0a)")
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,9 @@ class PssNetFamily(ImageClassifier):
     flops_convention = "2 x multiply-accumulates of convolutions and the classifier (no bias) + the average pool"
     budget_units = ("time", "flops")
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, engine: str = "torch") -> None:
         super().__init__(model)
+        self.engine = engine  # the fp32 rungs' engine setting (``before_timing`` acts on it)
         self.ladder = sorted(model.ladder, key=lambda r: r.flops)  # the fp32 rungs the planner climbs
         self.flops_full = FLOPS_PER_MFLOP * self.ladder[-1].flops
         self.plans: dict[str, SubnetPlan] = {}
@@ -110,6 +117,12 @@ class PssNetFamily(ImageClassifier):
             with torch.inference_mode():
                 return self.int8[key](batch.cpu())
         return self.model.forward(self.plans[key].index, batch)
+
+    def before_timing(self, max_batch: int) -> None:
+        """Choose the fp32 ladder rungs' engine per batch size (``PssNetModel.choose_engines``),
+        here on the scheduler thread, so that the start-up timing measures what is served."""
+        sizes = sorted({n for n in (1, 2, 4, 8, 16, 32, max_batch) if n <= max_batch})
+        self.model.choose_engines(self.engine, sizes, rounds=3)
 
     def calibrated(self, predict, max_batch: int) -> None:
         """Order the candidates (the fp32 ladder and the int8 rungs) by predicted time and
@@ -184,7 +197,10 @@ class PssNetFamily(ImageClassifier):
                 detail["variant"] = r.variant
             if self.seconds_per_item is not None:
                 detail["ms_per_item_full_batch"] = round(1000 * self.seconds_per_item(p.key), 4)
+            choice = self.model.engine_choices.get(p.index) if p.precision == "fp32" else None
+            detail["engine"] = choice.describe() if choice is not None else "torch"
             if p.precision == "int8":
+                detail["engine"] = "torch.ao"
                 entry = self.model.int8_rungs[p.index][1]
                 detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
                               calibration=entry["calibration"], command=entry["command"])
@@ -202,4 +218,4 @@ def load(settings: Settings) -> list[PssNetFamily]:
 
     model = PssNetModel.from_checkpoint(s.checkpoint, class_names=s.class_names, calibration=s.calibration,
                                         int8=s.int8 and torch.device(settings.device).type == "cpu")
-    return [PssNetFamily(model.to(settings.device))]
+    return [PssNetFamily(model.to(settings.device), s.engine)]
