@@ -34,7 +34,6 @@ import copy
 import time
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -168,18 +167,12 @@ def _capture(module: nn.Module, names: tuple[str, ...] | None) -> tuple[list[tor
 
 def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
                 bound_lr: float, feature_layer: tuple[str, ...] | None, log_every: int, label: str,
-                target: str = "teacher", weight_grid: str = "narrow", loss_fn: str = "l1",
-                validate: Callable[[nn.Module], float] | None = None, validate_every: int = 0) -> nn.Module:
+                target: str = "teacher", weight_grid: str = "narrow", loss_fn: str = "l1") -> nn.Module:
     """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
 
     ``target``: what the L1 term pulls the output to: ``hr``, DDTB's choice, or ``teacher``,
     the fp32 width's own output (plain output distillation; better at a small weight step,
-    worse at DDTB's, docs/COMPRESSION.md).
-
-    ``validate``: scores an exported int8 network (higher is better, e.g. validation PSNR);
-    with ``validate_every`` > 0 it runs every that many steps and at the end, and the state
-    that scored best is returned.  Why: fine-tuning a trained network on small batches drifts
-    (its float weights wander off the fp32 optimum), so the last step is not the best one."""
+    worse at DDTB's, docs/COMPRESSION.md)."""
     teacher = teacher.eval().requires_grad_(False)
     student = qat.prepare(teacher, example_input(), weight_grid=weight_grid)
     qat.calibrate(student, [torch.from_numpy(sampler.batch(32)[0]) for _ in range(8)])
@@ -188,7 +181,6 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
     t_feat, t_hook = _capture(teacher, feature_layer)
     s_feat, s_hook = _capture(student, feature_layer)
     start, running = time.time(), []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for step in range(1, steps + 1):
         lr_np, hr_np = sampler.batch(batch)
         x, hr = torch.from_numpy(lr_np), torch.from_numpy(hr_np)
@@ -210,18 +202,9 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
             rate = step / (time.time() - start)
             print(f"[{label}] step {step}/{steps}  loss {np.mean(running[-log_every:]):.5f}  "
                   f"{rate:.1f} steps/s  eta {(steps - step) / rate / 60:.1f} min", flush=True)
-        if validate is not None and validate_every > 0 and (step % validate_every == 0 or step == steps):
-            score = validate(qat.export(student))
-            if best is None or score > best[0]:
-                best = (score, step, qat.state(student))
-            print(f"[{label}] step {step}: validation {score:.4f} (best {best[0]:.4f} at step {best[1]})", flush=True)
     for handle in (t_hook, s_hook):
         if handle is not None:
             handle.remove()
-    if best is not None and best[1] != steps:
-        student.load_state_dict(best[2])
-        print(f"[{label}] kept the state of step {best[1]} (validation {best[0]:.4f})", flush=True)
-    student.selected_step = best[1] if best is not None else steps  # recorded in the manifest
     return student.eval()
 
 
