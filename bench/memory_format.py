@@ -13,48 +13,22 @@ channels-last is a layout its depth-wise and point-wise kernels read directly.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 
 import torch
 
-from bench.quant import SIZES, timings
-from service.bundled import bundled
+from bench.quant import pssnet_ladder_bench, rung_pairs
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--images", type=int, default=256, help="held-out test images the batches are cut from")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from models.glyphs.data import load_split
-    from models.pssnet.serving import PssNetModel
+    args, model, x = pssnet_ladder_bench(__doc__, argv)
 
-    model = PssNetModel.from_checkpoint(bundled("pssnet"), int8=False)
-    test = load_split("test", n=args.images)
-    x = torch.stack([model.preprocess(img) for img in test.images])
-    variants, diffs = {}, {}
-    for r in model.ladder:
-        served = (lambda i: lambda b: model.forward(i, b))(r.index)
+    def pair(r):  # a contiguous copy fed NCHW batches, and the served network
         nchw_net = copy.deepcopy(model._nets[r.index]).to(memory_format=torch.contiguous_format)
-        variants[f"{r.name}/nchw"], variants[f"{r.name}/channels-last"] = nchw_net, served
-        with torch.inference_mode():
-            diffs[r.name] = float((served(x) - nchw_net(x)).abs().max())
-    print(f"[memory_format] timing {len(variants)} variants x {len(SIZES)} batch sizes x {args.rounds} rounds",
-          file=sys.stderr, flush=True)
-    ms = timings(variants, x, args.rounds)
-    print(f"PSS-Net {model.name}, fp32, {args.threads} thread(s), median ms per forward of {args.rounds} "
-          "interleaved rounds\n")
-    print("| rung | " + " | ".join(f"NCHW b{n} | channels-last b{n} | speed-up b{n}" for n in SIZES)
-          + " | max logit diff |")
-    print("|---|" + "---|---|---|" * len(SIZES) + "---|")
-    for r in model.ladder:
-        a, b = ms[f"{r.name}/nchw"], ms[f"{r.name}/channels-last"]
-        cells = " | ".join(f"{a[n]:.2f} | {b[n]:.2f} | {a[n] / b[n]:.2f}x" for n in SIZES)
-        print(f"| {r.name} | {cells} | {diffs[r.name]:.1e} |")
+        return nchw_net, lambda b: model.forward(r.index, b)
+
+    rung_pairs(model.ladder, pair, ("NCHW", "channels-last"), x, args.rounds,
+               f"PSS-Net {model.name}, fp32, {args.threads} thread(s)")
 
 
 if __name__ == "__main__":

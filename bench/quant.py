@@ -61,6 +61,51 @@ def timings(variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tens
     return {k: {n: statistics.median(v) for n, v in per.items()} for k, per in out.items()}
 
 
+def pssnet_ladder_bench(doc: str, argv: list[str] | None):
+    """What ``bench.memory_format`` and ``bench.engines`` start from: their arguments
+    (``--rounds``, ``--threads``, ``--images``), torch's thread count set, the bundled PSS-Net
+    without int8 rungs, and a batch of its held-out test glyphs, preprocessed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--images", type=int, default=256, help="held-out test images the batches are cut from")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from models.glyphs.data import load_split
+    from models.pssnet.serving import PssNetModel
+
+    model = PssNetModel.from_checkpoint(bundled("pssnet"), int8=False)
+    x = torch.stack([model.preprocess(img) for img in load_split("test", n=args.images).images])
+    return args, model, x
+
+
+def rung_pairs(rungs: list, pair: Callable[[object], tuple[Callable, Callable]], labels: tuple[str, str],
+               x: torch.Tensor, rounds: int, title: str) -> None:
+    """Print, for every rung, two ways of running it (``pair(rung)`` -> (first, second)) timed
+    interleaved at each batch size (``timings``), the first's time over the second's, and the
+    largest difference of their outputs on ``x``: the table of ``bench.memory_format`` and
+    ``bench.engines``."""
+    variants, diffs = {}, {}
+    for r in rungs:
+        first, second = pair(r)
+        variants[f"{r.name}/0"], variants[f"{r.name}/1"] = first, second
+        with torch.inference_mode():
+            diffs[r.name] = float((first(x) - second(x)).abs().max())
+    print(f"[bench] timing {len(variants)} variants x {len(SIZES)} batch sizes x {rounds} rounds",
+          file=sys.stderr, flush=True)
+    ms = timings(variants, x, rounds)
+    print(f"{title}, median ms per forward of {rounds} interleaved rounds\n")
+    a, b = labels
+    print("| rung | " + " | ".join(f"{a} b{n} | {b} b{n} | speed-up b{n}" for n in SIZES) + " | max logit diff |")
+    print("|---|" + "---|---|---|" * len(SIZES) + "---|")
+    for r in rungs:
+        t0, t1 = ms[f"{r.name}/0"], ms[f"{r.name}/1"]
+        cells = " | ".join(f"{t0[n]:.2f} | {t1[n]:.2f} | {t0[n] / t1[n]:.2f}x" for n in SIZES)
+        print(f"| {r.name} | {cells} | {diffs[r.name]:.1e} |")
+
+
 def timed(rows: list[dict], variants: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, rounds: int,
           progress: Callable[[str], None]) -> list[dict]:
     """``rows`` with the ms of their variant (``timings``) at every batch size."""
