@@ -94,7 +94,6 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
                      1000 * seconds)
 
     async def start_in_turn() -> None:
-        freeze()  # the models and libraries loaded so far: the bulk, walked once here, never again
         for svc in services:
             try:
                 await asyncio.wrap_future(svc.start())
@@ -250,4 +249,7 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
     app.add_middleware(RequestContext, settings=settings, metrics=metrics, endpoints=endpoints,
                        arrival_lag=loop_lag.recent, quick_shed=quick_shed, model_of=model_of,
                        draining=lambda: any(s.draining for s in services))
+    # The models and libraries loaded so far, the bulk: walked once here, before the server
+    # listens (a collection on the running loop would hold up /healthz, or the bind itself).
+    freeze()
     return app

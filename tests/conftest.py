@@ -61,9 +61,17 @@ def wait_until(condition, timeout: float = 5.0, interval: float = 0.01, what: st
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:
-    """Block until the app's cost model is calibrated (GET /readyz answers 200)."""
-    wait_until(lambda: client.get("/readyz").status_code == 200, timeout, interval=0.05,
-               what="the app's readiness (GET /readyz 200)")
+    """Block until the app's cost model is calibrated (GET /readyz answers 200).  A server
+    started on a thread may not listen yet: a refused connection is "not ready", not an error."""
+    import httpx
+
+    def ready() -> bool:
+        try:
+            return client.get("/readyz").status_code == 200
+        except httpx.ConnectError:
+            return False
+
+    wait_until(ready, timeout, interval=0.05, what="the app's readiness (GET /readyz 200)")
 
 
 # Settings that keep the start-up short in tests.  The calibration keeps the default 3 timed

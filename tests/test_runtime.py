@@ -425,7 +425,7 @@ def test_serving_freezes_what_start_up_built_and_releases_it_at_shutdown() -> No
     from tests.conftest import FAST_START, wait_ready
     from tests.test_family_contract import Toy
 
-    assert gc.get_freeze_count() == 0
+    gc.unfreeze()  # what an app built earlier in this process and never served may have left frozen
     sentinel = [object() for _ in range(1000)]  # alive before the app starts: frozen with it
     with TestClient(create_app(Settings(**{**FAST_START, "families": []}), families=[Toy()])) as c:
         wait_ready(c)
