@@ -71,6 +71,8 @@ def test_int8_rungs_are_listed_timed_and_served() -> None:
         rungs = {r["name"]: r for r in m["rungs"]}
         int8 = [r for r in rungs.values() if r["precision"] == "int8"]
         assert int8 and all(r["real_speed"] and r["ms_per_item_full_batch"] > 0 and r["accuracy"] for r in int8)
+        assert all(r["engine"] == "torch.ao" for r in int8)  # the default engine: torch for fp32 too
+        assert all(r["engine"] == "torch" for r in rungs.values() if r["precision"] == "fp32")
         assert all(r["flops"] == rungs[r["subnet"]]["flops"] for r in int8)  # same network, same FLOPs
         buf = io.BytesIO()
         Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")

@@ -114,7 +114,7 @@ def test_the_server_lists_each_rungs_engine_and_answers_on_it() -> None:
     if path is None:
         pytest.skip("no bundled PSS-Net")
     settings = Settings(**{**FAST_START, "families": ["pssnet"], "pssnet_checkpoint": path,
-                           "pssnet_engine": "onnxruntime"})
+                           "pssnet_engine": "onnxruntime", "pssnet_int8": False})  # int8: test_int8_rungs.py
     with TestClient(create_app(settings)) as c:
         wait_ready(c, timeout=180)
         [m] = c.get("/v1/models").json()["models"]
@@ -122,11 +122,11 @@ def test_the_server_lists_each_rungs_engine_and_answers_on_it() -> None:
         assert fp32
         for r in m["rungs"]:
             engine = r["engine"]
-            if r["precision"] == "int8":
-                assert engine == "torch.ao"
-            elif isinstance(engine, dict):  # a ladder rung: ONNX Runtime at every size
+            if isinstance(engine, dict):  # a ladder rung: ONNX Runtime at every size
                 assert set(engine["by_batch_size"].values()) == {"onnxruntime"}, r
                 assert engine["measured_ms"]["onnxruntime"]["1"] > 0
+            else:  # off the ladder (dominated on validation): torch, never chosen by a planner
+                assert engine == "torch" and r["dominated"], r
         ladder = [r for r in m["rungs"] if isinstance(r["engine"], dict)]
         assert ladder, "no rung on ONNX Runtime"
         from tests.test_cls_ladder import _png
