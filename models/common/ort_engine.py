@@ -50,7 +50,7 @@ def require() -> None:
 
 class OrtNetwork:
     """A torch module exported to ONNX (in memory) and run by an ONNX Runtime CPU session:
-    float32 (n, ...) tensor in, float32 tensor out, the batch axis dynamic.  ``run`` is safe
+    float32 (n, ...) tensor in, float32 tensor out, the batch axis dynamic.  Calling it is safe
     to call from several threads (ONNX Runtime sessions are)."""
 
     def __init__(self, module: torch.nn.Module, example: torch.Tensor, threads: int) -> None:
