@@ -117,6 +117,13 @@ class Pinned(Generic[Plan]):
     label: str
 
 
+# A rung whose predicted time is within this share above a time budget still fits it.  Why:
+# /v1/models lists each rung's ms rounded (4 decimals), so a budget a client computes from
+# those numbers, one rung's ms over the top's, can fall a rounding below that rung's exact
+# share (5e-4 of it for a 0.09 ms rung) and would buy the next rung down for nothing.
+TIME_BUDGET_TOLERANCE = 1e-3
+
+
 class ServedFamily(ABC, Generic[Work, Plan]):
     """A model served behind the runtime.  Subclasses set the class attributes and
     implement the abstract hooks; the others have defaults that fit most families.

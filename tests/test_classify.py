@@ -221,3 +221,17 @@ def test_bundled_classifiers_serve_through_classify(bundled_model) -> None:
             hi = _post(c, model=a.model.name, budget="1", budget_unit="flops").json()
             assert lo["flops_expected"] <= hi["flops_expected"] and hi["flops_expected"] == hi["flops_full"]
             assert 0 < lo["predictions"][0]["probability"] <= 1 and lo["predictions"][0]["label"] in a.model.classes
+
+
+def test_a_time_budget_a_rounding_below_a_rungs_share_still_buys_that_rung() -> None:
+    """A client that computes a budget from the rounded ms /v1/models lists can land a hair
+    below a rung's exact share of the top's time; within TIME_BUDGET_TOLERANCE it still fits."""
+    from service.family import TIME_BUDGET_TOLERANCE
+
+    fam = PssNetFamily(FakePssNet())
+    per_batch = {"min": 1.0, "f60": 2.0, "max": 4.0}  # seconds per full batch of 4 items
+    fam.calibrated(lambda batches: sum(per_batch[k] * n / 4 for k, n in batches), 4)
+    assert fam.plan(None, 0.5).key == "f60"
+    assert fam.plan(None, 0.5 * (1 - TIME_BUDGET_TOLERANCE / 2)).key == "f60"
+    assert fam.plan(None, 0.5 * (1 - 2 * TIME_BUDGET_TOLERANCE)).key == "min"
+    assert fam.plan(None, 1.0).key == "max"

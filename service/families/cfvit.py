@@ -22,7 +22,7 @@ from service.bundled import bundled
 from service.endpoints import ClassifyParams
 from service.errors import ApiError
 from service.executor import Items
-from service.family import FamilySettings, Pinned, Rung
+from service.family import TIME_BUDGET_TOLERANCE, FamilySettings, Pinned, Rung
 from service.families.classifier import ImageClassifier
 from service.registry import register
 
@@ -135,7 +135,7 @@ class CfVitFamily(ImageClassifier):
 
     def plan(self, work, budget: float, unit: str = "time") -> ExitPlan:
         if unit == "time" and self.by_time:
-            limit = budget * self.expected_seconds(self.top(work)) * (1 + 1e-9)
+            limit = budget * self.expected_seconds(self.top(work)) * (1 + TIME_BUDGET_TOLERANCE)
             fits = [p for p in self.by_time if self.expected_seconds(p) <= limit]
             return fits[-1] if fits else self.by_time[0]
         return self.at_eta(self.model.eta_for_budget(budget))

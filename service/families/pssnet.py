@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 from service.bundled import bundled
 from service.endpoints import ClassifyParams
 from service.errors import ApiError
-from service.family import FamilySettings, Pinned, Rung
+from service.family import TIME_BUDGET_TOLERANCE, FamilySettings, Pinned, Rung
 from service.families.classifier import ImageClassifier
 from service.registry import register
 
@@ -147,7 +147,7 @@ class PssNetFamily(ImageClassifier):
 
     def plan(self, work, budget: float, unit: str = "time") -> SubnetPlan:
         if unit == "time" and self.by_time:
-            limit = budget * self.seconds_per_item(self.top_plan.key) * (1 + 1e-9)
+            limit = budget * self.seconds_per_item(self.top_plan.key) * (1 + TIME_BUDGET_TOLERANCE)
             fits = [p for p in self.by_time if self.seconds_per_item(p.key) <= limit]
             return fits[-1] if fits else self.by_time[0]
         fits = [r for r in self.ladder if FLOPS_PER_MFLOP * r.flops <= budget * self.flops_full * (1 + 1e-9)]
