@@ -19,8 +19,8 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import time
 import sys
+import time
 
 log = logging.getLogger(__name__)
 

@@ -197,13 +197,14 @@ class PssNetFamily(ImageClassifier):
                 detail["variant"] = r.variant
             if self.seconds_per_item is not None:
                 detail["ms_per_item_full_batch"] = round(1000 * self.seconds_per_item(p.key), 4)
-            choice = self.model.engine_choices.get(p.index) if p.precision == "fp32" else None
-            detail["engine"] = choice.describe() if choice is not None else "torch"
             if p.precision == "int8":
                 detail["engine"] = "torch.ao"
                 entry = self.model.int8_rungs[p.index][1]
                 detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
                               calibration=entry["calibration"], command=entry["command"])
+            else:  # the engine choice of a ladder rung (choose_engines), or torch
+                choice = self.model.engine_choices.get(p.index)
+                detail["engine"] = choice.describe() if choice is not None else "torch"
             out.append(Rung(p.key, p.flops, r.params, {"accuracy": p.expected_accuracy,
                                                        "val_accuracy": p.val_accuracy}, dominated, detail))
         return out
