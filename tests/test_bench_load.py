@@ -1,5 +1,6 @@
-"""bench.load without a server: outcome rules, summaries, option parsing, request bodies, and a
-whole mixed run (capacity, service time, load, idle check) against an in-memory mock transport."""
+"""bench.load without the model server: outcome rules, summaries, option parsing, request
+bodies, and a whole mixed run (capacity, service time, load, idle check) against a small mock
+HTTP server on a loopback port, through the generator's real client."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import argparse
 import asyncio
 import io
 import json
+import threading
+from collections.abc import Iterator
 
-import httpx
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from bench import load
@@ -87,30 +90,47 @@ MODELS = {"models": [{"name": "sr", "endpoint": "/superresolve"}, {"name": "pss"
                      {"name": "det", "endpoint": "/ground", "task": "box"}]}
 
 
-def mock_server() -> tuple[httpx.MockTransport, list]:
-    """20 ms a request; with a deadline under 8 ms it sheds (429) at once, like a planner would."""
+@pytest.fixture
+def mock_server() -> Iterator[tuple[str, list]]:
+    """20 ms a request; with a deadline under 8 ms it sheds (429) at once, like a planner
+    would.  An aiohttp server on its own thread and loop (the generator runs its own
+    ``asyncio.run``): (base URL, the (path, query) of every load request it saw)."""
     seen: list = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/readyz":
-            return httpx.Response(200, json={"status": "ready"})
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json=MODELS)
-        seen.append((request.url.path, dict(request.url.params)))
-        deadline = float(request.url.params.get("deadline_ms", 1e9))
-        if deadline < 8:
-            return httpx.Response(429)
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/readyz":
+            return web.json_response({"status": "ready"})
+        if request.path == "/v1/models":
+            return web.json_response(MODELS)
+        await request.read()
+        seen.append((request.path, dict(request.query)))
+        if float(request.query.get("deadline_ms", 1e9)) < 8:
+            return web.json_response({}, status=429)
         await asyncio.sleep(0.02)
-        return httpx.Response(200, headers={"x-anytime-flops-fraction": "0.5"}, json={})
+        return web.json_response({}, headers={"x-anytime-flops-fraction": "0.5"})
 
-    return httpx.MockTransport(handler), seen
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    host, port = runner.addresses[0][:2]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{port}", seen
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
 
 
-def test_mixed_run_end_to_end(monkeypatch, capsys) -> None:
-    transport, seen = mock_server()
-    real = load.Clients
-    monkeypatch.setattr(load, "Clients", lambda n, **kw: real(n, transport=transport, **kw))
-    load.main(["--url", "http://127.0.0.1:1", "--mixed", "superresolve=0.5", "classify=0.25", "ground=0.25",
+def test_mixed_run_end_to_end(mock_server, capsys) -> None:
+    url, seen = mock_server
+    load.main(["--url", url, "--mixed", "superresolve=0.5", "classify=0.25", "ground=0.25",
                "--deadline-ms", "2000", "ground=5", "--duration", "0.5", "--capacity-seconds", "0.2",
                "--service-requests", "3", "--pause", "0", "--then-idle", "0", "--idle-requests", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
@@ -130,3 +150,28 @@ def test_mixed_run_end_to_end(monkeypatch, capsys) -> None:
     # load requests carry the policy and their deadline; capacity and service time ran at policy=full
     assert ("/classify", {"policy": "adaptive", "deadline_ms": "2000.0"}) in seen
     assert ("/ground", {"policy": "full"}) in seen
+
+
+def test_no_answer_is_status_0_with_the_reason(mock_server) -> None:
+    """A refused connection and a client timeout are counted as status 0 (errors_conn), never
+    raised out of the load loop; a failed set-up request raises a clear error."""
+    url, _ = mock_server
+    wl = load.Workload("classify", "/classify", b"x", {"content-type": "image/png"}, {}, "test")
+
+    async def run() -> tuple[load.Answer, load.Answer]:
+        refused = load.Clients(4, base_url="http://127.0.0.1:9", timeout=5)  # the discard port: nothing listens
+        impatient = load.Clients(4, base_url=url, timeout=0.005)  # the mock takes 20 ms
+        patient = load.Clients(4, base_url=url, timeout=30)
+        try:
+            a = await load.send(refused, wl, {})
+            b = await load.send(impatient, wl, {"deadline_ms": 1000})
+            with pytest.raises(load.StatusError, match="HTTP 429"):
+                (await patient.post("/classify", params={"deadline_ms": 1})).raise_for_status()
+            return a, b
+        finally:
+            for c in (refused, impatient, patient):
+                await c.aclose()
+
+    a, b = asyncio.run(run())
+    assert a.status == 0 and a.error == "ClientConnectorError" and load.classify_outcome(0, 0.0, 1.0) == "errors_conn"
+    assert b.status == 0 and b.error in ("TimeoutError", "ServerTimeoutError")
