@@ -30,3 +30,27 @@ def test_an_impossible_deadline_is_shed_before_the_body_is_read(server) -> None:
         assert head.startswith(b"HTTP/1.1 429"), (path, head)
         assert b"retry-after: " in head.lower() and elapsed < 2, (path, elapsed)
         assert "deadline" in json.loads(body)["error"]["message"]
+
+
+def test_the_early_shed_counts_the_time_an_answer_needs_to_leave() -> None:
+    """The shed from the query string judges a request as the planner will: an answer also
+    has to leave (the event loop's recent lag, or the model's result-to-last-byte tail).  A
+    deadline that the cheapest rung fits, but not together with that, is shed before the
+    body is read or decoded, not after: under overload that is the difference between a shed
+    that costs the server almost nothing and one that costs a decode."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+    from tests.conftest import wait_ready
+    from tests.test_family_contract import SETTINGS, Toy
+
+    with TestClient(create_app(Settings(**SETTINGS), families=[Toy()])) as c:
+        wait_ready(c)
+        c.app.state.machine.loop_lag.recent = lambda: 0.100  # answers wait 100 ms for the loop
+        # a 100 ms deadline: 10 ms margin + 100 ms to leave leave nothing, whatever the queue
+        r = c.post("/toy", content="[1]", params={"deadline_ms": 100})
+        assert r.status_code == 429 and "cheapest rung" in r.json()["error"]["message"], r.text
+        # 400 ms leaves 260 ms: served
+        r = c.post("/toy", content="[1]", params={"deadline_ms": 400})
+        assert r.status_code == 200, r.text
