@@ -44,11 +44,10 @@ class PssNetSettings(FamilySettings):
     int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), built "
                        "at start-up from their stored calibration (about 1.5 s each; CPU only)")
     engine: Literal["torch", "auto", "onnxruntime"] = Field(
-        "torch", description="what runs the fp32 ladder rungs on a CPU: torch; auto times torch and ONNX Runtime "
-        "on each rung at start-up and runs every batch on the one that was faster at its size (needs pip install "
-        "'anytime-serve[onnx]'; torch alone without it); or onnxruntime at every size. auto answers sooner and "
-        "serves more, but on a 2-core host under twice its capacity the event loop, not the network, becomes the "
-        "bottleneck and fewer requests are answered in time or shed at once (docs/BENCHMARKS.md 2.0a)")
+        "auto", description="what runs the fp32 ladder rungs on a CPU: auto times torch and ONNX Runtime on each "
+        "rung at start-up and runs every batch on the one that was faster at its size (torch alone where ONNX "
+        "Runtime is not installed: pip install 'anytime-serve[onnx]'); torch; or onnxruntime at every size. On the "
+        "2-core dev host auto serves about 1.8x the requests of torch (docs/BENCHMARKS.md 2.0a)")
 
 
 @dataclass(frozen=True)
