@@ -553,3 +553,19 @@ def test_kserve_runtime_speaks_v2_and_drains_within_its_grace_period() -> None:
         float(env["ANYTIME_DRAIN_TIMEOUT_S"])
     assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > drain
     assert c["securityContext"]["runAsNonRoot"] is True
+
+
+def test_every_bundled_weight_file_ships_in_the_package() -> None:
+    """The image and a pip install serve what ``make serve`` serves: every file under
+    ``models/*/weights/`` (variants in sub-folders included) matches the package-data
+    patterns of pyproject.toml, expanded as setuptools does (``**`` spans folders).  The
+    pruned and compact variants were once left out of the image this way."""
+    import glob
+
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["models"]
+    root = REPO / "models"
+    shipped = {Path(p) for pattern in patterns for p in glob.glob(str(root / pattern), recursive=True)}
+    bundled = {p for p in root.glob("*/weights/**/*") if p.is_file()}
+    assert bundled and bundled <= shipped, sorted(str(p.relative_to(REPO)) for p in bundled - shipped)
