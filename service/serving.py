@@ -139,8 +139,10 @@ class FamilyService:
     def shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
         """Before the body is read or decoded: when the work queued ahead (every family's)
         plus this model's cheapest rung outlasts the deadline no plan can fit, and saying
-        so at once costs the overloaded server almost nothing.  Called before reading the
-        body and again before decoding it."""
+        so at once costs the overloaded server almost nothing.  What is left of the deadline
+        is counted as the planner counts it (margin, and the answer's time to leave), so
+        that a request the planner would shed anyway is never read and decoded first.
+        Called before reading the body and again before decoding it."""
         deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
         if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
             return
