@@ -135,3 +135,30 @@ def test_the_server_lists_each_rungs_engine_and_answers_on_it() -> None:
                       headers={"content-type": "image/png"})
         assert resp.status_code == 200, resp.text
         assert resp.json()["rung"]["name"] == ladder[0]["name"]
+
+
+@needs_ort
+def test_a_network_onnx_runtime_cannot_run_as_torch_does_stays_on_torch(monkeypatch) -> None:
+    """``auto`` is the default, so a network the exporter or ONNX Runtime gets wrong (or
+    cannot take at all) is served by torch, not refused and not served wrong; asked for by
+    name, ONNX Runtime says why it cannot be had."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    example = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    runner, choice = serve_faster(net, net.forward, example, sizes=(1, 4, 8), engine="auto", rounds=1)
+    assert choice is not None  # a plain network: both engines, measured
+
+    real_call = ort_engine.OrtNetwork.__call__
+    monkeypatch.setattr(ort_engine.OrtNetwork, "__call__", lambda self, x: real_call(self, x) + 0.1)
+    runner, choice = serve_faster(net, net.forward, example, sizes=(1, 4, 8), engine="auto", rounds=1)
+    assert runner == net.forward and choice is None
+    with pytest.raises(RuntimeError, match="differs from torch's"):
+        serve_faster(net, net.forward, example, sizes=(1, 4, 8), engine="onnxruntime", rounds=1)
+
+    def no_export(self, *args, **kwargs):
+        raise RuntimeError("an operator the exporter does not know")
+
+    monkeypatch.setattr(ort_engine.OrtNetwork, "__init__", no_export)
+    runner, choice = serve_faster(net, net.forward, example, sizes=(1, 4, 8), engine="auto", rounds=1)
+    assert runner == net.forward and choice is None
+    with pytest.raises(RuntimeError, match="operator the exporter"):
+        serve_faster(net, net.forward, example, sizes=(1, 4, 8), engine="onnxruntime", rounds=1)

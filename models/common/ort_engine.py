@@ -18,6 +18,7 @@ at start-up, so nothing is written to disk and a checkpoint never needs a conver
 from __future__ import annotations
 
 import io
+import logging
 import random
 import statistics
 import time
@@ -30,6 +31,12 @@ import torch
 
 TORCH, ONNXRUNTIME = "torch", "onnxruntime"
 ENGINES = ("auto", TORCH, ONNXRUNTIME)  # what a family's ``engine`` setting accepts
+# The largest difference from torch's output that ONNX Runtime's may show, relative to the
+# output's own scale: float rounding in another kernel order is about 1e-6 of it (2e-5 on
+# logits of about 20, docs/BENCHMARKS.md); anything near 1e-3 is a different computation.
+AGREEMENT_TOLERANCE = 1e-3
+
+log = logging.getLogger("anytime.engines")
 
 
 def available() -> bool:
@@ -135,14 +142,31 @@ def serve_faster(module: torch.nn.Module, torch_runner: Callable[[torch.Tensor],
     """``module``'s runner for ``engine``: "torch" returns ``torch_runner`` as it is;
     "onnxruntime" an ONNX Runtime session at every size; "auto" (ONNX Runtime installed) both,
     measured at ``sizes`` on ``example`` and chosen per size.  ``example`` holds at least
-    max(sizes) items of what the network is served; the exported graph is traced on it."""
+    max(sizes) items of what the network is served; the exported graph is traced on it, and
+    its output on all of ``example`` must agree with torch's (``AGREEMENT_TOLERANCE``).  Where
+    export, the session or that agreement fails, "auto" serves torch (with a warning) and
+    "onnxruntime" raises."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == TORCH or (engine == "auto" and not available()):
         return torch_runner, None
     if engine == ONNXRUNTIME:
         require()
-    ort_net = OrtNetwork(module, example[:1], torch.get_num_threads())
+    try:
+        ort_net = OrtNetwork(module, example[:1], torch.get_num_threads())
+        with torch.inference_mode():
+            want = torch_runner(example)
+            gap = float((ort_net(example) - want).abs().max()) / (1.0 + float(want.abs().max()))
+        if not gap <= AGREEMENT_TOLERANCE:  # NaN included
+            raise RuntimeError(f"its ONNX Runtime output differs from torch's by {gap:.2g} of the output's scale "
+                               f"(more than {AGREEMENT_TOLERANCE:g})")
+    except Exception as exc:
+        if engine == ONNXRUNTIME:  # asked for by name: say why it cannot be had
+            raise RuntimeError(f"engine=onnxruntime cannot serve {type(module).__name__}: {exc}") from exc
+        # auto is the default: a network the exporter or ONNX Runtime cannot run as torch does
+        # is served by torch, never refused
+        log.warning("engine=auto: torch serves %s (%s: %s)", type(module).__name__, type(exc).__name__, exc)
+        return torch_runner, None
     runners = {TORCH: torch_runner, ONNXRUNTIME: ort_net}
     if engine == ONNXRUNTIME:
         runners = {ONNXRUNTIME: ort_net}
