@@ -120,11 +120,21 @@ class FamilyService:
         if policy is not None and not self.settings.allow_policy_override:
             raise ApiError(422, "policy override is disabled on this server (allow_policy_override)")
 
-    def floor_s(self) -> float:
-        """Predicted compute of the cheapest rung for one request, known before its body
-        is read (0 where it depends on the input, e.g. ARM's patch count)."""
-        batches = self.family.floor_batches()
-        return 0.0 if batches is None or not self.runtime.ready.is_set() else self.runtime.cost.predict(batches)
+    def floor_s(self, upload: Upload | None = None, params: RequestParams | None = None) -> float:
+        """Predicted time of the cheapest plan for one request: its compute, known before
+        the body is read (``floor_batches``), or once it is read, from what can be read
+        without decoding it (``floor_of``: ARM's patch count and output size, overhead
+        included); 0 where neither can say."""
+        if not self.runtime.ready.is_set():
+            return 0.0
+        cost, batches = self.runtime.cost, self.family.floor_batches()
+        if batches is not None:
+            return cost.predict(batches)
+        floor = self.family.floor_of(upload, params) if upload is not None and params is not None else None
+        if floor is None:
+            return 0.0
+        batches, units = floor
+        return cost.predict(batches) + (cost.predict_overhead(units) if units else 0.0)
 
     def seconds(self, plan: Any) -> float:
         """Predicted forward seconds of a plan on this host (fixed cost per batch included)."""
@@ -136,19 +146,21 @@ class FamilyService:
                       bottom=lambda: f.bottom(work), flops_fraction=flops_fraction,
                       refine=lambda p: f.refine(work, p, self.seconds))
 
-    def shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None) -> None:
+    def shed_early(self, t0: float, deadline_ms: float | None, policy: Policy | None,
+                   upload: Upload | None = None, params: RequestParams | None = None) -> None:
         """Before the body is read or decoded: when the work queued ahead (every family's)
         plus this model's cheapest rung outlasts the deadline no plan can fit, and saying
         so at once costs the overloaded server almost nothing.  What is left of the deadline
         is counted as the planner counts it (margin, and the answer's time to leave), so
         that a request the planner would shed anyway is never read and decoded first.
-        Called before reading the body and again before decoding it."""
+        Called before reading the body and again before decoding it (with the body, whose
+        header may tell the floor, ``floor_of``)."""
         deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
         if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
             return
         deadline_s = deadline_ms / 1000
         wait, _room = self.machine.scheduler.view(t0 + deadline_s)
-        floor = self.floor_s()
+        floor = self.floor_s(upload, params)
         # as the planner will count it: the answer's time to leave is spent already
         left = deadline_s - self.planner.margin_s(deadline_s) - (time.monotonic() - t0) - self.respond_s()
         if wait + floor > left:
@@ -296,7 +308,7 @@ class FamilyService:
         self.shed_early(t0, params.deadline_ms, params.policy)
         if upload is None:
             upload = await f.read(request, params, s.max_body_bytes)
-        self.shed_early(t0, params.deadline_ms, params.policy)
+        self.shed_early(t0, params.deadline_ms, params.policy, upload, params)
         work = await decode_body(len(upload.data), lambda: f.decode(upload, params, s))
         pinned = f.pin(work, params)
         ask = Ask(budget=budget if isinstance(budget, float) else None, deadline_ms=params.deadline_ms,
