@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow  # every test starts a server process
 def start_server(**env_extra: str):
     """``python -m service`` on a free loopback port, once it is ready (one torch thread)."""
     try:
-        # PSS-Net's int8 rungs take 1.5 s each to build; tests/test_int8_rungs.py serves them
-        return bench_server.start_server(**{"ANYTIME_TORCH_THREADS": "1", "ANYTIME_PSSNET_INT8": "false", **env_extra})
+        # PSS-Net's int8 rungs take 1.5 s each to build (tests/test_int8_rungs.py serves them), the
+        # default engine=auto's timing 2-3 s (tests/test_ort_engine.py)
+        return bench_server.start_server(**{"ANYTIME_TORCH_THREADS": "1", "ANYTIME_PSSNET_INT8": "false",
+                                            "ANYTIME_PSSNET_ENGINE": "torch", **env_extra})
     except RuntimeError as exc:
         pytest.fail(str(exc))
 
