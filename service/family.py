@@ -227,10 +227,12 @@ class ServedFamily(ABC, Generic[Work, Plan]):
         the body is read (shedding then needs no decoding); None when it depends on the input."""
         return None
 
-    def floor_of(self, upload: Upload, params: RequestParams) -> tuple[list[tuple[Hashable, float]], float] | None:
+    def floor_of(self, upload: Upload, params: RequestParams,
+                 settings: Settings) -> tuple[list[tuple[Hashable, float]], float] | None:
         """Where ``floor_batches`` cannot say: the batches and the overhead units of this
         body's cheapest plan, read without decoding it (an image header's size); None when
-        they cannot be read so (a malformed body: decoding will say what is wrong).  The
+        they cannot be read so, or when ``decode`` will refuse the body (malformed, or over
+        a limit: its 4xx says what is wrong, where a 429 would invite a retry).  The
         early shed after the body is read uses it, so that under overload a request the
         planner would shed is not decoded first."""
         return None

@@ -130,7 +130,8 @@ class FamilyService:
         cost, batches = self.runtime.cost, self.family.floor_batches()
         if batches is not None:
             return cost.predict(batches)
-        floor = self.family.floor_of(upload, params) if upload is not None and params is not None else None
+        floor = self.family.floor_of(upload, params, self.settings) \
+            if upload is not None and params is not None else None
         if floor is None:
             return 0.0
         batches, units = floor

@@ -252,6 +252,9 @@ def test_a_large_image_that_cannot_make_its_deadline_is_shed_before_it_is_decode
     shed = _post(client, body, deadline_ms=f"{deadline:.3f}")
     assert shed.status_code == 429 and "cheapest rung" in shed.json()["error"]["message"], shed.text
     assert _post(client, body, deadline_ms="60000").status_code == 200
+    # an image over the pixel limit is refused as such (413), never shed with a 429 that invites a retry
+    too_big = _post(client, _encode(synthetic_photo(480, 480)), deadline_ms=f"{deadline:.3f}")
+    assert too_big.status_code == 413, too_big.text
 
 
 def test_metrics_policy_and_models_show_the_runtime(client: TestClient) -> None:

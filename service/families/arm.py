@@ -161,7 +161,8 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
         upload.fields["media"] = media
         return upload
 
-    def floor_of(self, upload: Upload, params: SuperresolveParams) -> tuple[list, float] | None:  # type: ignore[override]
+    def floor_of(self, upload: Upload, params: SuperresolveParams,  # type: ignore[override]
+                 settings: Settings) -> tuple[list, float] | None:
         """Bicubic on every patch, and the output's stitch and encode: the patch count and
         the output size follow from the header's size (tens of microseconds, no pixels)."""
         try:
@@ -169,7 +170,10 @@ class ArmFamily(ServedFamily[SrWork, Plan]):
                 w, h = im.size
         except Exception:  # not an image PIL can read: decode answers the 4xx
             return None
-        return [(0, arm_tiling.count(h, w, params.tiling))], float(SCALE * h * SCALE * w)
+        patches = arm_tiling.count(h, w, params.tiling)
+        if w * h > settings.max_input_pixels or patches > settings.max_sr_patches:
+            return None  # decode answers 413, which says what to send instead
+        return [(0, patches)], float(SCALE * h * SCALE * w)
 
     def decode(self, upload: Upload, params: SuperresolveParams, settings: Settings) -> SrWork:  # type: ignore[override]
         img = imageio.decode(upload.data, settings.max_input_pixels,
