@@ -41,9 +41,10 @@ RUN set -eu; \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 # A CUDA image adds the gpu extra (NVML: GPU utilisation in /v1/policy and the metrics); a CPU image
-# the onnx extra (ONNX Runtime, which the default ANYTIME_PSSNET_ENGINE=auto uses where it is faster).
+# the openvino extra (ONNX Runtime and OpenVINO, which the default ANYTIME_PSSNET_ENGINE=auto uses where
+# they are faster).
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extra = p['optional-dependencies']['gpu' if '${TORCH_VARIANT}' != 'cpu' else 'onnx']; print('\n'.join(p['dependencies'] + extra))" \
+extra = p['optional-dependencies']['gpu' if '${TORCH_VARIANT}' != 'cpu' else 'openvino']; print('\n'.join(p['dependencies'] + extra))" \
         > /tmp/requirements.txt \
  && pip install -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt
 

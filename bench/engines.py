@@ -9,7 +9,9 @@ runs it on torch (channels-last) and its ONNX Runtime session at batch 1, 8 and 
 interleaved in a shuffled order (``bench.quant.timings``) on held-out test glyphs, and prints
 the median ms, the speed-up and the largest logit difference.  Then it runs the server's own
 choice (``PssNetModel.choose_engines("auto")``, timed separately, at 1, 2, 4, 8, 16 and 32)
-and prints the engine it picked per size.
+and prints the engine it picked per size (OpenVINO too where installed: ``pip install
+'anytime-serve[openvino]'``; ``python -m bench.quant --family pssnet`` times the int8 rungs on
+the engines the server picks).
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import copy
 import torch
 
 from bench.quant import pssnet_ladder_bench, rung_pairs
-from models.common import ort_engine
+from models.common import engines
 
 
 def main(argv: list[str] | None = None) -> None:
-    ort_engine.require()
+    engines.require()
     args, model, x = pssnet_ladder_bench(__doc__, argv)
 
     def pair(r):  # the served torch network, and its ONNX Runtime session
         contiguous = copy.deepcopy(model._nets[r.index]).to(memory_format=torch.contiguous_format)
-        return (lambda b: model.forward(r.index, b)), ort_engine.OrtNetwork(contiguous, x[:1], args.threads)
+        return (lambda b: model.forward(r.index, b)), engines.OrtNetwork(contiguous, x[:1], args.threads)
 
     rung_pairs(model.ladder, pair, ("torch", "ONNX Runtime"), x, args.rounds,
                f"PSS-Net {model.name}, fp32, {args.threads} thread(s)")

@@ -116,7 +116,7 @@ def timed(rows: list[dict], variants: dict[str, Callable[[torch.Tensor], object]
     return rows
 
 
-def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]) -> list[dict]:
+def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None], engine: str = "auto") -> list[dict]:
     from compress.calibration import gaussian_batches
     from models.glyphs.data import load_split
     from models.pssnet.serving import PssNetModel
@@ -129,11 +129,14 @@ def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]
     x = torch.stack([model.preprocess(img) for img in test.images])
     y = torch.from_numpy(test.labels)
     noise = gaussian_batches(tuple(x.shape[1:]), calibration_n, seed=0)
+    progress(f"choosing engines as the server does (engine={engine})")
+    model.choose_engines(engine)  # fp32 and int8 rungs timed as served
     rows, variants = [], {}
     for r in model.ladder:
         progress(f"{r.name}: held-out top-1 (fp32, int8, int8 calibrated on noise)")
         fp32 = (lambda i: lambda b: model.forward(i, b))(r.index)
-        q_served, entry = model.int8_rungs[r.index]
+        entry = model.int8_rungs[r.index][1]
+        q_served = (lambda i: lambda b: model.int8_forward(i, b))(r.index)
         q_noise = model.int8(r.index, noise)
         served = entry["calibration"]["source"]
         for precision, calib, run in (("fp32", None, fp32), ("int8", served, q_served), ("int8", "noise", q_noise)):
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calibration-n", type=int, default=512, help="noise inputs of the noise-calibrated baseline")
+    ap.add_argument("--pssnet-engine", default="auto", help="PSS-Net's engines, as the server's ANYTIME_PSSNET_ENGINE "
+                    "(auto: each rung on the engine the server would choose here)")
     ap.add_argument("--png", type=Path, default=None, help="write the accuracy-vs-time front here")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cfvit-sparse", type=Path, nargs="*", default=[],
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family in ("arm", "all"):
         rows += arm_rows(args.rounds, args.arm_checkpoint, args.arm_int8_dir, progress)
     if args.family in ("pssnet", "all"):
-        rows += pssnet_rows(args.rounds, args.calibration_n, progress)
+        rows += pssnet_rows(args.rounds, args.calibration_n, progress, args.pssnet_engine)
     if args.family in ("cfvit", "all"):
         rows += cfvit_rows(args.rounds, progress, args.cfvit_sparse)
     mark_front(rows)

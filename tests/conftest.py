@@ -80,7 +80,7 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 FAST_START = {"calibration_repeats": 3, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
               "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": [],
               "arm_int8": False,  # ARM's int8 rungs: tests/test_arm_int8.py
-              "pssnet_engine": "torch",  # ONNX Runtime's start-up timing (2-3 s): tests/test_ort_engine.py
+              "pssnet_engine": "torch",  # ONNX Runtime's start-up timing (2-3 s): tests/test_engines.py
               "idle_probe_s": 0.0}  # cost models move only with the tests' own requests (probes: test_runtime.py)
 
 
@@ -94,7 +94,7 @@ def server():
         proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0",
                                               ANYTIME_PSSNET_INT8="false",  # int8 rungs: test_int8_rungs.py,
                                               ANYTIME_ARM_INT8="false",  # test_arm_int8.py
-                                              ANYTIME_PSSNET_ENGINE="torch")  # the default auto: test_ort_engine.py
+                                              ANYTIME_PSSNET_ENGINE="torch")  # the default auto: test_engines.py
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:

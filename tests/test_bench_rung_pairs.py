@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import engines, memory_format
-from models.common import ort_engine
+from models.common import engines as model_engines
 
 
 def _ladder() -> list[str]:
@@ -40,7 +40,7 @@ def test_every_ladder_rung_is_timed_in_both_layouts_with_the_same_logits(capsys)
     _check_pairs(_rows(capsys.readouterr().out), ladder)
 
 
-@pytest.mark.skipif(not ort_engine.available(), reason="ONNX Runtime not installed (pip install 'anytime-serve[onnx]')")
+@pytest.mark.skipif(not model_engines.available(), reason="ONNX Runtime not installed (pip install 'anytime-serve[onnx]')")
 def test_every_ladder_rung_is_timed_on_both_engines_with_the_same_logits(capsys):
     ladder = _ladder()
     engines.main(["--rounds", "1", "--images", "32"])
@@ -48,4 +48,4 @@ def test_every_ladder_rung_is_timed_on_both_engines_with_the_same_logits(capsys)
     _check_pairs(_rows(timing), ladder)
     picked = _rows(choice)
     assert [r[0].strip() for r in picked] == ladder
-    assert all(c.strip() in ("torch", "onnxruntime") for r in picked for c in r[1:])
+    assert all(c.strip() in ("torch", "onnxruntime", "openvino") for r in picked for c in r[1:])

@@ -22,7 +22,7 @@ def start_server(**env_extra: str):
     """``python -m service`` on a free loopback port, once it is ready (one torch thread)."""
     try:
         # PSS-Net's int8 rungs take 1.5 s each to build (tests/test_int8_rungs.py serves them), the
-        # default engine=auto's timing 2-3 s (tests/test_ort_engine.py)
+        # default engine=auto's timing 2-3 s (tests/test_engines.py)
         return bench_server.start_server(**{"ANYTIME_TORCH_THREADS": "1", "ANYTIME_PSSNET_INT8": "false",
                                             "ANYTIME_PSSNET_ENGINE": "torch", **env_extra})
     except RuntimeError as exc:

@@ -37,11 +37,14 @@ def model():
 
 @needs_pssnet
 def test_int8_rungs_are_real_int8_and_rebuilt_exactly(model) -> None:
-    """Every ladder rung has an int8 version on quantized kernels; rebuilding it from the
-    stored calibration gives the same network (so the manifest's held-out numbers are the
-    served rung's), and it agrees with its fp32 rung on most inputs."""
+    """Every ladder rung has an int8 version on quantized kernels; the served one (rebuilt from
+    the observers' state the bundle keeps) is the same network as one calibrated again on the
+    stored inputs (so the manifest's held-out numbers are the served rung's), and it agrees
+    with its fp32 rung on most inputs."""
     manifest = json.loads((BUNDLE.parent / "int8.json").read_text())
     calibration = load_file(str(BUNDLE.parent / "int8_calibration.safetensors"))
+    observers = load_file(str(BUNDLE.parent / "int8_observers.safetensors"))
+    assert {k.split("::")[0] for k in observers} == {e["rung"] for e in manifest["rungs"]}
     assert {model.rungs[i].name for i in model.int8_rungs} >= {r.name for r in model.ladder}
     for index, (q, entry) in model.int8_rungs.items():
         name = model.rungs[index].name

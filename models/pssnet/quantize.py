@@ -14,12 +14,18 @@ per class, drawn by ``--seed``; see ``compress.synthesis``), or take ``real`` tr
 images, or ``noise``; quantize the rung to int8 (``PssNetModel.int8``), and measure top-1 on
 the held-out val and test splits next to the fp32 rung.  Writes into the bundle:
 
+* ``int8_observers.safetensors``: per rung, the int8 network's observers' state after those
+  inputs, from which the server rebuilds it without running them (the same network);
 * ``int8_calibration.safetensors``: the calibration inputs (float16; one set per rung when
   synthesised from the rung's statistics, one shared set otherwise, stored once however many
   rungs use it: each entry names its set as ``calibration.key``), from which the server
   rebuilds exactly the measured int8 rung at start-up (about 1.5 s each);
 * ``int8.json``: per rung, a ``compress.artifact.RungArtifact``: method, bits, backend,
-  held-out quality, ``real_speed: true``, the calibration and this command.
+  held-out quality, ``real_speed: true``, the calibration and this command; where OpenVINO is
+  installed, also ``engine_quality.openvino``: the held-out quality of the same rung quantized
+  from the same inputs by ONNX Runtime's quantizer and run on OpenVINO's int8 kernels, which
+  the server may then serve it on (``models.common.engines``).  ``--engine-quality`` adds
+  that to a bundle's existing entries without calibrating anything again.
 
 Synthesis takes about 15 s (the smallest rung) to 60 s (the largest) per rung on one core
 (BNS at the defaults); FDDA and IntraQ cost about as much per image and step.
@@ -42,30 +48,60 @@ from compress.calibration import batches_of, bn_statistics_synthesis, gaussian_b
 
 INT8_MANIFEST = "int8.json"
 INT8_CALIBRATION = "int8_calibration.safetensors"
+INT8_OBSERVERS = "int8_observers.safetensors"  # per rung, the observers' state after its inputs
 SHARED = "shared"  # the key of a calibration set every rung uses
 SOURCES = ("bns", "real", "noise", "fdda", "intraq")
 PER_RUNG = ("bns", "fdda", "intraq")  # synthesised from each rung's own network: one set per rung
+# An OpenVINO int8 graph is calibrated on the first this many of a rung's stored inputs: the
+# server makes it at start-up, and ONNX Runtime's calibration takes 0.9 s per rung on 512
+# inputs, 0.3 s on 128.
+OPENVINO_CALIBRATION_INPUTS = 128
 FDDA_POOL = 512  # FDDA's one image per class is drawn from the first FDDA_POOL training images
 
 
 def load_int8(model, path: str | Path) -> dict[int, tuple[torch.nn.Module, dict]]:
     """The int8 rungs a bundle's ``int8.json`` describes, rebuilt from their stored
-    calibration: rung index -> (int8 module, its artifact entry).  Empty without one."""
+    calibration: rung index -> (int8 module, its artifact entry).  Empty without one.  Where
+    the bundle keeps the observers' state of a rung (``INT8_OBSERVERS``) the rung is rebuilt
+    from it, which is the same network without running the observers over the inputs (most of
+    start-up's int8 time: 18 of 26 s for the bundled 8 rungs)."""
     folder = bundle_dir(path)
     if not (folder / INT8_MANIFEST).exists():
         return {}
     manifest = json.loads((folder / INT8_MANIFEST).read_text())
     calibration = load_file(str(folder / INT8_CALIBRATION))
+    observers = load_file(str(folder / INT8_OBSERVERS)) if (folder / INT8_OBSERVERS).exists() else {}
     by_name = {r.name: r for r in model.rungs}
     out = {}
     for entry in manifest["rungs"]:
         rung = by_name.get(entry["rung"])
-        key = entry.get("calibration", {}).get("key")
-        inputs = calibration.get(key) if key else calibration.get(entry["rung"], calibration.get(SHARED))
+        inputs = stored_inputs(calibration, entry)
         if rung is None or inputs is None:
             continue
-        out[rung.index] = (model.int8(rung.index, batches_of(inputs.float())), entry)
+        prefix = f"{entry['rung']}::"
+        state = {k[len(prefix):]: v for k, v in observers.items() if k.startswith(prefix)}
+        out[rung.index] = (model.int8(rung.index, state or batches_of(inputs.float())), entry)
+        model.int8_calibration[rung.index] = inputs
     return out
+
+
+def stored_inputs(calibration: dict[str, torch.Tensor], entry: dict) -> torch.Tensor | None:
+    """The calibration inputs of an ``int8.json`` entry among a bundle's stored sets."""
+    key = entry.get("calibration", {}).get("key")
+    return calibration.get(key) if key else calibration.get(entry["rung"], calibration.get(SHARED))
+
+
+def write_observers(model, folder: Path, entries: list[dict], calibration: dict[str, torch.Tensor]) -> None:
+    """``INT8_OBSERVERS``: each entry's observers' state after its stored inputs, so that the
+    server rebuilds the rung without running them (``load_int8``)."""
+    by_name = {r.name: r for r in model.rungs}
+    state = {}
+    for entry in entries:
+        rung, inputs = by_name.get(entry["rung"]), stored_inputs(calibration, entry)
+        if rung is not None and inputs is not None:
+            for k, v in model.int8_observers(rung.index, batches_of(inputs.float())).items():
+                state[f"{entry['rung']}::{k}"] = v
+    save_file(state, str(folder / INT8_OBSERVERS))
 
 
 def calibration_key(stored: dict[str, torch.Tensor], rung: str, inputs: torch.Tensor, per_rung: bool) -> str:
@@ -94,7 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rungs", nargs="+", default=None, help="only these rungs (default: the ladder); the "
                     "bundle's int8 entries for other rungs are kept")
     ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    ap.add_argument("--observers", action="store_true", help="calibrate nothing: store each existing entry's "
+                    f"observers' state after its stored inputs ({INT8_OBSERVERS}; the server then skips that pass)")
+    ap.add_argument("--engine-quality", action="store_true", help="calibrate nothing: measure the existing int8 "
+                    "entries on OpenVINO's int8 kernels (from their stored inputs) and add that quality to them")
     return ap
+
+
+def openvino_quality(model, rung_index: int, inputs: torch.Tensor, held_out: dict) -> dict:
+    """Held-out top-1 of rung ``rung_index`` quantized from ``inputs`` (the first
+    ``OPENVINO_CALIBRATION_INPUTS``) by ONNX Runtime's
+    quantizer and run on OpenVINO's int8 kernels (what ``engine=auto`` may serve it on), with
+    the stem convolution in int8 or in float, whichever is more accurate on val (recorded as
+    ``stem_in_float``: the server builds the same graph)."""
+    from models.common.engines import OpenVinoNetwork, export_onnx, int8_qdq
+
+    net, x = model.int8_graph_inputs(rung_index, inputs[:OPENVINO_CALIBRATION_INPUTS])  # as the server makes it
+    graph = export_onnx(net, x[:1])
+    best = None
+    for stem_in_float in (True, False):
+        runner = OpenVinoNetwork(int8_qdq(graph, x, stem_in_float=stem_in_float), torch.get_num_threads())
+        quality = {f"{split}_accuracy": round(top1(runner, xs, ys), 4) for split, (xs, ys) in held_out.items()}
+        if best is None or quality["val_accuracy"] > best["val_accuracy"]:
+            best = {**quality, "stem_in_float": stem_in_float}
+    return best
+
+
+def add_engine_quality(entries: list[dict], model, stored: dict[str, torch.Tensor], held_out: dict,
+                       say, command: str) -> None:
+    """``engine_quality.openvino`` for every entry whose rung and inputs are here (in place)."""
+    from importlib.metadata import version
+
+    by_name = {r.name: r for r in model.rungs}
+    for entry in entries:
+        rung = by_name.get(entry["rung"])
+        inputs = stored_inputs(stored, entry)
+        if rung is None or inputs is None:
+            continue
+        quality = openvino_quality(model, rung.index, inputs, held_out)
+        entry.setdefault("engine_quality", {})["openvino"] = {
+            **quality, "backend": f"OpenVINO {version('openvino')} CPU int8, QDQ graph from onnxruntime "
+                                  f"{version('onnxruntime')}'s static quantizer (MinMax, per-channel weights)",
+            "command": command}
+        say(f"{rung.name}: OpenVINO int8 test {quality['test_accuracy']:.4f} "
+            f"(torch.ao {entry['quality']['test_accuracy']:.4f})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,6 +208,20 @@ def main(argv: list[str] | None = None) -> None:
         stored = load_file(str(folder / INT8_CALIBRATION))
         artifacts = json.loads((folder / INT8_MANIFEST).read_text())["rungs"]
     by_name = {r.name: r for r in model.rungs}
+    if args.observers:
+        write_observers(model, folder, artifacts, stored)
+        say(f"wrote {folder / INT8_OBSERVERS}")
+        return
+    if args.engine_quality:
+        from models.common.engines import OPENVINO, require
+
+        require(OPENVINO)
+        add_engine_quality(artifacts, model, stored, held_out, say, command_line("models.pssnet.quantize", argv))
+        if not args.dry_run:
+            top = {k: v for k, v in json.loads((folder / INT8_MANIFEST).read_text()).items() if k != "rungs"}
+            write(folder / INT8_MANIFEST, artifacts, **top)
+            say(f"wrote {folder / INT8_MANIFEST}")
+        return
     unknown = [n for n in args.rungs or [] if n not in by_name]
     if unknown:
         raise SystemExit(f"--rungs: {', '.join(unknown)} not rungs of {model.name} ({', '.join(by_name)})")
@@ -177,13 +270,19 @@ def main(argv: list[str] | None = None) -> None:
                       "steps": args.steps if args.calibration in PER_RUNG else None,
                       "seed": args.seed, "resolution": res, "key": key, **extra},
             command_line("models.pssnet.quantize", argv)))
-    print(json.dumps([a.to_dict() for a in made], indent=2))
-    artifacts = sorted(artifacts + [a.to_dict() for a in made], key=lambda a: by_name[a["rung"]].flops
+    made = [a.to_dict() for a in made]
+    from models.common.engines import OPENVINO, available
+
+    if available(OPENVINO):  # what engine=auto may serve these rungs on
+        add_engine_quality(made, model, stored, held_out, say, command_line("models.pssnet.quantize", argv))
+    print(json.dumps(made, indent=2))
+    artifacts = sorted(artifacts + made, key=lambda a: by_name[a["rung"]].flops
                        if a["rung"] in by_name else 0.0)
     used = {a["calibration"].get("key") or (a["rung"] if a["rung"] in stored else SHARED) for a in artifacts}
     stored = {k: v for k, v in stored.items() if k in used}
     if not args.dry_run:
         save_file(stored, str(folder / INT8_CALIBRATION))
+        write_observers(model, folder, artifacts, stored)
         write(folder / INT8_MANIFEST, artifacts, model=model.name,
               note="real int8 (oneDNN) rungs; quality is top-1 on the glyph set's held-out val and test splits")
         say(f"wrote {folder / INT8_MANIFEST} and {folder / INT8_CALIBRATION}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.common.ort_engine import EngineChoice
+from models.common.engines import EngineChoice
 from models.pssnet.calibrate import bn_stats, load_bn_stats, recalibrate_bn
 from models.pssnet.checkpoint import load_bundle, load_official_checkpoint, save_bundle
 from models.pssnet.data import MEAN, STD, folder_calibration_batches, resize_center_crop, resize_pixels, to_rgb_u8
@@ -50,6 +50,9 @@ def load_variants(path: str | Path, spec: SupernetSpec) -> list[tuple[DenseSubne
             net, manifest = load_variant(folder, spec)
             out.append((net, {**manifest, "name": folder.name}))
     return out
+
+
+INT8_KEEP_FLOAT = ("features.0",)  # the stem convolution stays float in the torch.ao int8 rungs
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ class PssNetModel:
         # (``choose_engines``); rungs without one run on torch
         self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.engine_choices: dict[int, EngineChoice] = {}
+        # the same for the int8 rungs (torch.ao, or OpenVINO's int8 kernels), and the inputs
+        # each int8 rung was calibrated on (``load_int8``), from which another engine's int8
+        # graph is made
+        self.int8_calibration: dict[int, torch.Tensor] = {}
+        self._int8_runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.int8_engine_choices: dict[int, EngineChoice] = {}
 
     def to(self, device: str | torch.device) -> PssNetModel:
         """Serve every subnet on ``device``; ``forward`` moves its input there."""
@@ -246,22 +255,38 @@ class PssNetModel:
         the size alone: a server checks it from the header, before decoding)."""
         return resize_pixels(w, h, int(self._pre["resize"]), self.input_size)
 
-    def int8(self, rung_index: int, calibration: Sequence[torch.Tensor]) -> torch.nn.Module:
+    def int8(self, rung_index: int, calibration: Sequence[torch.Tensor] | dict[str, torch.Tensor]) -> torch.nn.Module:
         """Rung ``rung_index`` on real int8 kernels (CPU): its BN-folded convolutions and
         classifier quantized statically, activation ranges observed on ``calibration``
-        ((n, 3, H, W) batches, resized to the rung's resolution here); the stem convolution
-        and the input resize stay in float (the stem in int8 cost the smallest rung 0.4 of
-        its 0.6 points).  About 1.5 s per rung on one core."""
+        ((n, 3, H, W) batches, resized to the rung's resolution here) or taken from the
+        observers' state ``int8_observers`` kept of them (the same network, without the 0.3 s
+        per batch the observers take); the stem convolution and the input resize stay in float
+        (the stem in int8 cost the smallest rung 0.4 of its 0.6 points)."""
         from compress.int8 import quantize_static
         from models.pssnet.nets import ResizedBody, SubnetBody, _resize
 
-        net = self._nets[rung_index]
-        res = net.resolution
-        # from a contiguous copy: the int8 rung is built exactly as it was measured
-        contiguous = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
-        body = quantize_static(SubnetBody(contiguous).cpu(), [_resize(b, res) for b in calibration],
-                               torch.zeros(1, 3, res, res), keep_float=("features.0",))
+        res = self._nets[rung_index].resolution
+        inputs = calibration if isinstance(calibration, dict) else [_resize(b, res) for b in calibration]
+        body = quantize_static(self._int8_source(rung_index), inputs, torch.zeros(1, 3, res, res),
+                               keep_float=INT8_KEEP_FLOAT)
         return ResizedBody(body, res).eval()
+
+    def int8_observers(self, rung_index: int, calibration: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The activation observers' state of rung ``rung_index``'s int8 network after
+        ``calibration``: what ``int8`` rebuilds it from exactly (a bundle keeps it)."""
+        from compress.int8 import observe_static
+        from models.pssnet.nets import _resize
+
+        res = self._nets[rung_index].resolution
+        return observe_static(self._int8_source(rung_index), [_resize(b, res) for b in calibration],
+                              torch.zeros(1, 3, res, res), keep_float=INT8_KEEP_FLOAT)
+
+    def _int8_source(self, rung_index: int) -> torch.nn.Module:
+        from models.pssnet.nets import SubnetBody
+
+        # from a contiguous copy: the int8 rung is built exactly as it was measured
+        contiguous = copy.deepcopy(self._nets[rung_index]).to(memory_format=torch.contiguous_format)
+        return SubnetBody(contiguous).cpu()
 
     def with_bn(self, rung_index: int) -> tuple[torch.nn.Module, list]:
         """Rung ``rung_index`` as a dense network with its BatchNorm layers (not folded) and
@@ -294,17 +319,56 @@ class PssNetModel:
     def _torch_forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
         return self._nets[rung_index](batch.contiguous(memory_format=torch.channels_last))
 
+    def int8_graph_inputs(self, rung_index: int, inputs: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor]:
+        """Rung ``rung_index``'s fp32 network (a contiguous copy, input resize included: in an
+        ONNX graph it costs a fraction of torch's interpolate, 0.7 ms on 32 glyphs) and its
+        calibration ``inputs`` at the served input size: what another engine's int8 graph is
+        made from.  Inputs synthesised at the rung's own resolution are brought to the input
+        size first (the network resizes them back)."""
+        from models.pssnet.nets import _resize
+
+        contiguous = copy.deepcopy(self._nets[rung_index]).to(memory_format=torch.contiguous_format).eval()
+        return contiguous, _resize(inputs.float(), self.input_size)
+
+    def int8_forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of rung ``rung_index``'s int8 version (CPU) on a preprocessed batch."""
+        with torch.inference_mode():
+            runner = self._int8_runners.get(rung_index) or self.int8_rungs[rung_index][0]
+            return runner(batch.cpu())
+
+    def int8_quality(self, rung_index: int) -> dict:
+        """The held-out quality of rung ``rung_index``'s int8 version as served: that of the
+        engine serving it, or, where two serve it (by batch size), the lower of theirs."""
+        from models.common.engines import TORCH_AO
+
+        entry = self.int8_rungs[rung_index][1]
+        choice = self.int8_engine_choices.get(rung_index)
+        served = set(choice.engines) if choice is not None else {TORCH_AO}
+        measured = {TORCH_AO: entry.get("quality", {}), **entry.get("engine_quality", {})}
+        quality = dict(entry.get("quality", {}))
+        for k in quality:
+            if not k.endswith("_fp32"):
+                values = [measured[e][k] for e in served if isinstance(measured.get(e, {}).get(k), (int, float))]
+                quality[k] = min(values) if values else quality[k]
+        return quality
+
     def choose_engines(self, engine: str = "auto", sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
                        rungs: Sequence[int] | None = None, rounds: int = 5) -> dict[int, EngineChoice]:
         """Serve each of ``rungs`` (default: the ladder's, the only fp32 rungs a planner
-        picks) on the faster of torch and ONNX Runtime at each batch size, measured now on
-        the calling thread with its thread count: call it on the thread that will serve.
-        ``engine``: "auto" (both where ONNX Runtime is installed, else torch), "torch" or
-        "onnxruntime" (at every size).  The logits agree to float rounding (the ONNX graph is
-        the same network: a test checks it on held-out images).  CPU only."""
-        from models.common.ort_engine import TORCH, serve_faster
+        picks) on the fastest of torch, ONNX Runtime and OpenVINO (those installed) at each
+        batch size, and each int8 rung on the faster of torch.ao and OpenVINO's int8 kernels,
+        measured now on the calling thread with its thread count: call it on the thread that
+        will serve.  ``engine``: "auto" (every installed engine), "torch", "onnxruntime" or
+        "openvino" (that engine at every size).  fp32 logits agree to float rounding (the ONNX
+        graph is the same network: a test checks it on held-out images).  An int8 rung goes
+        to OpenVINO only where its bundle holds OpenVINO's held-out quality for it
+        (``python -m models.pssnet.quantize BUNDLE --engine-quality``), so that the quality
+        listed is always measured.  CPU only."""
+        from models.common.engines import OPENVINO, TORCH, serve_faster, serve_int8_faster
+        from models.pssnet.quantize import OPENVINO_CALIBRATION_INPUTS
 
         self._runners, self.engine_choices = {}, {}
+        self._int8_runners, self.int8_engine_choices = {}, {}
         if engine == TORCH or self.device.type != "cpu":
             return {}
         gen = torch.Generator().manual_seed(0)
@@ -315,6 +379,19 @@ class PssNetModel:
                                           engine, rounds)
             if choice is not None:
                 self._runners[i], self.engine_choices[i] = runner, choice
+        on_ladder = {r.index for r in self.ladder}
+        for i, (module, entry) in self.int8_rungs.items():
+            # the int8 versions of the ladder's rungs only: making and checking an OpenVINO int8
+            # graph costs about 1.5 s of start-up per rung, and a subnet whose fp32 rung is
+            # dominated (another network as fast and more accurate) keeps torch.ao's int8
+            if i not in on_ladder or OPENVINO not in entry.get("engine_quality", {}) or i not in self.int8_calibration:
+                continue
+            net, inputs = self.int8_graph_inputs(i, self.int8_calibration[i][:OPENVINO_CALIBRATION_INPUTS])
+            stem_in_float = entry["engine_quality"][OPENVINO].get("stem_in_float", True)
+            runner, choice = serve_int8_faster(net, module, inputs, example, sizes, engine, rounds,
+                                               stem_in_float=stem_in_float)
+            if choice is not None:
+                self._int8_runners[i], self.int8_engine_choices[i] = runner, choice
         return self.engine_choices
 
     __call__ = forward

@@ -10,7 +10,7 @@ plus the average pool) doubled, so that a multiply-add counts two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -43,11 +43,13 @@ class PssNetSettings(FamilySettings):
                                      "per line) for an official checkpoint")
     int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), built "
                        "at start-up from their stored calibration (about 1.5 s each; CPU only)")
-    engine: Literal["torch", "auto", "onnxruntime"] = Field(
-        "auto", description="what runs the fp32 ladder rungs on a CPU: auto times torch and ONNX Runtime on each "
-        "rung at start-up and runs every batch on the one that was faster at its size (torch alone where ONNX "
-        "Runtime is not installed: pip install 'anytime-serve[onnx]'); torch; or onnxruntime at every size. On the "
-        "2-core dev host auto serves about 1.8x the requests of torch (docs/BENCHMARKS.md 2.0a)")
+    engine: Literal["torch", "auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the rungs on a CPU: auto times torch and every installed engine (ONNX "
+        "Runtime: pip install 'anytime-serve[onnx]'; OpenVINO: 'anytime-serve[openvino]') on each fp32 ladder rung, "
+        "and torch.ao and OpenVINO on each int8 rung whose OpenVINO quality the bundle holds, at start-up, and runs "
+        "every batch on the one that was faster at its size (torch alone where neither is installed); torch; or one "
+        "engine at every size (onnxruntime: fp32 rungs only). On the 2-core dev host auto serves about 1.8x the "
+        "requests of torch (docs/BENCHMARKS.md 2.0a)")
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,7 @@ class PssNetFamily(ImageClassifier):
 
     def forward(self, key, batch: torch.Tensor) -> torch.Tensor:
         if key in self.int8:
-            with torch.inference_mode():
-                return self.int8[key](batch.cpu())
+            return self.model.int8_forward(self.plans[key].index, batch)
         return self.model.forward(self.plans[key].index, batch)
 
     def before_timing(self, max_batch: int) -> None:
@@ -122,6 +123,11 @@ class PssNetFamily(ImageClassifier):
         here on the scheduler thread, so that the start-up timing measures what is served."""
         sizes = sorted({n for n in (1, 2, 4, 8, 16, 32, max_batch) if n <= max_batch})
         self.model.choose_engines(self.engine, sizes, rounds=3)
+        for key, plan in list(self.plans.items()):  # an int8 rung's quality is that of the engines serving it
+            if plan.precision == "int8":
+                q = self.model.int8_quality(plan.index)
+                self.plans[key] = replace(plan, expected_accuracy=q.get("test_accuracy"),
+                                          val_accuracy=q.get("val_accuracy"))
 
     def calibrated(self, predict, max_batch: int) -> None:
         """Order the candidates (the fp32 ladder and the int8 rungs) by predicted time and
@@ -197,10 +203,13 @@ class PssNetFamily(ImageClassifier):
             if self.seconds_per_item is not None:
                 detail["ms_per_item_full_batch"] = round(1000 * self.seconds_per_item(p.key), 4)
             if p.precision == "int8":
-                detail["engine"] = "torch.ao"
+                choice = self.model.int8_engine_choices.get(p.index)
+                detail["engine"] = choice.describe() if choice is not None else "torch.ao"
                 entry = self.model.int8_rungs[p.index][1]
                 detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
                               calibration=entry["calibration"], command=entry["command"])
+                if "engine_quality" in entry:  # the same rung quantized for another engine, and its quality there
+                    detail["engine_quality"] = entry["engine_quality"]
             else:  # the engine choice of a ladder rung (choose_engines), or torch
                 choice = self.model.engine_choices.get(p.index)
                 detail["engine"] = choice.describe() if choice is not None else "torch"
