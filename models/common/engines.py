@@ -87,7 +87,7 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor) -> bytes:
 def _no_preprocess_advice(record: logging.LogRecord) -> bool:
     """ONNX Runtime's quantizer advises, on the root logger, to run its shape pre-processing
     first; these graphs come straight from torch's exporter with their shapes, so it is noise."""
-    return "pre-process" not in str(record.msg) and "pre-processing" not in str(record.msg)
+    return "pre-process" not in str(record.msg)
 
 
 def int8_qdq(graph: bytes, calibration: torch.Tensor, batch: int = 32, stem_in_float: bool = True) -> bytes:
@@ -315,8 +315,8 @@ def serve_faster(module: torch.nn.Module, torch_runner: Callable[[torch.Tensor],
 # OpenVINO's agreed 3.2 points below torch.ao's on clr-l1-f10 with the same held-out top-1).
 INT8_AGREEMENT_SLACK = 0.05
 INT8_CHECK_INPUTS = 128  # calibration inputs that check: a point is 1.3 of them (start-up time: 3 networks each)
-INT8_ENGINES = (OPENVINO,)
-TORCH_AO = "torch.ao"  # torch's own int8 kernels (oneDNN), the engine every int8 rung has  # ONNX Runtime's int8 is no faster than its own float (docs/BENCHMARKS.md)
+INT8_ENGINES = (OPENVINO,)  # ONNX Runtime's int8 is no faster than its own float (docs/BENCHMARKS.md)
+TORCH_AO = "torch.ao"  # torch's own int8 kernels (oneDNN), the engine every int8 rung has
 
 
 def serve_int8_faster(fp32_module: torch.nn.Module, torch_int8: Callable[[torch.Tensor], torch.Tensor],
@@ -330,11 +330,8 @@ def serve_int8_faster(fp32_module: torch.nn.Module, torch_int8: Callable[[torch.
     compared by top-1 agreement with the float network on ``calibration``, not by logits
     (``INT8_AGREEMENT_SLACK``); the caller lists the held-out quality of each engine it serves.
     ``stem_in_float``: as ``int8_qdq`` (the choice the rung's quality was measured with)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     # onnxruntime names the float rungs' engine; its int8 is not offered, so those stay on torch.ao
-    candidates = _candidates(engine) if engine in ("auto", OPENVINO) else ()
-    candidates = [e for e in candidates if e in INT8_ENGINES]
+    candidates = [e for e in _candidates(engine) if e in INT8_ENGINES] if engine != ONNXRUNTIME else []
     if not candidates:
         return torch_int8, None
     x = calibration.float()

@@ -285,8 +285,12 @@ class PssNetModel:
         from models.pssnet.nets import SubnetBody
 
         # from a contiguous copy: the int8 rung is built exactly as it was measured
-        contiguous = copy.deepcopy(self._nets[rung_index]).to(memory_format=torch.contiguous_format)
-        return SubnetBody(contiguous).cpu()
+        return SubnetBody(self._contiguous(rung_index)).cpu()
+
+    def _contiguous(self, rung_index: int) -> torch.nn.Module:
+        """A copy of rung ``rung_index``'s network in the contiguous layout (the served one is
+        channels-last): what exporters and torch.ao's quantizer take."""
+        return copy.deepcopy(self._nets[rung_index]).to(memory_format=torch.contiguous_format).eval()
 
     def with_bn(self, rung_index: int) -> tuple[torch.nn.Module, list]:
         """Rung ``rung_index`` as a dense network with its BatchNorm layers (not folded) and
@@ -327,8 +331,7 @@ class PssNetModel:
         size first (the network resizes them back)."""
         from models.pssnet.nets import _resize
 
-        contiguous = copy.deepcopy(self._nets[rung_index]).to(memory_format=torch.contiguous_format).eval()
-        return contiguous, _resize(inputs.float(), self.input_size)
+        return self._contiguous(rung_index), _resize(inputs.float(), self.input_size)
 
     def int8_forward(self, rung_index: int, batch: torch.Tensor) -> torch.Tensor:
         """Logits of rung ``rung_index``'s int8 version (CPU) on a preprocessed batch."""
@@ -374,8 +377,7 @@ class PssNetModel:
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(max(sizes), 3, self.input_size, self.input_size, generator=gen)
         for i in (rungs if rungs is not None else [r.index for r in self.ladder]):
-            contiguous = copy.deepcopy(self._nets[i]).to(memory_format=torch.contiguous_format)
-            runner, choice = serve_faster(contiguous, lambda x, i=i: self._torch_forward(i, x), example, sizes,
+            runner, choice = serve_faster(self._contiguous(i), lambda x, i=i: self._torch_forward(i, x), example, sizes,
                                           engine, rounds)
             if choice is not None:
                 self._runners[i], self.engine_choices[i] = runner, choice

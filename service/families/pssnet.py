@@ -41,8 +41,8 @@ class PssNetSettings(FamilySettings):
     class_names: Path | None = Field(None, validation_alias=AliasChoices("ANYTIME_PSSNET_CLASS_NAMES",
                                      "ANYTIME_CLASS_NAMES", "class_names"), description="class names file (one "
                                      "per line) for an official checkpoint")
-    int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), built "
-                       "at start-up from their stored calibration (about 1.5 s each; CPU only)")
+    int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), rebuilt "
+                       "at start-up from their stored calibration and observers' state (CPU only)")
     engine: Literal["torch", "auto", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the rungs on a CPU: auto times torch and every installed engine (ONNX "
         "Runtime: pip install 'anytime-serve[onnx]'; OpenVINO: 'anytime-serve[openvino]') on each fp32 ladder rung, "
@@ -92,15 +92,13 @@ class PssNetFamily(ImageClassifier):
         for r in sorted(model.rungs, key=lambda r: r.flops):
             self.plans[r.name] = SubnetPlan(r.name, FLOPS_PER_MFLOP * r.flops, self.flops_full, r.accuracy,
                                             r.val_accuracy, r.cfg, r.name, "fp32", r.index, r.method)
-        self.int8 = {}  # key -> int8 module
         on_cpu = torch.device(getattr(model, "device", "cpu")).type == "cpu"
-        for index, (module, entry) in (getattr(model, "int8_rungs", {}) if on_cpu else {}).items():
+        for index, (_module, entry) in (getattr(model, "int8_rungs", {}) if on_cpu else {}).items():
             r = model.rungs[index]
             q = entry.get("quality", {})
             key = f"{r.name}-int8"
             self.plans[key] = SubnetPlan(key, FLOPS_PER_MFLOP * r.flops, self.flops_full, q.get("test_accuracy"),
                                          q.get("val_accuracy"), r.cfg, r.name, "int8", index, r.method)
-            self.int8[key] = module
         self.top_plan = self.plans[self.ladder[-1].name]
         self.seconds_per_item = None  # bound once the start-up timing is done
         self.by_time: list[SubnetPlan] = []  # non-dominated in time, fastest first
@@ -114,9 +112,10 @@ class PssNetFamily(ImageClassifier):
         return torch.randn(n, 3, self.model.input_size, self.model.input_size)
 
     def forward(self, key, batch: torch.Tensor) -> torch.Tensor:
-        if key in self.int8:
-            return self.model.int8_forward(self.plans[key].index, batch)
-        return self.model.forward(self.plans[key].index, batch)
+        plan = self.plans[key]
+        if plan.precision == "int8":
+            return self.model.int8_forward(plan.index, batch)
+        return self.model.forward(plan.index, batch)
 
     def before_timing(self, max_batch: int) -> None:
         """Choose the fp32 ladder rungs' engine per batch size (``PssNetModel.choose_engines``),
@@ -133,7 +132,8 @@ class PssNetFamily(ImageClassifier):
         """Order the candidates (the fp32 ladder and the int8 rungs) by predicted time and
         drop those another candidate beats in time without losing validation accuracy."""
         self.seconds_per_item = seconds_per_item = lambda key: predict([(key, max_batch)]) / max_batch
-        candidates = [self.plans[r.name] for r in self.ladder] + [self.plans[k] for k in self.int8]
+        candidates = [self.plans[r.name] for r in self.ladder] + [p for p in self.plans.values()
+                                                                   if p.precision == "int8"]
         timed = sorted(candidates, key=lambda p: seconds_per_item(p.key))
         best, kept = -1.0, []
         for p in timed:  # fastest first: keep a rung only if it is more accurate than every faster one
