@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.common.fusion import FusedConv2d
+
 SCALE = 4
 
 
@@ -291,6 +293,23 @@ class SubPixelDeconv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sub_pixel_shuffle(self.conv(x), self.scale, self.out_channels, self.clamp)
+
+    @property
+    def clips(self) -> tuple[float, float] | None:
+        """The range the output is clipped to, in the shuffle or in the convolution itself."""
+        conv = getattr(self.conv, "module", self.conv)  # inside a compress.bf16 section or not
+        if getattr(conv, "attr", None) == "hardtanh":  # a models.common.fusion.FusedConv2d
+            return tuple(conv.scalars)
+        return self.clamp
+
+    def fuse_into_conv(self) -> int:
+        """Move the clip into the convolution as its oneDNN post-op
+        (``models.common.fusion``): one pass less over the output, which is 16x the input's
+        size; 1 if it did."""
+        if self.clamp is None or type(self.conv) is not nn.Conv2d:
+            return 0
+        self.conv, self.clamp = FusedConv2d(self.conv, "hardtanh", list(self.clamp)), None
+        return 1
 
 
 @torch.fx.wrap

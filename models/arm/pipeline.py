@@ -25,6 +25,7 @@ from models.arm.checkpoint import load_full_state, load_official_state_table
 from models.arm.edge import edge_scores_gray, gray_u8
 from models.arm.nets import FSRCNN, SCALE, Backbone, SubPixelDeconv, extract_subnet, get_backbone, official_flops
 from models.arm.table import EdgeTable, mse_to_psnr
+from models.common.fusion import fuse_conv_activations
 
 # oneDNN caches 1024 primitives by default.  A served model meets every batch size from 1
 # to max_batch at every rung (about five convolution primitives each for FSRCNN), so the
@@ -240,6 +241,10 @@ class ArmSR:
         self.subnets = [extract_subnet(backbone, full_state, w).to(self.device, memory_format=torch.channels_last)
                         for w in backbone.widths]
         self._clamps_itself = [_clamp_in_last_layer(net) for net in self.subnets]
+        # each activation and the output clip computed inside its convolution's kernel (CPU)
+        example = torch.rand(2, 3, tiling.PATCH, tiling.PATCH, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        self.subnets = [fuse_conv_activations(net, example) for net in self.subnets]
         plain = [backbone.build(w) for w in backbone.widths]  # FLOPs/params in the paper's form
         self.rungs = [Rung(0, "bicubic", 0, 0, 0)] + [
             Rung(i + 1, f"w{w}", w, official_flops(net), sum(p.numel() for p in net.parameters() if p.requires_grad))
@@ -501,8 +506,9 @@ def _clamp_in_last_layer(net: nn.Module) -> bool:
     """Have an FSRCNN subnet clip its output to [0, 1] in the shuffle of its last layer, so
     ``run_patches`` needs no separate clamp pass over the HR output.  True if it does."""
     if isinstance(net, FSRCNN) and isinstance(net.tail_conv, SubPixelDeconv):
-        net.tail_conv.clamp = (0.0, 1.0)
-        return True
+        if net.tail_conv.clips is None:
+            net.tail_conv.clamp = (0.0, 1.0)
+        return net.tail_conv.clips == (0.0, 1.0)
     return False
 
 
