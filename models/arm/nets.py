@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.bf16 import Bf16Section
 from models.common.fusion import FusedConv2d
 
 SCALE = 4
@@ -297,8 +298,8 @@ class SubPixelDeconv(nn.Module):
     @property
     def clips(self) -> tuple[float, float] | None:
         """The range the output is clipped to, in the shuffle or in the convolution itself."""
-        conv = getattr(self.conv, "module", self.conv)  # inside a compress.bf16 section or not
-        if getattr(conv, "attr", None) == "hardtanh":  # a models.common.fusion.FusedConv2d
+        conv = self.conv.module if isinstance(self.conv, Bf16Section) else self.conv
+        if isinstance(conv, FusedConv2d) and conv.attr == "hardtanh":
             return tuple(conv.scalars)
         return self.clamp
 

@@ -26,6 +26,8 @@ import logging
 import torch
 from torch import nn
 
+from compress.int8 import prelu_as_leaky_relu
+
 log = logging.getLogger(__name__)
 
 # the largest difference from the plain network allowed, relative to its output's scale: the
@@ -67,10 +69,9 @@ class FusedConv2d(nn.Module):
 
 
 def activation_attr(module: nn.Module) -> tuple[str, list[float]] | None:
-    """The oneDNN post-op computing ``module`` exactly, or None: a PReLU with one shared
-    slope is a leaky ReLU with that slope (per-channel slopes have no post-op)."""
-    if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
-        return "leaky_relu", [float(module.weight.detach().float())]
+    """The oneDNN post-op computing ``module`` exactly, or None.  Single-slope PReLUs reach
+    here as the leaky ReLUs they equal (``prelu_as_leaky_relu``); per-channel slopes have no
+    post-op."""
     if isinstance(module, nn.LeakyReLU):
         return "leaky_relu", [float(module.negative_slope)]
     if isinstance(module, nn.ReLU):
@@ -106,7 +107,7 @@ def fuse_conv_activations(net: nn.Module, example: torch.Tensor) -> nn.Module:
     or the outputs differ (logged).  Keeps ``net``'s memory format."""
     if _kernel() is None or example.device.type != "cpu":
         return net
-    candidate = copy.deepcopy(net)
+    candidate = prelu_as_leaky_relu(copy.deepcopy(net))
     if _fuse_in_place(candidate) == 0:
         return net
     try:
