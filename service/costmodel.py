@@ -7,16 +7,33 @@ times two learned factors:
 
 * ``slowdown``: an EWMA of observed / predicted over every forward pass; it rises when
   co-located load steals the CPU or thermal limits bite, for all rungs at once.
-* a per-rung ratio with a slower EWMA, which corrects the calibration of one rung.
+* a per-rung ratio with a slower EWMA: under load the rungs do not slow down alike (on a
+  PSS-Net server at 300 req/s a large int8 batch ran at 0.6 of its calibration while
+  batches of one, contending with the HTTP loop for the GIL, ran 3-5x over it).  Only the
+  products slowdown x ratio are observed, so the ratios' geometric mean is kept at 1.
 
-The slowdown can only learn from work that runs.  Under overload every request may be
-shed, so nothing runs and a slowdown learnt at the peak would stay forever and keep
-shedding an idle server (seen: /classify refused at a 60 ms deadline "the floor needs
-93 ms" for a 5 ms model).  So once no forward pass has been observed for ``idle_grace_s``
-the slowdown (and the overhead ratio) decay toward the calibrated 1.0 with time constant
-``idle_tau_s``: what start-up calibration measured on an idle host is the best guess for a
-host that has gone quiet.  Under steady load passes come every few milliseconds and the
-decay never acts.
+Both are states of the load, and the slowdown can only learn from work that runs.  Under
+overload every request may be shed, so nothing runs and a factor learnt at the peak would
+stay forever: a slowdown kept shedding an idle server (/classify refused at a 60 ms
+deadline "the floor needs 93 ms" for a 5 ms model), and ratios did too (after a mixed 2x
+overload one cheap rung's ratio had run down to 0.006, which the normalisation turned into
+1.43 on every other rung, and an idle /classify shed 7 of 11 requests with 7-30 ms
+deadlines).  So once no forward pass has been observed for ``idle_grace_s`` the slowdown
+and the overhead ratio decay toward 1.0 with time constant ``idle_tau_s`` (seconds: a
+stale slowdown sheds every request), the rung ratios with ``ratio_tau_s`` (a lull between
+bursts keeps them, a quiet minute does not): what start-up calibration measured on an
+idle host is the best guess for a host that has gone quiet.  Under steady load passes
+come every few milliseconds and the decay never acts.
+
+What corrects a rung whose calibration itself is off (one outlier run at start-up) is the
+idle probes: a probe's observation, made on a quiet host, rescales the rung's calibrated
+line instead of its ratio, so the correction survives the next idle spell.
+
+A variant that set the slowdown from a windowed median over all rungs and let a ratio
+move only against the other rungs' observations followed the most frequent pass, a large
+int8 batch at 0.4-0.5 of its calibration, and predicted that for every rung under a mixed
+2x overload: /classify's planner then chose rungs of twice the budget (0.52 against 0.20)
+on the strength of predictions it had not observed.
 
 Work done around the forward passes (stitching, encoding) is modelled the same way,
 linear in the output size.
@@ -97,36 +114,42 @@ class CostModel:
     """Seconds per forward pass per rung key, and per request for the work around them."""
 
     def __init__(self, max_batch: int, alpha: float = 0.2, idle_grace_s: float = 0.5,
-                 idle_tau_s: float = 0.5) -> None:
+                 idle_tau_s: float = 0.5, ratio_tau_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch, self.alpha = max_batch, alpha
-        self.idle_grace_s, self.idle_tau_s = idle_grace_s, idle_tau_s
+        self.idle_grace_s, self.idle_tau_s, self.ratio_tau_s = idle_grace_s, idle_tau_s, ratio_tau_s
+        self._clock = clock  # for tests
         self.rungs: dict[Hashable, LinearCost] = {}
         self.rung_ratio: dict[Hashable, float] = {}
         self.overhead = LinearCost(0.0, 0.0)
         self._overhead_ratio = 1.0
         self._slowdown = 1.0
-        self._last_observed = time.monotonic()
+        self._last_observed = clock()
         self.observations = 0
         self._lock = threading.Lock()
 
     # --- the learnt factors, decayed toward calibration while nothing runs ------------
 
-    def _idle_weight(self, now: float) -> float:
+    def _idle_weight(self, now: float, tau_s: float | None = None) -> float:
         """How much of a learnt factor's distance from 1.0 is still believed at ``now``."""
         idle = now - self._last_observed - self.idle_grace_s
-        return 1.0 if idle <= 0 else math.exp(-idle / self.idle_tau_s)
+        return 1.0 if idle <= 0 else math.exp(-idle / (tau_s or self.idle_tau_s))
 
     @property
     def slowdown(self) -> float:
-        return 1.0 + (self._slowdown - 1.0) * self._idle_weight(time.monotonic())
+        return 1.0 + (self._slowdown - 1.0) * self._idle_weight(self._clock())
 
     @slowdown.setter
     def slowdown(self, value: float) -> None:
-        self._slowdown, self._last_observed = value, time.monotonic()
+        self._slowdown, self._last_observed = value, self._clock()
+
+    def ratio(self, key: Hashable) -> float:
+        """A rung's learnt correction as believed now (it decays like the slowdown)."""
+        return 1.0 + (self.rung_ratio[key] - 1.0) * self._idle_weight(self._clock(), self.ratio_tau_s)
 
     @property
     def overhead_ratio(self) -> float:
-        return 1.0 + (self._overhead_ratio - 1.0) * self._idle_weight(time.monotonic())
+        return 1.0 + (self._overhead_ratio - 1.0) * self._idle_weight(self._clock())
 
     @overhead_ratio.setter
     def overhead_ratio(self, value: float) -> None:
@@ -172,7 +195,7 @@ class CostModel:
 
     def predict_forward(self, key: Hashable, n: float) -> float:
         """One forward pass of n items or work units (n <= max_batch)."""
-        return self.rungs[key](n) * self.rung_ratio[key] * self.slowdown
+        return self.rungs[key](n) * self.ratio(key) * self.slowdown
 
     def predict(self, work: Iterable[tuple[Hashable, int]]) -> float:
         """A request's forward passes: n items at each key, in chunks of max_batch."""
@@ -189,15 +212,25 @@ class CostModel:
 
     # --- observation ------------------------------------------------------------------
 
-    def observe_forward(self, key: Hashable, n: float, seconds: float) -> None:
+    def observe_forward(self, key: Hashable, n: float, seconds: float, probe: bool = False) -> None:
+        """Learn from one forward pass.  ``probe``: an idle probe's, which corrects the rung's
+        calibration itself (see the module docstring) instead of its load-time ratio."""
         base = self.rungs[key](n)
         if base <= 0:
             return
         with self._lock:
             a = self.alpha
-            self._overhead_ratio = self.overhead_ratio  # settle any idle decay before learning on top of it
+            if self._idle_weight(self._clock()) < 1.0:  # settle the idle decay before learning on top
+                self._overhead_ratio = self.overhead_ratio
+                self.rung_ratio = {k: self.ratio(k) for k in self.rung_ratio}
             slowdown = self.slowdown
             slowdown += a * (seconds / (base * self.rung_ratio[key]) - slowdown)
+            if probe:
+                scale = 1.0 + (a / 2) * (seconds / (base * self.rung_ratio[key] * slowdown) - 1.0)
+                self.rungs[key] = LinearCost(self.rungs[key].fixed_s * scale, self.rungs[key].per_unit_s * scale)
+                self.slowdown = slowdown
+                self.observations += 1
+                return
             self.rung_ratio[key] += (a / 4) * (seconds / (base * slowdown) - self.rung_ratio[key])
             # Only the products slowdown x ratio are observed, so the split would drift; keep
             # the rung ratios' geometric mean at 1, so that ``slowdown`` is the host's factor
@@ -224,7 +257,7 @@ class CostModel:
             "observations": self.observations,
             "max_batch": self.max_batch,
             "rungs": {str(k): {"fixed_ms": round(1000 * c.fixed_s, 4), "per_item_ms": round(1000 * c.per_unit_s, 4),
-                               "ratio": round(self.rung_ratio[k], 4),
+                               "ratio": round(self.ratio(k), 4),
                                "predicted_full_batch_ms": round(1000 * self.predict_forward(k, self.max_batch), 3)}
                       for k, c in self.rungs.items()},
             "overhead": {"fixed_ms": round(1000 * self.overhead.fixed_s, 4),

@@ -142,14 +142,14 @@ class Family:
     queued: int = 0
     accepting: bool = True
 
-    def timed_forward(self, key: Hashable, x: Items) -> tuple[Items, float]:
+    def timed_forward(self, key: Hashable, x: Items, probe: bool = False) -> tuple[Items, float]:
         """One forward pass, finished (``synchronize``), its seconds taught to the cost model:
-        what every pass does, a batch's or an idle probe's."""
+        what every pass does, a batch's or (``probe``) an idle probe's."""
         t0 = time.perf_counter()
         out = self.forward(key, x)
         synchronize(out)
         seconds = time.perf_counter() - t0
-        self.cost.observe_forward(key, self.units(key, x, out) if self.units else count(x), seconds)
+        self.cost.observe_forward(key, self.units(key, x, out) if self.units else count(x), seconds, probe=probe)
         return out, seconds
 
 
@@ -413,8 +413,8 @@ class Scheduler:
 
         Why: start-up calibration is a few timed runs, and on a shared host one of them can be
         an outlier; a rung calibrated too slow is never chosen, so no request ever corrects it,
-        and the host itself changes over hours.  Probing while idle keeps every rung's ratio
-        and the host's slowdown current at a cost of at most ``probe_max_s`` every
+        and the host itself changes over hours.  Probing while idle keeps every rung's
+        calibrated line and the host's slowdown current at a cost of at most ``probe_max_s`` every
         ``idle_probe_s`` of idle time.  A rung whose single item is predicted to take longer
         is not probed (it learns from requests only): the bound is what a request arriving
         during a probe may wait, and admission would shed one that no longer fits."""
@@ -430,7 +430,7 @@ class Scheduler:
                 return
             self._running_s, self._running_since = fam.cost.predict_forward(key, n), time.monotonic()
         try:
-            fam.timed_forward(key, fam.probe(key, n))
+            fam.timed_forward(key, fam.probe(key, n), probe=True)
             self.probes_run += 1
         except Exception:  # a probe never stops the scheduler; the family's requests will say more
             log.exception("idle probe of %s failed; no more probes of it", fam.name)

@@ -78,6 +78,53 @@ def test_prediction_chunks_by_max_batch_and_slowdown_follows_observations() -> N
     assert cm.predict([("b", 10)]) == pytest.approx(0.020, rel=0.05)
 
 
+def test_what_overload_taught_is_forgotten_once_the_host_idles() -> None:
+    """The drift seen on a live server: under overload a cheap rung (batched large) ran at
+    0.67 of its calibration while the others ran 3.4x over theirs.  The model follows that
+    while it lasts, but the ratios it learnt outlived the load: every rung but the cheap one
+    was then predicted 1.4x too slow on an idle host, and tight deadlines were shed.
+    Replayed on a simulated clock: the slowdown is forgotten within seconds of idling (it
+    sheds everything at once), the ratios more slowly (a lull between bursts keeps them),
+    and after a few minutes every rung is back at calibration."""
+    now = [0.0]
+    cm = CostModel(max_batch=32, alpha=0.2, clock=lambda: now[0])
+    keys = [f"r{i}" for i in range(20)]
+    cm.rungs = {k: LinearCost(0.0005, 0.0001 * (i + 1)) for i, k in enumerate(keys)}
+    cm.rung_ratio = dict.fromkeys(keys, 1.0)
+    cheap, busy = "r0", ["r5", "r10", "r15", "r19"]
+    for step in range(1600):  # 8 s of overload, a pass every 5 ms
+        now[0] += 0.005
+        key = cheap if step % 2 else busy[step % 4 // 2 + 2 * (step % 8 // 4)]
+        cm.observe_forward(key, 32, cm.rungs[key](32) * (0.67 if key == cheap else 3.4))
+    assert cm.predict_forward(cheap, 32) == pytest.approx(0.67 * cm.rungs[cheap](32), rel=0.15)
+    assert cm.predict_forward("r10", 32) == pytest.approx(3.4 * cm.rungs["r10"](32), rel=0.15)
+    now[0] += 5.0
+    assert cm.slowdown == pytest.approx(1.0, abs=1e-3)
+    assert min(cm.ratio(k) for k in keys) < 0.8 < 1.2 < max(cm.ratio(k) for k in keys)
+    now[0] += 300.0
+    for key in keys:
+        assert cm.predict_forward(key, 1) == pytest.approx(cm.rungs[key](1), rel=1e-3)
+    cm.observe_forward(cheap, 32, cm.rungs[cheap](32))  # learning starts again from calibration
+    assert cm.predict_forward("r10", 32) == pytest.approx(cm.rungs["r10"](32), rel=1e-3)
+
+
+def test_idle_probes_correct_a_rung_calibrated_too_slow_for_good() -> None:
+    """Ratios are forgotten over an idle spell, so a start-up outlier (rung b timed 3x too
+    slow) is corrected by the idle probes in its calibrated line, which survives the idle
+    spells between probes (one a second, as served)."""
+    now = [0.0]
+    cm = CostModel(max_batch=16, alpha=0.2, clock=lambda: now[0])
+    cm.rungs = {"a": LinearCost(0.001, 0.0001), "b": LinearCost(0.003, 0.0003)}
+    cm.rung_ratio = {"a": 1.0, "b": 1.0}
+    for i in range(100):
+        now[0] += 1.0
+        key = "ab"[i % 2]
+        cm.observe_forward(key, 8, 0.001 + 0.0001 * 8, probe=True)  # both really cost a's time
+    now[0] += 5.0
+    assert cm.predict_forward("b", 8) == pytest.approx(0.0018, rel=0.15)
+    assert cm.predict_forward("a", 8) == pytest.approx(0.0018, rel=0.05)
+
+
 # --- executor ---------------------------------------------------------------------------
 
 
