@@ -17,9 +17,9 @@ overload every request may be shed, so nothing runs and a factor learnt at the p
 stay forever: a slowdown kept shedding an idle server (/classify refused at a 60 ms
 deadline "the floor needs 93 ms" for a 5 ms model), and ratios did too (after a mixed 2x
 overload one cheap rung's ratio had run down to 0.006, which the normalisation turned into
-1.43 on every other rung, and an idle /classify shed 7 of 11 requests with 7-30 ms
-deadlines).  So once no forward pass has been observed for ``idle_grace_s`` the slowdown
-and the overhead ratio decay toward 1.0 with time constant ``idle_tau_s`` (seconds: a
+1.43 on every other rung: once idle, every rung but that one was predicted 1.4x too
+slow).  So once no forward pass has been observed for ``idle_grace_s`` the slowdown and
+the overhead ratio decay toward 1.0 with time constant ``idle_tau_s`` (seconds: a
 stale slowdown sheds every request), the rung ratios with ``ratio_tau_s`` (a lull between
 bursts keeps them, a quiet minute does not): what start-up calibration measured on an
 idle host is the best guess for a host that has gone quiet.  Under steady load passes
@@ -130,14 +130,15 @@ class CostModel:
 
     # --- the learnt factors, decayed toward calibration while nothing runs ------------
 
-    def _idle_weight(self, now: float, tau_s: float | None = None) -> float:
-        """How much of a learnt factor's distance from 1.0 is still believed at ``now``."""
+    def _believed(self, learnt: float, now: float, tau_s: float) -> float:
+        """How much of a learnt factor's distance from 1.0 is still believed at ``now``:
+        all of it until ``idle_grace_s`` without an observation, then decaying with ``tau_s``."""
         idle = now - self._last_observed - self.idle_grace_s
-        return 1.0 if idle <= 0 else math.exp(-idle / (tau_s or self.idle_tau_s))
+        return learnt if idle <= 0 else 1.0 + (learnt - 1.0) * math.exp(-idle / tau_s)
 
     @property
     def slowdown(self) -> float:
-        return 1.0 + (self._slowdown - 1.0) * self._idle_weight(self._clock())
+        return self._believed(self._slowdown, self._clock(), self.idle_tau_s)
 
     @slowdown.setter
     def slowdown(self, value: float) -> None:
@@ -145,11 +146,11 @@ class CostModel:
 
     def ratio(self, key: Hashable) -> float:
         """A rung's learnt correction as believed now (it decays like the slowdown)."""
-        return 1.0 + (self.rung_ratio[key] - 1.0) * self._idle_weight(self._clock(), self.ratio_tau_s)
+        return self._believed(self.rung_ratio[key], self._clock(), self.ratio_tau_s)
 
     @property
     def overhead_ratio(self) -> float:
-        return 1.0 + (self._overhead_ratio - 1.0) * self._idle_weight(self._clock())
+        return self._believed(self._overhead_ratio, self._clock(), self.idle_tau_s)
 
     @overhead_ratio.setter
     def overhead_ratio(self, value: float) -> None:
@@ -195,7 +196,9 @@ class CostModel:
 
     def predict_forward(self, key: Hashable, n: float) -> float:
         """One forward pass of n items or work units (n <= max_batch)."""
-        return self.rungs[key](n) * self.ratio(key) * self.slowdown
+        now = self._clock()
+        return (self.rungs[key](n) * self._believed(self.rung_ratio[key], now, self.ratio_tau_s)
+                * self._believed(self._slowdown, now, self.idle_tau_s))
 
     def predict(self, work: Iterable[tuple[Hashable, int]]) -> float:
         """A request's forward passes: n items at each key, in chunks of max_batch."""
@@ -220,7 +223,7 @@ class CostModel:
             return
         with self._lock:
             a = self.alpha
-            if self._idle_weight(self._clock()) < 1.0:  # settle the idle decay before learning on top
+            if self._clock() - self._last_observed > self.idle_grace_s:  # settle the idle decay first
                 self._overhead_ratio = self.overhead_ratio
                 self.rung_ratio = {k: self.ratio(k) for k in self.rung_ratio}
             slowdown = self.slowdown
@@ -228,18 +231,17 @@ class CostModel:
             if probe:
                 scale = 1.0 + (a / 2) * (seconds / (base * self.rung_ratio[key] * slowdown) - 1.0)
                 self.rungs[key] = LinearCost(self.rungs[key].fixed_s * scale, self.rungs[key].per_unit_s * scale)
-                self.slowdown = slowdown
-                self.observations += 1
-                return
-            self.rung_ratio[key] += (a / 4) * (seconds / (base * slowdown) - self.rung_ratio[key])
-            # Only the products slowdown x ratio are observed, so the split would drift; keep
-            # the rung ratios' geometric mean at 1, so that ``slowdown`` is the host's factor
-            # and each ratio a rung's relative correction.  Predictions are unchanged.
-            g = float(np.exp(np.mean(np.log(list(self.rung_ratio.values())))))
-            for k in self.rung_ratio:
-                self.rung_ratio[k] /= g
-            self.slowdown = slowdown * g  # also marks the time of this observation
-            self._overhead_ratio /= g
+            else:
+                self.rung_ratio[key] += (a / 4) * (seconds / (base * slowdown) - self.rung_ratio[key])
+                # Only the products slowdown x ratio are observed, so the split would drift; keep
+                # the rung ratios' geometric mean at 1, so that ``slowdown`` is the host's factor
+                # and each ratio a rung's relative correction.  Predictions are unchanged.
+                g = float(np.exp(np.mean(np.log(list(self.rung_ratio.values())))))
+                for k in self.rung_ratio:
+                    self.rung_ratio[k] /= g
+                slowdown *= g
+                self._overhead_ratio /= g
+            self.slowdown = slowdown  # also marks the time of this observation
             self.observations += 1
 
     def observe_overhead(self, units: float, seconds: float) -> None:
