@@ -42,7 +42,7 @@ def test_the_bundled_model_has_an_int8_rung_per_width_after_its_fp32_rungs(model
 
 
 def test_each_int8_width_loses_at_most_half_a_db_and_exactly_what_its_manifest_says(model):
-    """The issue's target is 0.25 dB; the bundled rungs lose 0.21 / 0.33 / 0.36 (docs/COMPRESSION.md)."""
+    """The issue's target is 0.25 dB; the bundled rungs lose 0.21 / 0.26 / 0.26 (docs/COMPRESSION.md)."""
     from models.arm import data
     from models.arm.quantize import held_out_psnr
 
@@ -95,8 +95,11 @@ def test_v1_models_lists_each_int8_rung_with_its_quality_time_and_manifest(model
     family.calibrated(lambda work: sum((1 + n) * per_patch[key] * 1e-3 for key, n in work), 64)
     after = {r.name: r.describe() for r in family.rungs()}
     assert after["w36-int8"]["ms_per_patch_full_batch"] == pytest.approx(0.3)
-    # w16-int8 is slower than w16 and predicted worse or equal in every bin: never chosen.
-    assert after["w16-int8"]["dominated"] is bool(np.all(model.table.mse[1] <= model.table.mse[4]))
+    # w16-int8 is slower than w16 (and bicubic, w36-int8 and w56-int8): dominated exactly when
+    # one of those is predicted no worse in every bin, and then never chosen.
+    faster = [k for k, ms in per_patch.items() if ms < per_patch[4]]
+    beaten = any(np.all(model.table.mse[k] <= model.table.mse[4]) for k in faster)
+    assert after["w16-int8"]["dominated"] is bool(beaten)
     assert not after["w56"]["dominated"]  # the best rung is never dominated
 
 
@@ -136,3 +139,52 @@ def test_carry_form_splits_the_pass_through_taps_exactly() -> None:
     assert isinstance(carried.head_conv[0], CarryConv) and isinstance(carried.head_conv[1], torch.nn.ReLU)
     bare = torch.nn.Conv2d(12, 12, 3, padding=1)  # no dominant identity tap
     assert carry_taps(bare) is None
+
+
+def test_skip_form_takes_the_image_from_the_input_and_keeps_it_off_the_body() -> None:
+    """The skip form's tail adds an int8 convolution of the input to the body's output, and
+    the body no longer hands the tail the carried image: the expanding layer's carry
+    channels and the tail's reads of them are zero.  Its int8 export runs the add on int8
+    kernels and clips in the shuffle, and computes what its fake-quantized network does."""
+    from compress import qat
+    from models.arm.quantize import SkipFSRCNN, example_input, float_form
+
+    model = ArmSR.from_checkpoint(BUNDLED_ARM)
+    net = float_form(model.backbone, model.full_state, 16, clamp=True, form="skip")
+    assert isinstance(net, SkipFSRCNN)
+    expand = net.body_conv[6][0]
+    assert torch.count_nonzero(expand.weight[:3]) == 0 and torch.count_nonzero(expand.bias[:3]) == 0
+    assert torch.count_nonzero(net.tail_conv.conv.weight[:, :3]) == 0
+    assert torch.count_nonzero(net.tail_conv.skip.weight) > 0
+
+    prepared = qat.prepare(net, example_input())
+    qat.calibrate(prepared, [_photo_patches(8, seed) for seed in range(2)])
+    prepared.eval()
+    qat.settle_weight_ranges(prepared)
+    int8 = qat.export(prepared)
+    targets = [str(n.target) for n in int8.graph.nodes if n.op == "call_function"]
+    assert "quantized.add" in targets
+    assert any(n.op == "call_function" and getattr(n.target, "__name__", "") == "sub_pixel_shuffle"
+               and n.args[3] == (0.0, 1.0) for n in int8.graph.nodes)
+    x = _photo_patches(4, seed=5)
+    with torch.inference_mode():
+        simulated, real = prepared(x), int8(x)
+    assert float(real.min()) >= 0.0 and float(real.max()) <= 1.0
+    assert float(((real - simulated) * 255).abs().mean()) < 0.5  # well under one 8-bit level on average
+
+
+def test_a_network_without_pass_through_taps_keeps_its_plain_form_when_asked_for_the_skip() -> None:
+    from models.arm.nets import FSRCNN
+    from models.arm.quantize import SkipFSRCNN, float_form
+
+    model = ArmSR.from_checkpoint(BUNDLED_ARM)
+    full_state = {k: (torch.randn_like(v) * 0.05 if v.dim() == 4 else v) for k, v in model.full_state.items()}
+    net = float_form(model.backbone, full_state, 16, form="skip")  # random weights: no dominant identity tap
+    assert isinstance(net, FSRCNN) and not isinstance(net, SkipFSRCNN)
+
+
+def _photo_patches(n: int, seed: int) -> torch.Tensor:
+    """n 32x32 patches of a synthetic photo, float NCHW in [0, 1] (no data set needed)."""
+    photo = torch.from_numpy(synthetic_photo(32 * n, 32, seed=seed)).permute(2, 0, 1).float() / 255
+    return torch.stack(photo.split(32, dim=1))
+

@@ -17,6 +17,14 @@ for 1,500 steps. Fine-tuning a trained network on 16-patch batches drifts: at 5e
 HR target the student's float weights alone lost 0.49 dB, all of its int8 drop; pulling to the
 teacher at a small step keeps it near the fp32 width.
 
+``--form skip`` (the bundled w36 and w56): a network that carries its input image through
+every layer, as ours does, loses most of its int8 accuracy to rounding that image again in
+each layer; the skip form (``SkipFSRCNN``) adds the image at the tail through one int8
+convolution of the input instead, and is trained longer as the different network it is:
+
+    python -m models.arm.quantize models/arm/weights/arm-fsrcnn/model.safetensors \
+        --widths 36,56 --form skip --lr 2e-4 --steps 6000 --at-weight 0 --select-every 500
+
 Writes into ``--out`` (default: the checkpoint's folder): ``int8_qat.safetensors`` (the
 trained fake-quantized tensors of every width, rebuilt into int8 at start-up in about 0.5 s
 each once torch.ao is imported) and ``int8.json`` (per width: method, bits, backend,
@@ -46,7 +54,11 @@ from compress.fakequant import attention_transfer_loss
 from compress.int8 import ENGINE, prelu_as_leaky_relu
 from models.arm import data
 from models.arm.metrics import psnr_rgb
-from models.arm.nets import FSRCNN, Backbone, SubPixelDeconv, extract_subnet
+from models.arm.nets import FSRCNN, Backbone, SubPixelDeconv, extract_subnet, sub_pixel_shuffle
+
+# A leaf for graph-mode quantization here too (``torch.fx.wrap`` acts on the calling module's
+# globals): SkipTail calls the shuffle from this module.
+torch.fx.wrap("sub_pixel_shuffle")
 
 QAT_FILE, MANIFEST_FILE = "int8_qat.safetensors", "int8.json"
 # The body features DDTB distils (the output of the last layer before the upsampler): the
@@ -55,7 +67,7 @@ FEATURE_LAYER = {"fsrcnn": ("body_conv.6.1", "body_conv.6.0")}
 AT_WEIGHT = 1000.0  # DDTB's weight of the attention-transfer term
 
 
-FORMS = ("plain", "carry")  # how a width's float network is laid out for int8 (``float_form``)
+FORMS = ("plain", "carry", "skip")  # how a width's float network is laid out for int8 (``float_form``)
 CARRY_CHANNELS = 3  # FSRCNN's pass-through: RGB in channels 0-2 of every layer (``nets.FSRCNN._init_weights``)
 RELU_BELOW = 0.005  # leaky ReLUs flatter than this become ReLUs in the carry form (then fused into the conv)
 
@@ -133,6 +145,53 @@ def to_carry_form(net: nn.Module) -> bool:
     return True
 
 
+class SkipTail(nn.Module):
+    """FSRCNN's sub-pixel tail that takes the pass-through image from the network's input
+    instead of from the body: ``shuffle(conv(body) + skip(x))``.
+
+    Why: the bundled FSRCNN carries its RGB input through channels 0-2 of every layer, and
+    in int8 each layer puts that image back on an 8-bit grid of about 1.6 levels (the
+    carried image sets the tensor's range).  Ten such roundings are most of the int8 widths'
+    added error (simulated on w36: the tail reading a float carry cut the deviation from
+    fp32 3x).  Here the image reaches the output through one int8 convolution of the input,
+    which is exact in 8 bits, and the expanding layer no longer carries it."""
+
+    def __init__(self, tail: SubPixelDeconv, gain: torch.Tensor, k: int = CARRY_CHANNELS) -> None:
+        super().__init__()
+        self.conv = copy.deepcopy(tail.conv)
+        self.skip = nn.Conv2d(k, tail.conv.out_channels, tail.conv.kernel_size, padding=tail.conv.padding)
+        self.scale, self.out_channels, self.clamp = tail.scale, tail.out_channels, tail.clamp
+        with torch.no_grad():
+            self.skip.weight.copy_(tail.conv.weight[:, :k] * gain.view(1, k, 1, 1))
+            self.skip.bias.zero_()
+            self.conv.weight[:, :k] = 0.0
+
+    def forward(self, body: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return sub_pixel_shuffle(self.conv(body) + self.skip(x), self.scale, self.out_channels, self.clamp)
+
+
+class SkipFSRCNN(nn.Module):
+    """An FSRCNN width whose output gets the input image through ``SkipTail``."""
+
+    def __init__(self, net: FSRCNN) -> None:
+        super().__init__()
+        self.head_conv, self.body_conv = net.head_conv, net.body_conv
+        convs = [m for m in [*net.head_conv.modules(), *net.body_conv.modules()] if isinstance(m, nn.Conv2d)]
+        # The carried image's gain on the way to the tail: the product of the identity taps.
+        gain = torch.ones(CARRY_CHANNELS)
+        for conv in convs:
+            centre = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+            gain = gain * torch.stack([conv.weight[c, c, centre[0], centre[1]].detach() for c in range(CARRY_CHANNELS)])
+        self.tail_conv = SkipTail(net.tail_conv, gain)
+        expand = convs[-1]
+        with torch.no_grad():  # the expanding layer's carry rows are now unused: zero, they stay zero
+            expand.weight[:CARRY_CHANNELS] = 0.0
+            expand.bias[:CARRY_CHANNELS] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail_conv(self.body_conv(self.head_conv(x)), x)
+
+
 def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int,
                clamp: bool = False, form: str = "plain") -> nn.Module:
     """The fp32 serving-form subnet a width's int8 rung is made from (PReLU as leaky ReLU).
@@ -145,7 +204,9 @@ def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: i
     net = prelu_as_leaky_relu(extract_subnet(backbone, full_state, width))
     if form == "carry":
         to_carry_form(net)
-    if clamp and isinstance(getattr(net, "tail_conv", None), SubPixelDeconv):
+    if form == "skip" and isinstance(net, FSRCNN) and carry_taps(net.head_conv[0]) is not None:
+        net = SkipFSRCNN(net)
+    if clamp and isinstance(getattr(net, "tail_conv", None), (SubPixelDeconv, SkipTail)):
         net.tail_conv.clamp = (0.0, 1.0)
     return net
 
@@ -167,19 +228,46 @@ def _capture(module: nn.Module, names: tuple[str, ...] | None) -> tuple[list[tor
 
 def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, batch: int, lr: float,
                 bound_lr: float, feature_layer: tuple[str, ...] | None, log_every: int, label: str,
-                target: str = "teacher", weight_grid: str = "narrow", loss_fn: str = "l1") -> nn.Module:
-    """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network.
+                target: str = "teacher", weight_grid: str = "narrow", loss_fn: str = "l1",
+                select_on: list[tuple[str, np.ndarray, np.ndarray]] | None = None, select_every: int = 100,
+                student_init: nn.Module | None = None, at_weight: float = AT_WEIGHT,
+                feature_from: int = 0) -> tuple[nn.Module, dict]:
+    """DDTB 8-bit QAT of one width; returns the trained prepared (fake-quantized) network and
+    the step it kept and its validation PSNR (empty without ``select_on``).
 
     ``target``: what the L1 term pulls the output to: ``hr``, DDTB's choice, or ``teacher``,
     the fp32 width's own output (plain output distillation; better at a small weight step,
-    worse at DDTB's, docs/COMPRESSION.md)."""
+    worse at DDTB's, docs/COMPRESSION.md).
+
+    ``select_on``: validation photos.  Every ``select_every`` steps (and once after
+    calibration) the network is exported to int8 and its PSNR measured on them; the state
+    with the best one is returned.  Why: fine-tuning a trained network on 16-patch batches
+    wanders by about 0.1 dB between checkpoints and runs, so where training stops is a draw;
+    choosing on held-out photos that are not the test photos makes it a measurement (of
+    those photos: ours are smooth wallpapers, and on the plain w36 the chosen step did worse on
+    the test photos than another run of the same recipe, docs/COMPRESSION.md).
+
+    ``student_init``: the float network the student starts from, when it is not the teacher
+    (the skip form).  ``feature_from``: the first channel the attention-transfer term
+    compares (the skip form's carry channels are zero where the teacher's hold the image)."""
     teacher = teacher.eval().requires_grad_(False)
-    student = qat.prepare(teacher, example_input(), weight_grid=weight_grid)
+    student = qat.prepare(teacher if student_init is None else student_init, example_input(), weight_grid=weight_grid)
     qat.calibrate(student, [torch.from_numpy(sampler.batch(32)[0]) for _ in range(8)])
     opt = torch.optim.Adam(qat.parameter_groups(student, lr, bound_lr), betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.01)
     t_feat, t_hook = _capture(teacher, feature_layer)
     s_feat, s_hook = _capture(student, feature_layer)
+    best: dict = {}
+
+    def select(step: int) -> None:
+        db = held_out_psnr(qat.export(student), select_on)
+        if not best or db > best["psnr"]:
+            best.update(step=step, psnr=db, state=qat.state(student))
+        print(f"[{label}] step {step}: validation PSNR {db:.3f} dB (best {best['psnr']:.3f} at step {best['step']})",
+              flush=True)
+
+    if select_on:
+        select(0)
     start, running = time.time(), []
     for step in range(1, steps + 1):
         lr_np, hr_np = sampler.batch(batch)
@@ -191,8 +279,8 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
         out, goal = student(x), fp32_out if target == "teacher" else hr
         # MSE times 255: the same order as L1 on these outputs, so the attention term keeps its share.
         loss = F.l1_loss(out, goal) if loss_fn == "l1" else 255 * F.mse_loss(out, goal)
-        if feature_layer is not None:
-            loss = loss + AT_WEIGHT * attention_transfer_loss(s_feat[-1], t_feat[-1])
+        if feature_layer is not None and at_weight > 0:
+            loss = loss + at_weight * attention_transfer_loss(s_feat[-1][:, feature_from:], t_feat[-1][:, feature_from:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -202,10 +290,14 @@ def train_width(teacher: nn.Module, sampler: data.PatchSampler, *, steps: int, b
             rate = step / (time.time() - start)
             print(f"[{label}] step {step}/{steps}  loss {np.mean(running[-log_every:]):.5f}  "
                   f"{rate:.1f} steps/s  eta {(steps - step) / rate / 60:.1f} min", flush=True)
+        if select_on and (step % select_every == 0 or step == steps):
+            select(step)
     for handle in (t_hook, s_hook):
         if handle is not None:
             handle.remove()
-    return student.eval()
+    if best:
+        student.load_state_dict(best.pop("state"))
+    return student.eval(), best
 
 
 def held_out_psnr(net: nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]]) -> float:
@@ -294,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
                          "plain). carry halves post-training int8's loss but after QAT ends where plain does "
                          "(docs/COMPRESSION.md)")
     ap.add_argument("--loss", choices=["l1", "mse"], default="l1", help="the pixel term (DDTB: L1)")
+    ap.add_argument("--at-weight", type=float, default=AT_WEIGHT,
+                    help=f"weight of the attention-transfer term (DDTB: {AT_WEIGHT:g}; 0: none)")
+    ap.add_argument("--select-every", type=int, default=0,
+                    help="export and measure on the validation photos every N steps and keep the best step "
+                         "(default 0: keep the last; the validation photos are smooth wallpapers, so this favours "
+                         "flat regions: docs/COMPRESSION.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=200)
@@ -327,11 +425,19 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"no trained int8 w{width} in {out / QAT_FILE}")
             int8 = qat.load(teacher, example_input(), own, weight_grid=weight_grid(entry))
         else:
-            teacher = float_form(backbone, full_state, width, form=args.form)
-            prepared = train_width(teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr,
-                                   bound_lr=args.bound_lr, feature_layer=FEATURE_LAYER.get(backbone.name),
-                                   log_every=args.log_every, label=f"w{width}", target=args.target, loss_fn=args.loss,
-                                   weight_grid=args.weight_grid)
+            # The skip form is a different network (it learns to do without the carried image):
+            # it starts from the fp32 width and learns from it, attention transfer on the body
+            # features but the carry channels (zero in the student, the image in the teacher).
+            skip = args.form == "skip"
+            teacher = float_form(backbone, full_state, width, form="plain" if skip else args.form)
+            prepared, selection = train_width(
+                teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr, bound_lr=args.bound_lr,
+                feature_layer=FEATURE_LAYER.get(backbone.name), log_every=args.log_every,
+                at_weight=args.at_weight, feature_from=CARRY_CHANNELS if skip else 0,
+                label=f"w{width}", student_init=float_form(backbone, full_state, width, form="skip") if skip else None,
+                target=args.target, loss_fn=args.loss, weight_grid=args.weight_grid,
+                select_on=val if args.select_every > 0 else None, select_every=max(args.select_every, 1),
+)
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
             int8 = qat.export(prepared)
@@ -350,9 +456,12 @@ def main(argv: list[str] | None = None) -> None:
                 backend=f"torch.ao {ENGINE}", real_speed=True, quality=quality,
                 calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                              "bound_lr": args.bound_lr, "seed": args.seed, "weight_grid": args.weight_grid,
-                             "form": args.form,
+                             "form": args.form, "at_weight": args.at_weight,
+                             "selected": ({"on": "val split, int8 PSNR", "step": selection["step"],
+                                           "psnr_rgb": round(selection["psnr"], 4), "every": args.select_every}
+                                          if selection else "the last step"),
                              "loss": f"{args.loss.upper()} to the {'fp32 output' if args.target == 'teacher' else 'HR patch'} + "
-                                     f"{AT_WEIGHT:g} x attention transfer"},
+                                     f"{args.at_weight:g} x attention transfer"},
                 command=command)
         save_file(tensors, str(out / QAT_FILE))
         artifact.write(manifest_path, list(previous.values()), date=date.today().isoformat(),
