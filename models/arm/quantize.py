@@ -383,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--form", choices=list(FORMS), default="plain",
                     help="plain: the network as it is; carry: split the pass-through taps into their own "
                          "convolution and fuse flat leaky ReLUs as ReLUs (a network without pass-through taps stays "
-                         "plain). carry halves post-training int8's loss but after QAT ends where plain does "
-                         "(docs/COMPRESSION.md)")
+                         "plain). carry halves post-training int8's loss but after QAT ends where plain does. "
+                         "skip: add the input image at the tail through an int8 convolution of its own instead of "
+                         "carrying it through every layer (the bundled w36 and w56: 0.26 dB lost instead of "
+                         "0.33-0.36, about 12 %% slower; docs/COMPRESSION.md)")
     ap.add_argument("--loss", choices=["l1", "mse"], default="l1", help="the pixel term (DDTB: L1)")
     ap.add_argument("--at-weight", type=float, default=AT_WEIGHT,
                     help=f"weight of the attention-transfer term (DDTB: {AT_WEIGHT:g}; 0: none)")
