@@ -438,8 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                 at_weight=args.at_weight, feature_from=CARRY_CHANNELS if skip else 0,
                 label=f"w{width}", student_init=float_form(backbone, full_state, width, form="skip") if skip else None,
                 target=args.target, loss_fn=args.loss, weight_grid=args.weight_grid,
-                select_on=val if args.select_every > 0 else None, select_every=max(args.select_every, 1),
-)
+                select_on=val if args.select_every > 0 else None, select_every=args.select_every)
             tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
             tensors.update({prefix + k: v for k, v in qat.state(prepared).items()})
             int8 = qat.export(prepared)
