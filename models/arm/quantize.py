@@ -112,8 +112,16 @@ def carry_taps(conv: nn.Conv2d, k: int = CARRY_CHANNELS) -> torch.Tensor | None:
     for c in range(k):
         mask[c, c, centre[0], centre[1]] = True
     peak = w[:k].abs().flatten(1).amax(1)
-    held = (w[:k].abs() * mask[:k]).flatten(1).amax(1)
+    held = identity_taps(conv, k).abs()
     return mask if bool(torch.all(held >= peak)) and bool(torch.all(held > 0.25)) else None
+
+
+def identity_taps(conv: nn.Conv2d, k: int = CARRY_CHANNELS) -> torch.Tensor:
+    """``conv``'s weight from input c to output c at the kernel's centre, for c < k: the
+    factor by which each pass-through channel carries itself (about 1.06 in our FSRCNN)."""
+    w = conv.weight.detach()
+    c = torch.arange(k)
+    return w[c, c, w.shape[2] // 2, w.shape[3] // 2]
 
 
 def carried_layers(net: FSRCNN) -> list[tuple[nn.Module, str]]:
@@ -178,10 +186,7 @@ class SkipFSRCNN(nn.Module):
         self.head_conv, self.body_conv = net.head_conv, net.body_conv
         convs = [m for m in [*net.head_conv.modules(), *net.body_conv.modules()] if isinstance(m, nn.Conv2d)]
         # The carried image's gain on the way to the tail: the product of the identity taps.
-        gain = torch.ones(CARRY_CHANNELS)
-        for conv in convs:
-            centre = (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
-            gain = gain * torch.stack([conv.weight[c, c, centre[0], centre[1]].detach() for c in range(CARRY_CHANNELS)])
+        gain = torch.stack([identity_taps(conv) for conv in convs]).prod(dim=0)
         self.tail_conv = SkipTail(net.tail_conv, gain)
         expand = convs[-1]
         with torch.no_grad():  # the expanding layer's carry rows are now unused: zero, they stay zero
