@@ -41,8 +41,8 @@ def test_the_bundled_model_has_an_int8_rung_per_width_after_its_fp32_rungs(model
     assert ArmSR.from_checkpoint(BUNDLED_ARM).rungs[-1].name == "w56"  # opt-in
 
 
-def test_each_int8_width_loses_at_most_half_a_db_and_exactly_what_its_manifest_says(model):
-    """The issue's target is 0.25 dB; the bundled rungs lose 0.21 / 0.26 / 0.26 (docs/COMPRESSION.md)."""
+def test_each_int8_width_loses_at_most_a_quarter_db_and_exactly_what_its_manifest_says(model):
+    """The issue's target is 0.25 dB; the bundled rungs lose 0.16 / 0.21 / 0.21 (docs/COMPRESSION.md)."""
     from models.arm import data
     from models.arm.quantize import held_out_psnr
 
@@ -51,7 +51,7 @@ def test_each_int8_width_loses_at_most_half_a_db_and_exactly_what_its_manifest_s
         fp32 = next(o for o in model.rungs if o.name == r.name.removesuffix("-int8"))
         int8_db = held_out_psnr(lambda b, i=r.index: model.run_patches(i, b), test)
         fp32_db = held_out_psnr(lambda b, i=fp32.index: model.run_patches(i, b), test)
-        assert fp32_db - int8_db <= 0.5, (r.name, fp32_db, int8_db)
+        assert fp32_db - int8_db <= 0.25, (r.name, fp32_db, int8_db)
         assert int8_db == pytest.approx(model.compressed[r.name]["quality"]["psnr_rgb"], abs=0.01)
 
 
@@ -188,3 +188,45 @@ def _photo_patches(n: int, seed: int) -> torch.Tensor:
     photo = torch.from_numpy(synthetic_photo(32 * n, 32, seed=seed)).permute(2, 0, 1).float() / 255
     return torch.stack(photo.split(32, dim=1))
 
+
+
+def test_the_output_correction_is_fitted_by_least_squares_and_folded_without_changing_a_weight_code() -> None:
+    """``fit_output_correction`` recovers a known gain and offset per tail output channel, and
+    ``fold_output_correction`` moves the int8 network's output by that map while every int8
+    weight code stays what training made it (the per-channel grids scale with the weights)."""
+    from safetensors.torch import load_file
+
+    from compress import qat
+    from models.arm.nets import SCALE
+    from models.arm.quantize import (QAT_FILE, example_input, fit_output_correction, float_form,
+                                     fold_output_correction, output_phases)
+
+    model = ArmSR.from_checkpoint(BUNDLED_ARM)
+    tensors = load_file(BUNDLED_ARM.parent / QAT_FILE)
+    own = {k.removeprefix("w36."): v for k, v in tensors.items() if k.startswith("w36.")}
+    rebuild = lambda state: qat.load(float_form(model.backbone, model.full_state, 36, form="skip"),  # noqa: E731
+                                     example_input(), state)
+    gen = torch.Generator().manual_seed(0)
+    gain = 1 + 0.02 * torch.randn(48, generator=gen)
+    offset = 0.01 * torch.randn(48, generator=gen)  # about 2.5 output levels
+    before, after = rebuild(own), rebuild(fold_output_correction(own, gain, offset))
+
+    convs = lambda net: {n: m for n, m in net.named_modules() if n.startswith("tail_conv.")  # noqa: E731
+                         and hasattr(m, "weight") and callable(m.weight)}
+    assert set(convs(before)) == {"tail_conv.conv", "tail_conv.skip"}
+    for name, conv in convs(before).items():
+        assert torch.equal(conv.weight().int_repr(), convs(after)[name].weight().int_repr()), name
+
+    batches = [_photo_patches(8, seed) for seed in range(3)]
+    with torch.inference_mode():
+        y, z = (output_phases(net(batches[0]), SCALE) for net in (before, after))
+    expected = gain[:, None] * y + offset[:, None]
+    # The same map, up to the output grids' rounding (about half a level; the map moves 3 levels).
+    moved = float(((z - y) * 255).abs().mean())
+    residual = float(((z - expected) * 255).abs().mean())
+    assert moved > 2.0 and residual < 0.2 * moved, (moved, residual)
+    fitted_gain, fitted_offset = fit_output_correction(after, before, batches, SCALE)
+    # Recovered to within a quarter of the spread applied (24 patches, both outputs rounded).
+    assert torch.allclose(fitted_gain, gain, atol=5e-3) and torch.allclose(fitted_offset, offset, atol=3e-3)
+    with pytest.raises(ValueError, match="not positive"):
+        fold_output_correction(own, -gain, offset)
