@@ -27,8 +27,8 @@ convolution of the input instead, and is trained longer as the different network
 
 An official ARM-FSRCNN checkpoint (no identity taps, so plain form) does better with the
 longer recipe too: ``--lr 2e-4 --steps 6000 --at-weight 0`` took its int8 widths from 0.59 /
-0.85 / 0.89 dB below fp32 to 0.48 / 0.59 / 0.63 dB (with the correction below), at about 15-25
-minutes per width on one core.
+0.83 / 0.89 dB below fp32 to 0.48 / 0.59 / 0.63 dB (both with the correction below), at about
+15-25 minutes per width on one core.
 
 After training, each width gets a least-squares gain and offset per tail output channel that
 map its int8 output onto the fp32 width's on training patches, folded into the tail's weights
