@@ -189,23 +189,19 @@ def _photo_patches(n: int, seed: int) -> torch.Tensor:
     return torch.stack(photo.split(32, dim=1))
 
 
-
 def test_the_output_correction_is_fitted_by_least_squares_and_folded_without_changing_a_weight_code() -> None:
     """``fit_output_correction`` recovers a known gain and offset per tail output channel, and
     ``fold_output_correction`` moves the int8 network's output by that map while every int8
     weight code stays what training made it (the per-channel grids scale with the weights)."""
     from safetensors.torch import load_file
 
-    from compress import qat
     from models.arm.nets import SCALE
-    from models.arm.quantize import (QAT_FILE, example_input, fit_output_correction, float_form,
-                                     fold_output_correction, output_phases)
+    from models.arm.quantize import QAT_FILE, fit_output_correction, fold_output_correction, int8_width, output_phases
 
     model = ArmSR.from_checkpoint(BUNDLED_ARM)
     tensors = load_file(BUNDLED_ARM.parent / QAT_FILE)
     own = {k.removeprefix("w36."): v for k, v in tensors.items() if k.startswith("w36.")}
-    rebuild = lambda state: qat.load(float_form(model.backbone, model.full_state, 36, form="skip"),  # noqa: E731
-                                     example_input(), state)
+    rebuild = lambda state: int8_width(model.backbone, model.full_state, 36, state, "skip", "narrow")  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     gain = 1 + 0.02 * torch.randn(48, generator=gen)
     offset = 0.01 * torch.randn(48, generator=gen)  # about 2.5 output levels

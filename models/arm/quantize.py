@@ -405,9 +405,16 @@ def load_int8(backbone: Backbone, full_state: dict[str, torch.Tensor],
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if own and width in ratios:
             entry = entries.get(f"w{width}-int8")
-            nets[width] = qat.load(float_form(backbone, full_state, width, clamp=True, form=form(entry)),
-                                   example_input(), own, weight_grid=weight_grid(entry))
+            nets[width] = int8_width(backbone, full_state, width, own, form(entry), weight_grid(entry), clamp=True)
     return nets, ratios, entries
+
+
+def int8_width(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int, own: dict[str, torch.Tensor],
+               layout: str, grid: str, clamp: bool = False) -> nn.Module:
+    """The real int8 network of one width from its trained fake-quantized tensors ``own``,
+    in the float ``layout`` and on the weight ``grid`` it was trained with."""
+    return qat.load(float_form(backbone, full_state, width, clamp=clamp, form=layout), example_input(), own,
+                    weight_grid=grid)
 
 
 def form(entry: dict | None) -> str:
@@ -522,8 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         served_fp32 = float_form(backbone, full_state, width)  # the fp32 rung, whatever form the teacher had
         correction = None
         if args.correct_only or (not args.measure_only and args.output_correction):
-            unclipped = qat.load(float_form(backbone, full_state, width, form=width_form), example_input(), own,
-                                 weight_grid=grid)
+            unclipped = int8_width(backbone, full_state, width, own, width_form, grid)
             batches = [torch.from_numpy(sampler.batch(32)[0]) for _ in range(CORRECTION_BATCHES)]
             gain, offset = fit_output_correction(served_fp32, unclipped, batches, SCALE)
             own = fold_output_correction(own, gain, offset)
@@ -536,8 +542,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"levels (folded into the tail)", flush=True)
         tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
         tensors.update({prefix + k: v for k, v in own.items()})
-        int8 = qat.load(float_form(backbone, full_state, width, form=width_form), example_input(), own,
-                        weight_grid=grid)
+        int8 = int8_width(backbone, full_state, width, own, width_form, grid)
         fp32_db, int8_db = held_out_psnr(served_fp32, test), held_out_psnr(int8, test)
         print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, int8 {int8_db:.3f} dB ({int8_db - fp32_db:+.3f})", flush=True)
         ratios[str(width)] = [round(float(v), 5) for v in table_mse_ratio(model.table, served_fp32, int8, val)]
