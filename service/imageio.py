@@ -25,6 +25,9 @@ try:  # ISA-L's deflate: about 4x faster than zlib's level 1 at the same size on
     from isal import isal_zlib as _fast_deflate
 except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps PNG working without it
     _fast_deflate = None
+# The PNG checksums (CRC-32 of each chunk, Adler-32 of the zlib stream), same values as zlib's:
+# ISA-L's are about 20x and 6x faster (0.14 and 0.22 ms of a 512x512 answer with zlib's).
+_checksums = _fast_deflate if _fast_deflate is not None else zlib
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 # Not an image format: the SR canvas as raw (H, W, C) uint8 bytes, for protocols that carry tensors (OIP).
@@ -176,7 +179,7 @@ def png_bytes(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> b
 
 
 def _png_chunk(tag: bytes, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    return struct.pack(">I", len(data)), tag, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+    return struct.pack(">I", len(data)), tag, data, struct.pack(">I", _checksums.crc32(data, _checksums.crc32(tag)))
 
 
 def _deflate_module(level: int):
@@ -208,4 +211,4 @@ def zlib_stream(data: np.ndarray, level: int) -> bytes:
     first, second = run_both(lambda: _raw_deflate(view[:half], level, False),
                              lambda: _raw_deflate(view[half:], level, True, window))
     header = zlib.compress(b"", level)[:2]  # the two bytes zlib writes for this level
-    return b"".join([header, first, second, struct.pack(">I", zlib.adler32(view))])
+    return b"".join([header, first, second, struct.pack(">I", _checksums.adler32(view))])

@@ -37,10 +37,12 @@ def test_sections_run_in_bf16_and_hand_back_what_they_are_told() -> None:
     torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)  # bf16 keeps 8 significant bits
 
 
-def test_the_shuffle_widens_bf16_phases_and_clamps_them() -> None:
-    y = (torch.randn(2, 48, 5, 7) * 0.8 + 0.5).to(torch.bfloat16)
-    out = sub_pixel_shuffle(y, 4, 3, (0.0, 1.0))
-    ref = sub_pixel_shuffle(y.float(), 4, 3, (0.0, 1.0))
+@pytest.mark.parametrize("clamp", [(0.0, 1.0), None])  # None: the served form, whose clip is in the convolution
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_shuffle_widens_bf16_phases_and_clamps_them(clamp, layout) -> None:
+    y = (torch.randn(2, 48, 5, 7) * 0.8 + 0.5).to(torch.bfloat16).contiguous(memory_format=layout)
+    out = sub_pixel_shuffle(y, 4, 3, clamp)
+    ref = sub_pixel_shuffle(y.float(), 4, 3, clamp)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 20, 28)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, ref)  # bf16 -> float32 is exact; clamping before or after widening is the same

@@ -37,12 +37,35 @@ def test_each_conv_activation_pair_becomes_one_kernel_computing_the_same():
     net, x = _net(), _x()
     fused = fuse_conv_activations(net, x)
     kinds = [type(m).__name__ for m in fused.modules() if not isinstance(m, nn.Sequential)]
-    assert kinds.count("FusedConv2d") == 3 and kinds.count("Identity") == 3
-    assert isinstance(fused[5], nn.Conv2d) and isinstance(fused[6], nn.PReLU)  # per-channel PReLU stays
-    assert [m.attr for m in fused.modules() if isinstance(m, FusedConv2d)] == ["leaky_relu", "leaky_relu", "relu"]
+    assert kinds.count("FusedConv2d") == 4 and kinds.count("Identity") == 3
+    # a per-channel PReLU has no post-op: it stays, after its convolution on oneDNN's kernel alone
+    assert isinstance(fused[6], nn.PReLU) and fused[5].attr == "none"
+    assert [m.attr for m in fused.modules() if isinstance(m, FusedConv2d)] == ["leaky_relu", "leaky_relu", "relu",
+                                                                              "none"]
     with torch.inference_mode():
         assert torch.allclose(fused(x), net(x), atol=1e-5)
+        one = x[:1]  # a batch of one, which torch's own dispatch sends to its im2col path instead
+        assert torch.allclose(fused(one), net(one), atol=1e-5)
     assert isinstance(net[0][0], nn.Conv2d)  # the network given is not changed
+
+
+@needs_kernel
+def test_a_convolution_without_activation_runs_on_onednn_even_for_one_item():
+    """torch runs a plain float convolution of a batch of one through ``_slow_conv2d_forward``
+    (im2col); the fused network's lone convolutions must not."""
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1)).eval()
+    x = torch.rand(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    fused = fuse_conv_activations(net, x)
+    assert [type(m).__name__ for m in fused] == ["FusedConv2d", "FusedConv2d"]
+
+    def ops(model: nn.Module) -> set[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.inference_mode():
+            model(x)
+        return {e.key for e in prof.key_averages()}
+
+    assert "mkldnn::_convolution_pointwise" in ops(fused) and "aten::_slow_conv2d_forward" not in ops(fused)
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), net(x), atol=1e-5)
 
 
 def test_without_the_kernel_or_with_a_wrong_one_the_network_is_kept(monkeypatch, caplog):
@@ -67,7 +90,8 @@ def test_arm_rungs_clip_inside_the_last_convolution_and_match_the_plain_subnets(
         served = bundled_model.subnets[i]
         tail = served.tail_conv
         assert isinstance(tail, SubPixelDeconv) and tail.clamp is None and tail.clips == (0.0, 1.0)
-        assert sum(isinstance(m, FusedConv2d) for m in served.modules()) == 5  # 4 PReLUs and the clip
+        fused = [m.attr for m in served.modules() if isinstance(m, FusedConv2d)]
+        assert len(fused) == 8 and fused.count("none") == 3  # 4 PReLUs, the clip, 3 mapping convolutions
         plain = extract_subnet(bundled_model.backbone, bundled_model.full_state, width).to(
             memory_format=torch.channels_last)
         with torch.inference_mode():

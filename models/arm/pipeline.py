@@ -214,6 +214,22 @@ def patch_pixel_weights(positions: np.ndarray, out_hw: tuple[int, int], crop: in
     return per_patch(own), per_patch(fill)
 
 
+@functools.lru_cache(maxsize=256)
+def tile_layout(lr_h: int, lr_w: int, out_h: int, out_w: int,
+                tiling_mode: tiling.Tiling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patch corners of a padded (lr_h, lr_w) image and their ``patch_pixel_weights``
+    for an (out_h, out_w) output, read-only.
+
+    They depend on the image's size alone, and a service sees the same few sizes again and
+    again: cached, they cost nothing after the first request of a size (uncached, about
+    0.12 ms of the 0.33 ms a 128x128 image's analysis takes, on the event loop)."""
+    pos = tiling.positions(lr_h, lr_w, tiling_mode)
+    weight, fill = patch_pixel_weights(pos, (out_h, out_w))
+    for a in (pos, weight, fill):
+        a.flags.writeable = False
+    return pos, weight, fill
+
+
 @dataclass
 class PatchGroup:
     """The patches of one request that share a rung."""
@@ -338,11 +354,11 @@ class ArmSR:
             raise RuntimeError(f"{self.name} has no lookup table; build one with python -m models.arm.build_table")
         h, w = lr_u8.shape[:2]
         img = tiling.pad_to_patch(lr_u8)
-        pos = tiling.positions(img.shape[0], img.shape[1], tiling_mode)
+        pos, pixel_weight, fill_weight = tile_layout(img.shape[0], img.shape[1], SCALE * h, SCALE * w, tiling_mode)
         scores = edge_scores_gray(tiling.extract(gray_u8(img), pos))  # gray once per image, not per patch
         interp = self.interpolate_table if interpolate is None else interpolate
         return Analysis(pos, scores, self.table.predict_psnr(scores, interp), self.table.predict_mse(scores, interp),
-                        img.shape[:2], (SCALE * h, SCALE * w), tiling_mode)
+                        img.shape[:2], (SCALE * h, SCALE * w), tiling_mode, pixel_weight, fill_weight)
 
     def choose(self, a: Analysis, *, mode: Mode = "budget", budget: float = 1.0, objective: Objective = "mse",
                rung: int | None = None, eta: float | None = None,
