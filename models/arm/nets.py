@@ -307,7 +307,7 @@ class SubPixelDeconv(nn.Module):
         """Move the clip into the convolution as its oneDNN post-op
         (``models.common.fusion``): one pass less over the output, which is 16x the input's
         size; 1 if it did."""
-        if self.clamp is None or type(self.conv) is not nn.Conv2d:
+        if self.clamp is None or not FusedConv2d.accepts(self.conv):
             return 0
         self.conv, self.clamp = FusedConv2d(self.conv, "hardtanh", list(self.clamp)), None
         return 1

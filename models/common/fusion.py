@@ -52,13 +52,19 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, attr: str, scalars: list[float]) -> None:
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("only explicit zero padding")
+        if not self.accepts(conv):
+            raise ValueError("only a plain nn.Conv2d with explicit zero padding")
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
         self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
         self.groups, self.attr, self.scalars = conv.groups, attr, list(scalars)
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        """Whether ``module`` is a convolution this kernel computes: a plain ``nn.Conv2d``
+        (not a subclass with a forward of its own) with explicit zero padding."""
+        return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
@@ -94,7 +100,7 @@ def _fuse_in_place(module: nn.Module) -> int:
         items = list(module)
         for i in range(len(items) - 1):
             conv, act = items[i], items[i + 1]
-            attr = activation_attr(act) if type(conv) is nn.Conv2d else None
+            attr = activation_attr(act) if FusedConv2d.accepts(conv) else None
             if attr is not None:
                 module[i], module[i + 1] = FusedConv2d(conv, *attr), nn.Identity()
                 fused += 1
@@ -113,7 +119,7 @@ def _lone_convs_to_onednn(module: nn.Module) -> int:
     run oneDNN at the same speed."""
     count = 0
     for name, child in module.named_children():
-        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+        if FusedConv2d.accepts(child):
             setattr(module, name, FusedConv2d(child, "none", []))
             count += 1
         else:
