@@ -14,16 +14,22 @@ SIGTERM / SIGINT drain, in a way a load balancer can see:
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-import time
+from service.memory import one_malloc_arena
 
-import uvicorn
+# First, before an import starts a thread: glibc fixes how many malloc arenas there may be
+# when the first thread other than the main one allocates (service/memory.py says why one).
+one_malloc_arena()
 
-from service import logs
-from service.app import create_app
-from service.config import Settings
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from service import logs  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.config import Settings  # noqa: E402
 
 log = logging.getLogger("anytime")
 

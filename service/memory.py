@@ -10,6 +10,20 @@ tables in docs/BENCHMARKS.md; in other runs the gap was up to 97 vs 51 ms, and s
 gained little).  Raising both thresholds keeps the pages mapped and reused; the cost is
 that the resident size stays at its peak (for the bundled models, a few hundred MB at most).
 
+Those thresholds hold in glibc's main arena, but every thread other than the main one gets an
+arena of its own, made of 64 MiB heaps that glibc unmaps as soon as one is wholly free,
+whatever the thresholds say; and the scheduler thread, which runs every forward pass, is
+such a thread.  So a small pass after a large one page-faulted its memory in again: on the
+official ARM-FSRCNN a one-patch pass at w56 right after a 128-patch pass of w36 took 3.1-3.4
+ms in a thread against 1.4-1.6 ms in the main thread (2.4 ms in a thread with the thresholds
+raised), and since start-up timing runs exactly that sequence, every fresh server timed it
+at 3.3-4.2 ms and its cost model put a one-patch w56 pass at 2.3-2.6 ms where a served one
+takes 1.4 (and w36's 128-patch pass at 71-81 ms).  With one arena for all threads
+(``one_malloc_arena``, which ``python -m service`` sets first thing) start-up times 1.55 ms
+and 56-58 ms, and the cost model's line gives 1.6-1.8 ms.  The price is one lock around
+``malloc`` for all threads; on 2 cores the served requests and the loads of
+docs/BENCHMARKS.md 5.1 were unchanged within the spread between servers (1.11 and 5.6).
+
 And keep the garbage collector off what start-up built (``freeze_startup_objects``).
 """
 
@@ -19,28 +33,48 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # from glibc's malloc.h
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library is not glibc (macOS, musl-based images)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def one_malloc_arena() -> bool:
+    """Have every thread use glibc's main arena, where ``keep_freed_memory``'s thresholds
+    hold (see the module docstring); True if it took effect.  It must run before any thread
+    but the main one allocates: glibc reads the limit once, then (importing torch starts a
+    thread).  A ``MALLOC_ARENA_MAX`` in the environment is glibc's own setting and wins."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True if it took effect.
 
     A no-op (False) where the C library is not glibc (macOS, musl-based images)."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     if not ok:
         log.warning("mallopt refused the thresholds; freed memory goes back to the OS after each batch")

@@ -92,6 +92,41 @@ def test_start_up_estimate_matches_the_error_added_on_the_test_photos(model) -> 
     assert measured > 0 and 0.5 <= estimate / measured <= 2.0, (estimate, measured)
 
 
+def _check_sections(m, want: tuple[str, ...]) -> None:
+    wide, base = arm_bf16.section_choices("fsrcnn")
+    key = {sections: " + ".join(arm_bf16.SECTION_NAMES[x] for x in sections) for sections in (wide, base)}
+    for r in (r for r in m.rungs if r.precision == "bf16"):
+        entry = m.compressed[r.name]
+        by_set = entry["quality"]["mse_added_estimate_by_sections"]
+        growth = by_set[key[wide]] / by_set[key[base]]
+        assert tuple(entry["sections"]) == want, (r.name, growth)
+        assert (growth <= arm_bf16.MAX_ADDED_ERROR_GROWTH) == (want == wide), (r.name, growth)
+        assert entry["quality"]["mse_added_estimate"] == by_set[key[want]]  # the row is the chosen set's
+        in_bf16 = {name for name, mod in m.subnets[r.index - 1].named_modules() if isinstance(mod, Bf16Section)}
+        assert in_bf16 == set(want)  # the rung runs what its manifest says
+
+
+@needs_bf16
+def test_our_mapping_layers_stay_float32_where_bf16_would_multiply_the_added_error(model) -> None:
+    """Each width compares the error bf16 adds with and without the optional mapping layers
+    (on the calibration patches) and takes them where they at most double it.  Our bundled
+    model's do not tolerate bf16: with them the added error is about 3.5x (0.10 dB on the test
+    photos instead of 0.02)."""
+    wide, base = arm_bf16.section_choices("fsrcnn")
+    assert set(base) < set(wide)
+    _check_sections(model, base)
+
+
+@needs_bf16
+def test_the_official_checkpoint_runs_its_last_mapping_layers_in_bf16_too(official) -> None:
+    """The official checkpoint's mapping layers do (about 1.1x on the calibration patches,
+    0.040 dB on the test photos against 0.026): its bf16 rungs take them."""
+    from models.arm.pipeline import ArmSR
+
+    wide, _base = arm_bf16.section_choices("fsrcnn")
+    _check_sections(ArmSR.from_checkpoint(official / "arm-fsrcnn.pth", bf16=True), wide)
+
+
 def test_calibration_photos_are_shipped_and_not_test_photos(monkeypatch) -> None:
     from models.arm.data import SKIMAGE_TEST
 
