@@ -41,9 +41,10 @@ class Settings(BaseSettings):
                                          "5 ms). The scheduler thread hands the GIL back and forth once per layer of a "
                                          "forward pass; under load, with the event loop busy in Python, each hand-back "
                                          "can wait a whole interval, and a 5 ms forward pass took 25 ms. 0: Python's default")
-    keep_freed_memory: bool = Field(True, description="keep freed memory mapped (glibc mallopt, one malloc arena "
-                                   "for all threads) instead of page-faulting every batch's activations in again; "
-                                   "the resident size stays at its peak")
+    keep_freed_memory: bool = Field(True, description="keep freed memory mapped (glibc mallopt) instead of "
+                                   "page-faulting every batch's activations in again; the resident size stays at its "
+                                   "peak (python -m service also gives every thread the main malloc arena, where this "
+                                   "holds, unless MALLOC_ARENA_MAX is set)")
     freeze_startup_objects: bool = Field(True, description="move the Python objects start-up built (models, "
                                          "libraries) out of the garbage collector's walk (gc.freeze), so that a "
                                          "full collection under load takes about a millisecond instead of 280 ms "

@@ -94,14 +94,13 @@ def test_start_up_estimate_matches_the_error_added_on_the_test_photos(model) -> 
 
 def _check_sections(m, want: tuple[str, ...]) -> None:
     wide, base = arm_bf16.section_choices("fsrcnn")
-    key = {sections: " + ".join(arm_bf16.SECTION_NAMES[x] for x in sections) for sections in (wide, base)}
     for r in (r for r in m.rungs if r.precision == "bf16"):
         entry = m.compressed[r.name]
         by_set = entry["quality"]["mse_added_estimate_by_sections"]
-        growth = by_set[key[wide]] / by_set[key[base]]
+        growth = by_set[arm_bf16.section_label(wide)] / by_set[arm_bf16.section_label(base)]
         assert tuple(entry["sections"]) == want, (r.name, growth)
         assert (growth <= arm_bf16.MAX_ADDED_ERROR_GROWTH) == (want == wide), (r.name, growth)
-        assert entry["quality"]["mse_added_estimate"] == by_set[key[want]]  # the row is the chosen set's
+        assert entry["quality"]["mse_added_estimate"] == by_set[arm_bf16.section_label(want)]  # the chosen set's row
         in_bf16 = {name for name, mod in m.subnets[r.index - 1].named_modules() if isinstance(mod, Bf16Section)}
         assert in_bf16 == set(want)  # the rung runs what its manifest says
 

@@ -67,9 +67,14 @@ SECTION_NAMES = {"body_conv.3": "mapping 3", "body_conv.4": "mapping 4", "body_c
                  "tail_conv.conv": "upsampler"}
 
 
+def section_label(sections: tuple[str, ...]) -> str:
+    """A section set in words ("expand + upsampler"), as manifests and /v1/models name it."""
+    return " + ".join(SECTION_NAMES.get(s, s) for s in sections)
+
+
 def describe(sections: tuple[str, ...]) -> str:
     """The method of a rung with these sections, in words."""
-    return METHOD.format(" + ".join(SECTION_NAMES.get(s, s) for s in sections))
+    return METHOD.format(section_label(sections))
 
 
 def bf16_form(backbone: str, net: nn.Module, sections: tuple[str, ...] | None = None) -> nn.Module | None:
@@ -193,8 +198,8 @@ def build(model, patches_u8: np.ndarray | None = None) -> tuple[dict[int, nn.Mod
         stored_sections, stored_entry = measured.get(name, ((), None))
         entry = dict(stored_entry) if stored_sections == sections else rung_entry(name, model.device, sections)
         entry["quality"] = {**entry.get("quality", {}), "mse_added_estimate": round(float(np.mean(added[sections])), 4),
-                            "mse_added_estimate_by_sections": {" + ".join(SECTION_NAMES.get(x, x) for x in s): round(
-                                float(np.mean(a)), 4) for s, a in added.items()},
+                            "mse_added_estimate_by_sections": {section_label(s): round(float(np.mean(a)), 4)
+                                                               for s, a in added.items()},
                             "estimated_on": f"{len(patches)} LR patches of the shipped calibration photos "
                                         f"({', '.join(Path(p).stem for p in CALIBRATION_PHOTOS)})"}
         entries[name] = entry
