@@ -82,7 +82,7 @@ AT_WEIGHT = 1000.0  # DDTB's weight of the attention-transfer term
 
 FORMS = ("plain", "carry", "skip")  # how a width's float network is laid out for int8 (``float_form``)
 CARRY_CHANNELS = 3  # FSRCNN's pass-through: RGB in channels 0-2 of every layer (``nets.FSRCNN._init_weights``)
-RELU_BELOW = 0.005  # leaky ReLUs flatter than this become ReLUs in the carry form (then fused into the conv)
+RELU_BELOW = 0.005  # leaky ReLUs flatter than this become ReLUs (``flat_leaky_as_relu``), fused into their conv
 
 
 class CarryConv(nn.Module):
@@ -159,11 +159,24 @@ def to_carry_form(net: nn.Module) -> bool:
         taps = carry_taps(conv)
         if taps is not None:
             setattr(parent, name, CarryConv(conv, taps))
-    for parent in net.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.LeakyReLU) and abs(child.negative_slope) < RELU_BELOW:
-                setattr(parent, name, nn.ReLU())
+    flat_leaky_as_relu(net)
     return True
+
+
+def flat_leaky_as_relu(net: nn.Module) -> int:
+    """Turn the leaky ReLUs flatter than ``RELU_BELOW`` into ReLUs, in place; returns how many.
+
+    Why: torch's int8 engine fuses a ReLU into the convolution before it (one kernel, and the
+    pre-activation is never put on a grid of its own), while a leaky ReLU is a separate
+    quantized pass.  Our FSRCNN's head and expanding layers have slopes of -0.004 and 0.0001:
+    as ReLUs they cost 0.002 dB in float, and the int8 widths run 5-15 % faster
+    (docs/COMPRESSION.md).  The official checkpoint's flattest slopes are 0.006, which matter
+    (as ReLUs: about 1 dB), so it has none this flat."""
+    flat = [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.LeakyReLU) and abs(child.negative_slope) < RELU_BELOW]
+    for parent, name in flat:
+        setattr(parent, name, nn.ReLU())
+    return len(flat)
 
 
 class SkipTail(nn.Module):
@@ -211,12 +224,12 @@ class SkipFSRCNN(nn.Module):
 
 
 def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int,
-               clamp: bool = False, form: str = "plain") -> nn.Module:
+               clamp: bool = False, form: str = "plain", flat_relu: bool = False) -> nn.Module:
     """The fp32 serving-form subnet a width's int8 rung is made from (PReLU as leaky ReLU).
     ``clamp``: clip the output to [0, 1] inside the last layer's shuffle (the served form:
     it saves the int8 rung a separate pass over its output, about 9 % of w16's time).
     ``form``: "carry" splits the pass-through taps out (``to_carry_form``; a network without
-    them stays plain)."""
+    them stays plain).  ``flat_relu``: the flattest leaky ReLUs as ReLUs (``flat_leaky_as_relu``)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     net = prelu_as_leaky_relu(extract_subnet(backbone, full_state, width))
@@ -224,9 +237,44 @@ def float_form(backbone: Backbone, full_state: dict[str, torch.Tensor], width: i
         to_carry_form(net)
     if form == "skip" and isinstance(net, FSRCNN) and carry_taps(net.head_conv[0]) is not None:
         net = SkipFSRCNN(net)
+    if flat_relu:
+        flat_leaky_as_relu(net)
     if clamp and isinstance(getattr(net, "tail_conv", None), (SubPixelDeconv, SkipTail)):
         net.tail_conv.clamp = (0.0, 1.0)
     return net
+
+
+def _activation_quantizers(prepared: nn.Module) -> list[tuple[str, bool]]:
+    """(name, feeds a leaky ReLU flatter than ``RELU_BELOW``) of each activation quantizer
+    of a prepared network, in graph order."""
+    modules = dict(prepared.named_modules())
+    found = []
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], qat.DualBoundFakeQuantize):
+            users = [modules.get(u.target) for u in node.users if u.op == "call_module"]
+            flat = any(isinstance(u, nn.LeakyReLU) and abs(u.negative_slope) < RELU_BELOW for u in users)
+            found.append((node.target, flat))
+    return found
+
+
+def state_with_flat_relu(trained: nn.Module, fused: nn.Module) -> dict[str, torch.Tensor]:
+    """A trained prepared network's tensors (``trained``: leaky ReLUs) for the same network
+    with its flat leaky ReLUs as ReLUs (``fused``, prepared from ``float_form(...,
+    flat_relu=True)``): every tensor as trained, less the quantizers of the flat activations'
+    inputs, which the fused convolution does not have (its output quantizer is the one that
+    followed the activation).  The weights and every remaining grid are unchanged; the
+    int8 network then skips one rounding and zeroes the activations' tiny negative side."""
+    old, new = _activation_quantizers(trained), _activation_quantizers(fused)
+    kept = [name for name, flat in old if not flat]
+    if len(kept) != len(new) or any(flat for _n, flat in new):
+        raise ValueError(f"the networks do not match: {len(kept)} quantizers kept of {len(old)}, {len(new)} expected")
+    rename = {n: o for (n, _f), o in zip(new, kept)}
+    source = trained.state_dict()
+    state = {}
+    for key in fused.state_dict():
+        head, _, rest = key.partition(".")
+        state[key] = source[f"{rename[head]}.{rest}" if head in rename else key].detach().clone()
+    return state
 
 
 def example_input() -> torch.Tensor:
@@ -405,21 +453,28 @@ def load_int8(backbone: Backbone, full_state: dict[str, torch.Tensor],
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if own and width in ratios:
             entry = entries.get(f"w{width}-int8")
-            nets[width] = int8_width(backbone, full_state, width, own, form(entry), weight_grid(entry), clamp=True)
+            nets[width] = int8_width(backbone, full_state, width, own, form(entry), weight_grid(entry), clamp=True,
+                                     flat_relu=uses_flat_relu(entry))
     return nets, ratios, entries
 
 
 def int8_width(backbone: Backbone, full_state: dict[str, torch.Tensor], width: int, own: dict[str, torch.Tensor],
-               layout: str, grid: str, clamp: bool = False) -> nn.Module:
+               layout: str, grid: str, clamp: bool = False, flat_relu: bool = False) -> nn.Module:
     """The real int8 network of one width from its trained fake-quantized tensors ``own``,
     in the float ``layout`` and on the weight ``grid`` it was trained with."""
-    return qat.load(float_form(backbone, full_state, width, clamp=clamp, form=layout), example_input(), own,
-                    weight_grid=grid)
+    return qat.load(float_form(backbone, full_state, width, clamp=clamp, form=layout, flat_relu=flat_relu),
+                    example_input(), own, weight_grid=grid)
 
 
 def form(entry: dict | None) -> str:
     """The float layout a rung was trained in (rungs trained before the choice: plain)."""
     return ((entry or {}).get("calibration") or {}).get("form", "plain")
+
+
+def uses_flat_relu(entry: dict | None) -> bool:
+    """Whether a rung's flat leaky ReLUs run as ReLUs fused into their convolutions (rungs
+    made before the choice: no)."""
+    return bool(((entry or {}).get("calibration") or {}).get("flat_relu", False))
 
 
 def weight_grid(entry: dict | None) -> str:
@@ -474,6 +529,11 @@ def main(argv: list[str] | None = None) -> None:
                          "skip: add the input image at the tail through an int8 convolution of its own instead of "
                          "carrying it through every layer (the bundled w36 and w56: 0.26 dB lost instead of "
                          "0.33-0.36 before the output correction, about 12 %% slower; docs/COMPRESSION.md)")
+    ap.add_argument("--flat-relu", action="store_true",
+                    help=f"run the leaky ReLUs flatter than {RELU_BELOW:g} as ReLUs fused into their convolutions "
+                         "(ours: the head's and the expanding layer's; 5-15 %% faster int8, about 0.005 dB). With "
+                         "training the student is trained that way; with --measure-only or --correct-only the widths "
+                         "already in --out are moved to it first, their trained tensors kept (state_with_flat_relu)")
     ap.add_argument("--loss", choices=["l1", "mse"], default="l1", help="the pixel term (DDTB: L1)")
     ap.add_argument("--at-weight", type=float, default=AT_WEIGHT,
                     help=f"weight of the attention-transfer term (DDTB: {AT_WEIGHT:g}; 0: none)")
@@ -511,25 +571,35 @@ def main(argv: list[str] | None = None) -> None:
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if not own or entry is None:
                 raise SystemExit(f"no trained int8 w{width} in {out / QAT_FILE}")
-            width_form, grid = form(entry), weight_grid(entry)
+            width_form, grid, relu = form(entry), weight_grid(entry), uses_flat_relu(entry)
+            if args.flat_relu and not relu:
+                trained = qat.prepare(float_form(backbone, full_state, width, form=width_form), example_input(),
+                                      weight_grid=grid)
+                trained.load_state_dict(own)
+                fused = qat.prepare(float_form(backbone, full_state, width, form=width_form, flat_relu=True),
+                                    example_input(), weight_grid=grid)
+                own, relu = state_with_flat_relu(trained, fused), True
+                entry["calibration"].update(flat_relu=True, flat_relu_command=command)
         else:
             # The skip form is a different network (it learns to do without the carried image):
             # it starts from the fp32 width and learns from it, attention transfer on the body
             # features but the carry channels (zero in the student, the image in the teacher).
-            skip = args.form == "skip"
+            skip, relu = args.form == "skip", args.flat_relu
             teacher = float_form(backbone, full_state, width, form="plain" if skip else args.form)
+            student = (float_form(backbone, full_state, width, form=args.form, flat_relu=relu)
+                       if skip or relu else None)
             prepared, selection = train_width(
                 teacher, sampler, steps=args.steps, batch=args.batch, lr=args.lr, bound_lr=args.bound_lr,
                 feature_layer=FEATURE_LAYER.get(backbone.name), log_every=args.log_every,
                 at_weight=args.at_weight, feature_from=CARRY_CHANNELS if skip else 0,
-                label=f"w{width}", student_init=float_form(backbone, full_state, width, form="skip") if skip else None,
+                label=f"w{width}", student_init=student,
                 target=args.target, loss_fn=args.loss, weight_grid=args.weight_grid,
                 select_on=val if args.select_every > 0 else None, select_every=args.select_every)
             own, width_form, grid = qat.state(prepared), args.form, args.weight_grid
         served_fp32 = float_form(backbone, full_state, width)  # the fp32 rung, whatever form the teacher had
         correction = None
         if args.correct_only or (not args.measure_only and args.output_correction):
-            unclipped = int8_width(backbone, full_state, width, own, width_form, grid)
+            unclipped = int8_width(backbone, full_state, width, own, width_form, grid, flat_relu=relu)
             batches = [torch.from_numpy(sampler.batch(32)[0]) for _ in range(CORRECTION_BATCHES)]
             gain, offset = fit_output_correction(served_fp32, unclipped, batches, SCALE)
             own = fold_output_correction(own, gain, offset)
@@ -542,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"levels (folded into the tail)", flush=True)
         tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
         tensors.update({prefix + k: v for k, v in own.items()})
-        int8 = int8_width(backbone, full_state, width, own, width_form, grid)
+        int8 = int8_width(backbone, full_state, width, own, width_form, grid, flat_relu=relu)
         fp32_db, int8_db = held_out_psnr(served_fp32, test), held_out_psnr(int8, test)
         print(f"w{width}: test PSNR fp32 {fp32_db:.3f} dB, int8 {int8_db:.3f} dB ({int8_db - fp32_db:+.3f})", flush=True)
         ratios[str(width)] = [round(float(v), 5) for v in table_mse_ratio(model.table, served_fp32, int8, val)]
@@ -559,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
                 backend=f"torch.ao {ENGINE}", real_speed=True, quality=quality,
                 calibration={"split": args.split, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                              "bound_lr": args.bound_lr, "seed": args.seed, "weight_grid": args.weight_grid,
-                             "form": args.form, "at_weight": args.at_weight,
+                             "form": args.form, "flat_relu": relu, "at_weight": args.at_weight,
                              "selected": ({"on": "val split, int8 PSNR", "step": selection["step"],
                                            "psnr_rgb": round(selection["psnr"], 4), "every": args.select_every}
                                           if selection else "the last step"),
