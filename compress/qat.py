@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from compress.fakequant import round_ste
-from compress.int8 import ENGINE, _quiet_deprecation, set_engine
+from compress.int8 import ENGINE, _quiet_deprecation, one_primitive_per_input_shape, set_engine
 
 QUANT_MIN, QUANT_MAX = 0, 255
 
@@ -273,7 +273,7 @@ def export(prepared: nn.Module, engine: str = ENGINE) -> nn.Module:
         settle_weight_ranges(trained)
         for q in fake_quantizers(trained):
             q.disable_observer()
-        return convert_fx(trained).eval()
+        return one_primitive_per_input_shape(convert_fx(trained).eval())
     finally:
         ctx.__exit__(None, None, None)
 
