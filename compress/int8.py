@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -96,47 +97,54 @@ def quantize_static(module: nn.Module, calibration: Iterable[torch.Tensor] | dic
             with torch.inference_mode():
                 for batch in calibration:
                     prepared(batch)
-        return one_primitive_per_input_shape(convert_fx(prepared).eval())
+        return convert_fx(prepared).eval()
     finally:
         ctx.__exit__(None, None, None)
 
 
-# Input shapes a quantized convolution keeps a packed copy of its weights for; further shapes
-# share the first one's (correct, at the uncached cost).  A copy is the layer's int8 weights
-# in oneDNN's layout plus a primitive handle: about 1-30 KB for our networks.
-SHAPES_PER_CONVOLUTION = 256
+# Input shapes a quantized convolution keeps a packing of its weights for, the most recently
+# used ones.  Each holds oneDNN's primitive for its shape (its own generated code), 60-100 KB:
+# 256 per layer cost ARM's three int8 widths 370 MiB over batches of 1-128 patches, and 8 per
+# layer on PSS-Net's eight int8 rungs 110 MiB; 8 per layer is about 20 MiB for ARM's.
+SHAPES_PER_CONVOLUTION = 8
 
 
 def one_primitive_per_input_shape(module: nn.Module, limit: int = SHAPES_PER_CONVOLUTION) -> nn.Module:
-    """Give every quantized convolution of ``module`` its own packed weights per input shape
-    (in place; returns ``module``).
+    """Give every quantized convolution of ``module`` its own packed weights per input shape,
+    for its ``limit`` most recently used shapes (in place; returns ``module``).
 
     Why: torch's oneDNN quantized convolution keeps one ready primitive in its packed weights,
     made for the *first* input shape it ever sees; every call with another shape builds the
     primitive again (descriptor, scales, weight layout check), 20-50 us per layer.  A served
     rung meets many batch sizes, and whichever came first (at start-up, a calibration pass)
-    is the only fast one.  On the bundled ARM int8 widths (8-9 convolutions, 1 thread, the
+    was the only fast one.  On the bundled ARM int8 widths (8-9 convolutions, 1 thread, the
     sizes interleaved) it took w36's pass of one patch from 1.63 to 1.18 ms and of 32 from
     8.8 to 8.4 ms, with bit-identical outputs (docs/COMPRESSION.md).  A forward pre-hook swaps
-    in the packing made for the input's shape (packed on first sight, by the same
-    ``quantized::conv2d_prepack`` torch.ao uses); a race between two threads can only hand a
-    call another shape's packing, which computes the same result uncached."""
+    in the packing made for the input's shape (packed on first sight by the same
+    ``quantized::conv2d_prepack`` torch.ao uses; a shape evicted from the ``limit`` kept is
+    packed again when it returns, which costs what a call on another shape's packing does).
+    A race between two threads can only hand a call another shape's packing, which computes
+    the same result uncached.  Used on ARM's int8 widths (``compress.qat.export``), where it was
+    measured; PSS-Net's and CF-ViT's torch.ao rungs do without (not measured, and their
+    many layers would hold more memory)."""
     import torch.ao.nn.quantized as nnq
 
     for conv in module.modules():
         if not isinstance(conv, nnq.Conv2d) or conv.padding_mode != "zeros":  # the fused ConvReLU2d is one too
             continue
-        packs: dict[tuple[int, ...], object] = {}
+        packs: OrderedDict[tuple[int, ...], object] = OrderedDict()
 
-        def use_packing_for_shape(layer: nn.Module, args: tuple, packs: dict = packs) -> None:
+        def use_packing_for_shape(layer: nn.Module, args: tuple, packs: OrderedDict = packs) -> None:
             shape = tuple(args[0].shape)
             packed = packs.get(shape)
             if packed is None:
-                if len(packs) >= limit:
-                    return
                 weight, bias = layer._weight_bias()
                 packed = packs[shape] = torch.ops.quantized.conv2d_prepack(
                     weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+                while len(packs) > limit:
+                    packs.popitem(last=False)
+            else:
+                packs.move_to_end(shape)
             layer._packed_params = packed
 
         conv.register_forward_pre_hook(use_packing_for_shape)
