@@ -235,6 +235,13 @@ def test_a_slowdown_learnt_under_overload_does_not_outlive_it(client: TestClient
     # Idle: the learnt factor is all but forgotten (its excess decays below 1 %).
     time.sleep(cost.idle_grace_s + cost.idle_tau_s * (math.log(100 * (learnt - 1)) + 0.5))
     assert cost.slowdown < 1.01
+    # A VM's CPU can take a while to come back from idle (the shared 2-core VM, 2026-12-06: a
+    # torch pass 8x slower right after a 5 s sleep, back within about ten; this request 90-150 ms
+    # instead of 20), which no short deadline absorbs: run the host warm again first (the
+    # latch itself is the factor asserted above, learnt or decayed with nothing running).
+    for _ in range(30):
+        if float(_post(client, body, policy="full").headers["x-anytime-server-ms"]) <= 1.5 * service_ms:
+            break
     served = _post(client, body, deadline_ms=deadline)
     assert served.status_code == 200, served.text
 
