@@ -472,21 +472,27 @@ def int8_width(backbone: Backbone, full_state: dict[str, torch.Tensor], width: i
                     example_input(), own, weight_grid=grid)
 
 
+def _recorded(entry: dict | None, key: str, before_recorded: object) -> object:
+    """What a rung's manifest entry records under ``calibration.key``, or what rungs made
+    before it was recorded had (``before_recorded``)."""
+    return ((entry or {}).get("calibration") or {}).get(key, before_recorded)
+
+
 def form(entry: dict | None) -> str:
     """The float layout a rung was trained in (rungs trained before the choice: plain)."""
-    return ((entry or {}).get("calibration") or {}).get("form", "plain")
+    return _recorded(entry, "form", "plain")
 
 
 def uses_flat_relu(entry: dict | None) -> bool:
     """Whether a rung's flat leaky ReLUs run as ReLUs fused into their convolutions (rungs
     made before the choice: no)."""
-    return bool(((entry or {}).get("calibration") or {}).get("flat_relu", False))
+    return bool(_recorded(entry, "flat_relu", False))
 
 
 def weight_grid(entry: dict | None) -> str:
     """The int8 weight grid a rung was trained on (rungs trained before the choice was
     recorded used torch.ao's full grid)."""
-    return ((entry or {}).get("calibration") or {}).get("weight_grid", "full")
+    return _recorded(entry, "weight_grid", "full")
 
 
 def table_mse_ratio(table, fp32: nn.Module, int8: nn.Module, images: list[tuple[str, np.ndarray, np.ndarray]],
