@@ -120,11 +120,12 @@ class FamilyService:
         if policy is not None and not self.settings.allow_policy_override:
             raise ApiError(422, "policy override is disabled on this server (allow_policy_override)")
 
-    def floor_s(self, upload: Upload | None = None, params: RequestParams | None = None) -> float:
+    def floor_s(self, upload: Upload | None = None, params: RequestParams | None = None) -> float | None:
         """Predicted time of the cheapest plan for one request: its compute, known before
         the body is read (``floor_batches``), or once it is read, from what can be read
         without decoding it (``floor_of``: ARM's patch count and output size, overhead
-        included); 0 where neither can say."""
+        included); None where neither can say (with a body: one ``decode`` will refuse);
+        0 before the cost model is calibrated."""
         if not self.runtime.ready.is_set():
             return 0.0
         cost, batches = self.runtime.cost, self.family.floor_batches()
@@ -133,7 +134,7 @@ class FamilyService:
         floor = self.family.floor_of(upload, params, self.settings) \
             if upload is not None and params is not None else None
         if floor is None:
-            return 0.0
+            return None
         batches, units = floor
         return cost.predict(batches) + (cost.predict_overhead(units) if units else 0.0)
 
@@ -159,9 +160,17 @@ class FamilyService:
         deadline_ms = deadline_ms if deadline_ms is not None else self.settings.default_deadline_ms
         if deadline_ms is None or (policy or self.settings.policy) != "adaptive":
             return
+        floor = self.floor_s(upload, params)
+        if floor is None and upload is not None:
+            # The body is read and its floor cannot be told from it: ``decode`` will refuse it
+            # (``floor_of``: malformed, or over a limit), and its 4xx says what to send instead
+            # where a 429 would invite the same request again, even once the deadline ran out
+            # while the body was read.  (A family that tells no floor at all leaves this shed
+            # to the planner.)
+            return
         deadline_s = deadline_ms / 1000
         wait, _room = self.machine.scheduler.view(t0 + deadline_s)
-        floor = self.floor_s(upload, params)
+        floor = floor or 0.0  # before the body: the queue's wait alone
         # as the planner will count it: the answer's time to leave is spent already
         left = deadline_s - self.planner.margin_s(deadline_s) - (time.monotonic() - t0) - self.respond_s()
         if wait + floor > left:
