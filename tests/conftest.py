@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -17,6 +18,18 @@ OFFICIAL = Path(os.environ.get("ANYTIME_OFFICIAL_FIXTURES", REPO.parent / "share
 BUNDLED_ARM = REPO / "models" / "arm" / "weights" / "arm-fsrcnn" / "model.safetensors"
 
 torch.set_num_threads(2)
+
+# Full garbage collections 100x less often than Python's default.  Why: a served process
+# freezes what start-up built (``service.memory.freeze_startup_objects``), so a full
+# collection walks only what requests made, about a millisecond.  This test process cannot:
+# it builds and drops dozens of apps and models, each app unfreezes everything when it shuts
+# down, and a full collection then walks every object the session holds, 290-720 ms on the
+# shared 2-core VM (2026-12-06, a gc.callbacks probe over tests/test_api.py and two others),
+# long enough to push a request past the 40-80 ms deadlines the tests give it (three
+# different deadline tests failed that way in three CI runs that day).  Young garbage is
+# still collected as often as ever; old cyclic garbage waits longer.
+_gen0, _gen1, _gen2 = gc.get_threshold()
+gc.set_threshold(_gen0, _gen1, 100 * _gen2)
 
 
 @pytest.fixture(scope="session")
