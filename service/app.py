@@ -26,6 +26,7 @@ import asyncio
 import gc
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -93,6 +94,9 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
             log.info("froze the objects alive now out of the garbage collector's walk (one collection first: %.0f ms)",
                      1000 * seconds)
 
+    # Set once every model has started and the collection below is over: /readyz waits for it.
+    started = threading.Event()
+
     async def start_in_turn() -> None:
         for svc in services:
             try:
@@ -100,6 +104,12 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
             except Exception:  # logged by the runtime; that model stays not ready
                 pass
         freeze()  # and what the calibrations built (ONNX Runtime sessions, int8 kernels' wrappers)
+        # That collection held the loop (0.1-0.7 s): start-up's own pause, not load.  Let the
+        # lag probe wake once and record it, then forget it, or the first requests after ready
+        # would have it reserved against their deadlines (``LoopLag.recent``) and be shed.
+        await asyncio.sleep(2 * loop_lag.interval)
+        loop_lag.forget()
+        started.set()
 
     def begin_drain() -> None:
         """Work that arrives from now on gets 503; what arrived before (even if the server has
@@ -153,7 +163,8 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
 
     @app.get("/readyz", summary="Readiness: models calibrated and not draining", responses=errors.doc(503))
     async def readyz() -> JSONResponse:
-        waiting = [s.name for s in services if not s.runtime.ready.is_set()]
+        waiting = [s.name for s in services if not s.runtime.ready.is_set()] or \
+            ([] if started.is_set() else ["start-up"])
         if any(s.draining for s in services):
             return errors.error_response(503, "draining", headers={"Retry-After": "1"})
         if waiting:
@@ -195,8 +206,8 @@ def create_app(settings: Settings | None = None, families: list[ServedFamily] | 
     if shadowed:
         raise ValueError(f"family routes {', '.join(shadowed)} would shadow the server's own")
     app.include_router(routes.router(services))
-    app.include_router(oip.router(services, VERSION, lambda: all(s.runtime.ready.is_set() and not s.draining
-                                                                for s in services)))
+    app.include_router(oip.router(services, VERSION, lambda: started.is_set() and all(
+        s.runtime.ready.is_set() and not s.draining for s in services)))
 
     def quick_shed(scope: dict, t0: float) -> errors.ApiError | None:
         """The early shed of the service a POST would reach, before routing: None when it

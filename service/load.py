@@ -125,6 +125,11 @@ class LoopLag:
     def recent(self) -> float:
         return max(self._samples)
 
+    def forget(self) -> None:
+        """Drop the samples so far (a pause the server made itself, not load)."""
+        self._samples.clear()
+        self._samples.append(0.0)
+
     async def run(self) -> None:
         import asyncio
 

@@ -335,6 +335,27 @@ def test_not_ready_until_calibrated(bundled_model) -> None:
         assert c.get("/metrics").status_code == 200 and c.get("/v1/models").status_code == 200
 
 
+def test_ready_comes_after_start_ups_own_collection_whose_pause_is_not_counted_as_load(
+        bundled_model, monkeypatch) -> None:
+    """After the models calibrate, start-up collects and freezes what they built, holding the
+    event loop (0.1-0.7 s).  /readyz says ready only after that, and the pause is not left in
+    the loop-lag reading that requests reserve against their deadlines."""
+    collections = []
+
+    def slow_freeze() -> float:
+        time.sleep(0.3)  # as a full collection holds the loop
+        collections.append(time.monotonic())
+        return 0.3
+
+    monkeypatch.setattr("service.app.freeze_startup_objects", slow_freeze)
+    app = create_app(Settings(**FAST_START), families=[ArmFamily(bundled_model)])
+    assert len(collections) == 1  # the one before the server listens
+    with TestClient(app) as c:
+        wait_ready(c)
+        assert len(collections) == 2  # the one after the calibrations, before ready
+        assert app.state.services[0].machine.loop_lag.recent() < 0.1
+
+
 def test_a_deadline_that_runs_out_while_the_body_is_read_sheds_it_unless_decode_refuses_it(
         client: TestClient, monkeypatch) -> None:
     """After the body is read the early shed looks again: a readable image whose deadline ran
