@@ -26,7 +26,7 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q
 
-# The fast tier (about a minute on 2 cores): everything but the tests that start a server process,
+# The fast tier (about 3 minutes on 2 cores): everything but the tests that start a server process,
 # train, or run Prometheus or a browser (those are marked slow).
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
