@@ -155,12 +155,15 @@ def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]
 
 
 def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] = ()) -> list[dict]:
-    """The bundled CF-ViT in fp32 and int8; each ``sparse`` bundle (``models.cfvit.sparse``,
+    """The bundled CF-ViT in fp32, int8 and, where this CPU multiplies bf16 natively (as the
+    server serves it), bf16; each ``sparse`` bundle (``models.cfvit.sparse``,
     not served) adds its network on dense kernels and with its sparse Linear layers on CSR
     kernels, timed in the same interleaved rounds."""
+    import contextlib
     import copy
 
     from compress.sparsity import with_csr_kernels
+    from models.cfvit.bf16 import run_bf16
     from models.cfvit.checkpoint import load_ours
     from models.cfvit.serving import CfVitModel
     from models.glyphs.data import load_split
@@ -175,8 +178,12 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] 
     rows, variants = [], {}
 
     def add(net: torch.nn.Module, stage: str, eta: float, rung: str, precision: str, name: str) -> None:
-        """One row: ``net`` exiting at ``eta`` (0: coarse only, 1.01: all fine), measured here."""
-        run = lambda b: net.forward_exit(b, torch.full((len(b),), eta)).logits  # noqa: E731
+        """One row: ``net`` exiting at ``eta`` (0: coarse only, 1.01: all fine), measured here;
+        precision bf16: ``model.bf16_net`` under its autocast, as ``CfVitModel.forward`` runs it."""
+        def run(b: torch.Tensor) -> torch.Tensor:
+            with run_bf16() if precision == "bf16" else contextlib.nullcontext():
+                return net.forward_exit(b, torch.full((len(b),), eta)).logits.float()
+
         progress(f"CF-ViT {name}: held-out top-1")
         rows.append({"model": model.name, "rung": rung, "precision": precision, "calibration": None,
                      "flops": 2.0 * (model.flops_coarse if stage == "coarse" else model.flops_full),
@@ -185,8 +192,9 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] 
 
     stages = (("coarse", 0.0), ("fine", 1.01))
     for stage, eta in stages:
-        for precision, net in (("fp32", model.net), ("int8", int8)):
-            add(net, stage, eta, stage, precision, f"{stage}/{precision}")
+        for precision, net in (("fp32", model.net), ("int8", int8), ("bf16", model.bf16_net)):
+            if net is not None:
+                add(net, stage, eta, stage, precision, f"{stage}/{precision}")
     for folder in sparse:
         net = load_ours(folder).model.eval()
         for kernel, k_net in (("dense", net), ("csr", with_csr_kernels(copy.deepcopy(net)))):

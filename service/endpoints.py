@@ -43,8 +43,9 @@ SUPERRESOLVE = Endpoint(
 class ClassifyParams(RequestParams):
     top_k: int | None = Field(None, ge=1, le=100, description="how many labels to return (default: 5, or all "
                               "classes when fewer)")
-    rung: str | None = Field(None, description="serve at this rung: PSS-Net a subnet name, CF-ViT 'coarse' or "
-                                               "'fine'")
+    rung: str | None = Field(None, description="serve at this rung (a name from /v1/models): PSS-Net a subnet "
+                                               "name or its int8 version ('f14-int8'), CF-ViT 'coarse' or 'fine' "
+                                               "or their int8 and bf16 versions ('fine-int8', 'fine-bf16')")
     eta: float | None = Field(None, ge=0, le=1.01, description="CF-ViT: exit threshold (rows whose coarse "
                               "confidence reaches it stop early)")
 

@@ -502,3 +502,91 @@ def test_int8_estimate_is_at_least_the_measured_drop():
     for stage, drop in zip(("coarse", "fine"), measured):
         assert drop <= estimate[stage] + 0.005, (stage, drop, estimate)
         assert estimate[stage] <= 0.2, (stage, estimate)
+
+
+def _bundled_cfvit() -> Path:
+    from service.bundled import bundled
+
+    path = bundled("cfvit")
+    if path is None or not (path.parent / "bf16.json").exists():
+        pytest.skip("the bundled CF-ViT or its bf16.json is missing")
+    return path
+
+
+@pytest.mark.slow  # measures 7,500 images twice
+def test_bf16_version_reproduces_its_measured_quality_within_half_a_point_of_fp32(tmp_path):
+    """``bf16.json`` is what ``python -m models.cfvit.bf16`` measured on the held-out fonts:
+    the network in bf16, each stage within 0.5 points of float32.  The command, run again here
+    on a copy of the bundle, writes a manifest with the same numbers (to a few images: bf16
+    rounding may differ between kernels) and the val curve the planner uses."""
+    import shutil
+
+    from compress.bf16 import native_bf16
+    from models.cfvit.bf16 import BF16_MANIFEST, load_bf16, main
+
+    path = _bundled_cfvit()
+    meta = load_bf16(path)
+    by_stage = {r["rung"]: r for r in meta["rungs"]}
+    assert set(by_stage) == {"coarse", "fine"}
+    for entry in by_stage.values():
+        q = entry["quality"]
+        assert abs(q["test_accuracy"] - q["test_accuracy_fp32"]) <= 0.005, entry
+        assert entry["method"] == "bf16-autocast" and entry["command"].startswith("python -m models.cfvit.bf16")
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU emulates bf16: measuring 7,500 images again would take minutes")
+    for name in ("model.safetensors", "manifest.json"):
+        shutil.copy(path.parent / name, tmp_path / name)
+    main([str(tmp_path), "--threads", "2"])
+    again = json.loads((tmp_path / BF16_MANIFEST).read_text())
+    for entry in again["rungs"]:
+        for key in ("test_accuracy", "val_accuracy"):
+            assert entry["quality"][key] == pytest.approx(by_stage[entry["rung"]]["quality"][key], abs=0.002)
+    assert [p["eta"] for p in again["eta_curve_dense"]] == [p["eta"] for p in meta["eta_curve_dense"]]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_rungs_are_listed_and_served_only_where_bf16_is_native(monkeypatch, native):
+    """Where the CPU multiplies bf16 natively the family lists coarse-bf16 and fine-bf16 with
+    their measured quality and serves them (the float network under bf16 autocast, the same
+    top-1 as float32 on nearly every image); elsewhere bf16 is emulated and slower, and the
+    rungs do not exist (a request for one is a 422 naming those that do)."""
+    import io
+
+    import compress.bf16
+    from fastapi.testclient import TestClient
+
+    from models.cfvit.data import synthetic_shapes, to_tensor
+    from service.app import create_app
+    from service.config import Settings
+    from service.families.cfvit import CfVitFamily
+    from tests.conftest import FAST_START, synthetic_photo, wait_ready
+
+    path = _bundled_cfvit()
+    if native and not compress.bf16.native_bf16("cpu"):
+        pytest.skip("this CPU does not multiply bf16 natively")
+    monkeypatch.setattr(compress.bf16, "native_bf16", lambda device="cpu": native)
+    model = CfVitModel.from_checkpoint(path, int8=False)
+    assert (model.bf16_meta is not None) is native
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")
+    with TestClient(create_app(Settings(**FAST_START), families=[CfVitFamily(model)])) as c:
+        wait_ready(c, timeout=120)
+        rungs = {r["name"]: r for r in c.get("/v1/models").json()["models"][0]["rungs"]}
+        r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
+                   params={"rung": "fine-bf16"})
+        if not native:
+            assert not any(n.endswith("-bf16") for n in rungs)
+            assert r.status_code == 422 and "fine-bf16" not in r.json()["error"]["accepted"], r.text
+            return
+        assert r.status_code == 200, r.text
+        assert r.json()["rung"]["precision"] == "bf16" and r.json()["rung"]["name"] == "fine-bf16"
+    for stage in ("coarse", "fine"):
+        listed = rungs[f"{stage}-bf16"]
+        entry = next(e for e in model.bf16_meta["rungs"] if e["rung"] == stage)
+        assert listed["precision"] == "bf16" and listed["ms_per_item_full_batch"] > 0
+        assert listed["test_accuracy"] == entry["quality"]["test_accuracy"] and listed["command"] == entry["command"]
+    x = to_tensor(synthetic_shapes(64, seed=5, size=model.input_size).images, model.config.mean, model.config.std)
+    fine = torch.full((64,), 1.01)
+    fp32, bf16 = model.forward(x, fine)[0], model.forward(x, fine, bf16=True)[0]
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # really computed in bf16
+    assert (fp32.argmax(1) == bf16.argmax(1)).float().mean() >= 0.95

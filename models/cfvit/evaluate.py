@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 import torch
 
+from compress.artifact import RungArtifact, write
 from models.cfvit import data
 from models.cfvit.model import CfVisionTransformer, Macs, count_macs
 
@@ -66,6 +70,61 @@ def evaluate_split(model: CfVisionTransformer, split: data.Split, limit: int | N
             "accuracy_coarse_only": float((pred["coarse"] == labels).mean()),
             "accuracy_all_fine": float((pred["fine"] == labels).mean()),
             "eta_curve": curve, "eta_curve_dense": eta_curve(pred, labels, macs, ETAS_DENSE)}
+
+
+STAGES = (("coarse", "accuracy_coarse_only"), ("fine", "accuracy_all_fine"))
+
+
+def version_command(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path, object]:
+    """The command line every reduced-precision version's command shares (``models.cfvit.quantize``,
+    ``models.cfvit.bf16``): its arguments, the bundle folder and the bundle's checkpoint."""
+    from compress.artifact import bundle_dir
+    from models.cfvit.checkpoint import load_ours
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = bundle_dir(args.bundle)
+    return args, folder, load_ours(folder / "model.safetensors")
+
+
+def evaluate_versions(dataset: str, versions: dict[str, tuple[CfVisionTransformer, Callable[[], ContextManager]]],
+                      tag: str) -> dict[str, dict[str, dict]]:
+    """``evaluate_split`` of every version of a network, each as (network, the context it runs
+    in), on the held-out val and test splits: split -> version -> result."""
+    out: dict[str, dict[str, dict]] = {}
+    for split in ("val", "test"):
+        print(f"[{tag}] {split}: {' and '.join(versions)}", file=sys.stderr, flush=True)
+        s = data.load(dataset, split)
+        out[split] = {}
+        for name, (net, context) in versions.items():
+            with context():
+                out[split][name] = evaluate_split(net, s)
+    return out
+
+
+def write_version(path: Path, evaluation: dict[str, dict[str, dict]], version: str, *, method: str, bits: dict,
+                  backend: str, calibration: dict, command: str, model_name: str | None, note: str, tag: str,
+                  dry_run: bool = False) -> list[RungArtifact]:
+    """A reduced-precision version's manifest (``int8.json``, ``bf16.json``): per stage its
+    and float32's top-1 on val and test, and its val eta curves, which the planner uses."""
+    test, val = evaluation["test"], evaluation["val"]
+    artifacts = [RungArtifact(stage, method, bits, backend, True,
+                              {"test_accuracy": test[version][key], "test_accuracy_fp32": test["fp32"][key],
+                               "val_accuracy": val[version][key], "val_accuracy_fp32": val["fp32"][key]},
+                              calibration, command) for stage, key in STAGES]
+    for a in artifacts:
+        q = a.quality
+        print(f"[{tag}] {a.rung}: {version} test {q['test_accuracy']:.4f} vs fp32 {q['test_accuracy_fp32']:.4f}",
+              file=sys.stderr)
+    if not dry_run:
+        write(path, artifacts, model=model_name, eta_curve=val[version]["eta_curve"],
+              eta_curve_dense=val[version]["eta_curve_dense"], note=note)
+        print(f"[{tag}] wrote {path}", file=sys.stderr)
+    return artifacts
 
 
 def best_saving(curve: list[dict], full_accuracy: float, tolerance: float = 0.005) -> dict | None:

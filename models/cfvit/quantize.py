@@ -23,7 +23,6 @@ splits, next to the fp32 network's, and writes them into the bundle as ``int8.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.artifact import RungArtifact, bundle_dir, command_line, write
+from compress.artifact import RungArtifact, bundle_dir, command_line
 from models.cfvit.model import CfVisionTransformer, ConvStem
 
 INT8_MANIFEST, STEM_RANGES = "int8.json", "int8_stem.safetensors"
@@ -152,50 +151,31 @@ def estimated_manifest(fp32: CfVisionTransformer, int8: CfVisionTransformer, cur
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from models.cfvit import data
-    from models.cfvit.checkpoint import load_ours
-    from models.cfvit.evaluate import evaluate_split
+    import contextlib
 
-    folder = bundle_dir(args.bundle)
-    ck = load_ours(folder / "model.safetensors")
+    from models.cfvit import data
+    from models.cfvit.evaluate import evaluate_versions, version_command, write_version
+
+    args, folder, ck = version_command(__doc__, argv)
     dataset = ck.meta["data"]["dataset"]
     train = data.load(dataset, "train")
     calibration = data.to_tensor(train.images[:CALIBRATION_IMAGES], ck.config.mean, ck.config.std)
     print(f"[int8] stem ranges from {len(calibration)} training images", file=sys.stderr, flush=True)
     stem_ranges = observe_stem(ck.model, calibration)
     int8 = int8_network(ck.model, stem_ranges)
-    evaluation = {}
-    for split in ("val", "test"):
-        print(f"[int8] {split}: fp32 and int8", file=sys.stderr, flush=True)
-        s = data.load(dataset, split)
-        evaluation[split] = {"fp32": evaluate_split(ck.model, s), "int8": evaluate_split(int8, s)}
-    test, val = evaluation["test"], evaluation["val"]
-    artifacts = [RungArtifact(
-        stage, "ptq-dynamic-linear+static-stem", {"weights": 8, "activations": 8},
-        "torch.ao onednn (linears: dynamic activations; stem: static)", True,
-        {"test_accuracy": test["int8"][key], "test_accuracy_fp32": test["fp32"][key],
-         "val_accuracy": val["int8"][key], "val_accuracy_fp32": val["fp32"][key]},
-        {"linears": "none: activations are quantized per batch at run time",
-         "stem": f"ranges observed on the first {len(calibration)} {dataset} training images, fine and coarse size "
-                 f"({STEM_RANGES})"},
-        command_line("models.cfvit.quantize", argv))
-        for stage, key in (("coarse", "accuracy_coarse_only"), ("fine", "accuracy_all_fine"))]
-    for a in artifacts:
-        q = a.quality
-        print(f"[int8] {a.rung}: int8 test {q['test_accuracy']:.4f} vs fp32 {q['test_accuracy_fp32']:.4f}",
-              file=sys.stderr)
+    evaluation = evaluate_versions(dataset, {"fp32": (ck.model, contextlib.nullcontext),
+                                             "int8": (int8, contextlib.nullcontext)}, "int8")
     if not args.dry_run:
         save_file(stem_ranges, str(folder / STEM_RANGES))
-        write(folder / INT8_MANIFEST, artifacts, model=ck.meta.get("name"),
-              eta_curve=val["int8"]["eta_curve"], eta_curve_dense=val["int8"]["eta_curve_dense"],
-              note="real int8: dynamic linears, static conv stem; curves on the held-out val split, stage quality on val and test")
-        print(f"[int8] wrote {folder / INT8_MANIFEST}", file=sys.stderr)
+    write_version(folder / INT8_MANIFEST, evaluation, "int8", method="ptq-dynamic-linear+static-stem",
+                  bits={"weights": 8, "activations": 8},
+                  backend="torch.ao onednn (linears: dynamic activations; stem: static)",
+                  calibration={"linears": "none: activations are quantized per batch at run time",
+                               "stem": f"ranges observed on the first {len(calibration)} {dataset} training images, "
+                                       f"fine and coarse size ({STEM_RANGES})"},
+                  command=command_line("models.cfvit.quantize", argv), model_name=ck.meta.get("name"),
+                  note="real int8: dynamic linears, static conv stem; curves on the held-out val split, stage "
+                       "quality on val and test", tag="int8", dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ a list of {eta, exit_rate, expected_flops, accuracy}; :meth:`eta_for_budget` pic
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.cfvit.bf16 import run_bf16
 from models.cfvit.checkpoint import load_checkpoint, official_curve
 from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
 from models.cfvit.preprocess import eval_transform, load_class_names, resize_pixels
@@ -50,6 +52,10 @@ class CfVitModel:
         # the int8 version (python -m models.cfvit.quantize): its network (CPU) and its int8.json
         self.int8_net: CfVisionTransformer | None = None
         self.int8_meta: dict | None = None
+        # the bf16 version (python -m models.cfvit.bf16): the network with bf16 weights under
+        # bf16 autocast, served where the device multiplies bf16 natively; its bf16.json
+        self.bf16_net: CfVisionTransformer | None = None
+        self.bf16_meta: dict | None = None
 
     def load_int8(self, path: str | Path) -> bool:
         """Build the int8 network a bundle's ``int8.json`` describes (dynamic int8 linears and,
@@ -61,6 +67,18 @@ class CfVitModel:
         if meta is None or self.device.type != "cpu":
             return False
         self.int8_net, self.int8_meta = int8_network(self.net, load_stem_ranges(path)), meta
+        return True
+
+    def load_bf16(self, path: str | Path) -> bool:
+        """Serve the bf16 version a bundle's ``bf16.json`` measured, if this device multiplies
+        bf16 natively (elsewhere it is emulated and slower than float32); False otherwise."""
+        from compress.bf16 import native_bf16
+        from models.cfvit.bf16 import bf16_network, load_bf16
+
+        meta = load_bf16(path)
+        if meta is None or not native_bf16(self.device):
+            return False
+        self.bf16_net, self.bf16_meta = bf16_network(self.net), meta
         return True
 
     def build_int8_estimated(self) -> None:
@@ -79,7 +97,7 @@ class CfVitModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, names_file: str | Path | None = None,
-                        device: str | torch.device = "cpu", int8: bool = True) -> CfVitModel:
+                        device: str | torch.device = "cpu", int8: bool = True, bf16: bool = True) -> CfVitModel:
         """Our ``model.safetensors`` (with ``manifest.json`` beside it) or an official ``.pth``.
         For official checkpoints the class names come from ``names_file`` (else ``class_<i>``)."""
         ck = load_checkpoint(path)
@@ -99,6 +117,8 @@ class CfVitModel:
                     meta=ck.meta, device=device)
         if int8 and not model.load_int8(path) and ck.source == "official":
             model.build_int8_estimated()
+        if bf16:
+            model.load_bf16(path)
         return model
 
     # ---- inference ------------------------------------------------------------------------
@@ -119,21 +139,23 @@ class CfVitModel:
         c = self.config
         return resize_pixels(w, h, int(c.img_size / c.crop_pct), c.img_size)
 
-    def forward(self, batch: torch.Tensor, eta: torch.Tensor | float,
-                int8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: torch.Tensor, eta: torch.Tensor | float, int8: bool = False,
+                bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, 3, S, S) and per-row thresholds (n,) -> (logits (n, C), exited (n,) bool,
         coarse confidence (n,) float32).  Rows with confidence >= eta exit at the coarse stage;
         the fine stage runs on the others only.  eta > 1 forces the fine stage, 0 the coarse.
-        ``int8``: on the int8 network (``load_int8``; CPU)."""
-        net = self.int8_net if int8 else self.net
+        ``int8``: on the int8 network (``load_int8``; CPU).  ``bf16``: on the bf16 network under
+        bf16 autocast (``load_bf16``)."""
+        net = self.int8_net if int8 else self.bf16_net if bf16 else self.net
         if net is None:
-            raise RuntimeError(f"{self.name} has no int8 network (python -m models.cfvit.quantize)")
+            raise RuntimeError(f"{self.name} has no {'int8' if int8 else 'bf16'} network "
+                               f"(python -m models.cfvit.{'quantize' if int8 else 'bf16'})")
         device = torch.device("cpu") if int8 else self.device
-        with torch.inference_mode():
+        with torch.inference_mode(), run_bf16(device) if bf16 and not int8 else contextlib.nullcontext():
             x = batch.to(device, torch.float32)
             eta_t = torch.as_tensor(eta, dtype=torch.float32, device=device)
             out = net.forward_exit(x, eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t)
-            return out.logits.float(), out.exited, out.confidence
+            return out.logits.float(), out.exited, out.confidence.float()
 
     __call__ = forward
 

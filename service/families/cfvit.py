@@ -29,7 +29,8 @@ from service.registry import register
 if TYPE_CHECKING:
     from service.config import Settings
 
-KEYS = {"fp32": "cfvit", "int8": "cfvit-int8"}  # one batch key per precision
+KEYS = {"fp32": "cfvit", "int8": "cfvit-int8", "bf16": "cfvit-bf16"}  # one batch key per precision
+SUFFIX = {"fp32": "", "int8": "-int8", "bf16": "-bf16"}  # of a precision's stage names: fine-int8
 ALL_FINE = 1.01  # a softmax can saturate to exactly 1.0: eta > 1 forces the fine stage
 
 
@@ -44,6 +45,8 @@ class CfVitSettings(FamilySettings):
     int8: bool = Field(True, description="serve the bundle's int8 version (python -m models.cfvit.quantize; "
                        "an official checkpoint gets dynamic int8 linears built at start-up, quality estimated; "
                        "CPU only)")
+    bf16: bool = Field(True, description="serve the bundle's bf16 version (python -m models.cfvit.bf16) where the "
+                       "device multiplies bf16 natively (AMX / AVX512-BF16, CUDA)")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ExitPlan:
 
     @property
     def rung(self) -> str:
-        return f"eta={self.eta:g}" + ("-int8" if self.precision == "int8" else "")
+        return f"eta={self.eta:g}" + SUFFIX[self.precision]
 
 
 def point_at(curve: list[dict], eta: float) -> dict:
@@ -71,8 +74,9 @@ def point_at(curve: list[dict], eta: float) -> dict:
 
 
 class CfVitFamily(ImageClassifier):
-    """Rungs: the exit threshold eta, in fp32 and, where the bundle has it, on int8 linears
-    (``python -m models.cfvit.quantize``; CPU only).  Budgets in time (the default) pick the
+    """Rungs: the exit threshold eta, in fp32 and, where the bundle has them, on int8 linears
+    (``python -m models.cfvit.quantize``; CPU only) and in bf16 (``python -m models.cfvit.bf16``;
+    where the device multiplies bf16 natively).  Budgets in time (the default) pick the
     most accurate (eta, precision) on the validation curves whose expected time, as a share
     of a full batch, fits ``budget`` x fp32 all-fine; in FLOPs, the paper's eta rule."""
 
@@ -88,6 +92,9 @@ class CfVitFamily(ImageClassifier):
         meta = getattr(model, "int8_meta", None)
         if getattr(model, "int8_net", None) is not None and meta is not None:
             self.curves["int8"] = sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
+        if getattr(model, "bf16_meta", None) is not None:
+            meta = model.bf16_meta
+            self.curves["bf16"] = sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
         self.seconds_per_item = None
         self.by_time: list[ExitPlan] = []
 
@@ -104,7 +111,7 @@ class CfVitFamily(ImageClassifier):
         return torch.randn(n, 3, s, s), torch.full((n,), ALL_FINE)  # calibrate the all-fine path
 
     def forward(self, key, batch: Items) -> Items:
-        return self.model.forward(batch[0], batch[1], int8=key == KEYS["int8"])
+        return self.model.forward(batch[0], batch[1], int8=key == KEYS["int8"], bf16=key == KEYS["bf16"])
 
     def work_units(self, key, batch: Items, out: Items) -> float:
         exited = int(out[1].sum())
@@ -128,8 +135,7 @@ class CfVitFamily(ImageClassifier):
 
     def check(self, request, params: ClassifyParams) -> None:  # type: ignore[override]
         super().check(request, params)
-        stages = [f"{s}{suffix}" for suffix in ("", "-int8") if suffix == "" or "int8" in self.curves
-                  for s in ("coarse", "fine")]
+        stages = [f"{s}{SUFFIX[precision]}" for precision in self.curves for s in ("coarse", "fine")]
         if params.rung not in (None, *stages):
             raise ApiError(422, f"rung={params.rung!r} is not a stage of {self.name}", ", ".join(stages))
 
@@ -154,8 +160,8 @@ class CfVitFamily(ImageClassifier):
 
     def pin(self, work, params: ClassifyParams) -> Pinned | None:  # type: ignore[override]
         if params.rung is not None:
-            stage, _, int8 = params.rung.partition("-")
-            return Pinned(self.at_eta(0.0 if stage == "coarse" else ALL_FINE, "int8" if int8 else "fp32"),
+            stage, _, precision = params.rung.partition("-")
+            return Pinned(self.at_eta(0.0 if stage == "coarse" else ALL_FINE, precision or "fp32"),
                           f"rung:{params.rung}")
         return None if params.eta is None else Pinned(self.at_eta(params.eta), f"eta:{params.eta:g}")
 
@@ -169,7 +175,7 @@ class CfVitFamily(ImageClassifier):
     def respond(self, work, decision, result, params, request):
         plan: ExitPlan = decision.plan
         logits, exited, confidence = result
-        stage = ("coarse" if exited else "fine") + ("-int8" if plan.precision == "int8" else "")
+        stage = ("coarse" if exited else "fine") + SUFFIX[plan.precision]
         return self.classified(logits, params, {"name": stage, "exit_stage": stage.split("-")[0], "eta": plan.eta,
                                                 "precision": plan.precision, "coarse_confidence": round(confidence, 6),
                                                 "expected_exit_rate": plan.expected_exit_rate},
@@ -182,14 +188,15 @@ class CfVitFamily(ImageClassifier):
     def rungs(self) -> list[Rung]:
         out = []
         for precision in self.curves:
-            suffix = "-int8" if precision == "int8" else ""
+            suffix = SUFFIX[precision]
+            manifest = {"int8": self.model.int8_meta, "bf16": getattr(self.model, "bf16_meta", None)}.get(precision)
             for stage, eta in (("coarse", 0.0), ("fine", ALL_FINE)):
                 plan = self.at_eta(eta, precision)
                 detail = {"eta": eta, "precision": precision, "key": plan.key}
                 if self.seconds_per_item is not None:
                     detail["ms_per_item_full_batch"] = round(1000 * self.expected_seconds(plan), 4)
-                if precision == "int8":
-                    entry = next(r for r in self.model.int8_meta["rungs"] if r["rung"] == stage)
+                if manifest is not None:
+                    entry = next(r for r in manifest["rungs"] if r["rung"] == stage)
                     detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
                                   command=entry["command"], **{k: v for k, v in entry["quality"].items() if k in (
                                       "test_accuracy", "accuracy_drop_estimate", "estimate")})
@@ -215,4 +222,4 @@ def load(settings: Settings) -> list[CfVitFamily]:
     from models.cfvit.serving import CfVitModel
 
     return [CfVitFamily(CfVitModel.from_checkpoint(s.checkpoint, names_file=s.class_names, device=settings.device,
-                                                   int8=s.int8))]
+                                                   int8=s.int8, bf16=s.bf16))]
