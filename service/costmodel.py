@@ -200,13 +200,17 @@ class CostModel:
         return (self.rungs[key](n) * self._believed(self.rung_ratio[key], now, self.ratio_tau_s)
                 * self._believed(self._slowdown, now, self.idle_tau_s))
 
-    def predict(self, work: Iterable[tuple[Hashable, int]]) -> float:
-        """A request's forward passes: n items at each key, in chunks of max_batch."""
+    def predict(self, work: Iterable[tuple[Hashable, float]]) -> float:
+        """A request's forward passes: n work units at each key, in chunks of max_batch.  Units
+        may be fractional (CF-ViT counts an image that exits early as the coarse share of a
+        full pass): they were once truncated to whole items, which made every CF-ViT plan but
+        all-fine cost nothing, so under load its requests were admitted at budget 1 and half
+        of them answered late."""
         total = 0.0
         for key, n in work:
-            full, rest = divmod(int(n), self.max_batch)
-            total += full * self.predict_forward(key, self.max_batch)
-            if rest:
+            full, rest = divmod(float(n), self.max_batch)
+            total += int(full) * self.predict_forward(key, self.max_batch)
+            if rest > 0:
                 total += self.predict_forward(key, rest)
         return total
 

@@ -590,3 +590,29 @@ def test_bf16_rungs_are_listed_and_served_only_where_bf16_is_native(monkeypatch,
     fp32, bf16 = model.forward(x, fine)[0], model.forward(x, fine, bf16=True)[0]
     assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # really computed in bf16
     assert (fp32.argmax(1) == bf16.argmax(1)).float().mean() >= 0.95
+
+
+def test_every_plan_of_the_served_ladder_is_predicted_to_cost_time():
+    """The planner's time for each (eta, precision) it may choose is that plan's share of a
+    pass, never nothing (fractional work units were once truncated to 0: every plan but
+    all-fine was free, and a request under load was admitted at budget 1 and answered late)."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+    from service.families.cfvit import CfVitFamily
+    from tests.conftest import FAST_START, synthetic_photo, wait_ready
+
+    model = CfVitModel.from_checkpoint(_bundled_cfvit(), int8=False, bf16=False)
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_photo(32, 32)).save(buf, format="PNG")
+    with TestClient(create_app(Settings(**FAST_START), families=[CfVitFamily(model)])) as c:
+        wait_ready(c, timeout=120)
+        svc = c.app.state.services[0]
+        seconds = [svc.seconds(plan) for plan in svc.family.by_time]
+        assert len(seconds) > 1 and min(seconds) > 0
+        assert seconds[0] < svc.seconds(svc.family.top(None))  # the cheapest plan, cheaper than all-fine
+        r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"}, params={"budget": "0.3"})
+        assert r.status_code == 200 and float(r.headers["x-anytime-predicted-ms"]) > 0, r.headers

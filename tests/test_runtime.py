@@ -108,6 +108,20 @@ def test_what_overload_taught_is_forgotten_once_the_host_idles() -> None:
     assert cm.predict_forward("r10", 32) == pytest.approx(cm.rungs["r10"](32), rel=1e-3)
 
 
+def test_fractional_work_units_are_predicted_not_truncated() -> None:
+    """CF-ViT counts an image that exits early as the coarse share of a full pass (0.27 units).
+    Truncated to whole items that cost nothing: every CF-ViT plan but all-fine was predicted
+    free, so under twice its capacity its requests were admitted at budget 1 and half of them
+    answered late."""
+    cm = CostModel(max_batch=32)
+    cm.rungs = {"k": LinearCost(0.002, 0.001)}
+    cm.rung_ratio = {"k": 1.0}
+    assert cm.predict([("k", 0.27)]) == pytest.approx(cm.predict_forward("k", 0.27)) and cm.predict([("k", 0.27)]) > 0.002
+    assert cm.predict([("k", 33.5)]) == pytest.approx(cm.predict_forward("k", 32) + cm.predict_forward("k", 1.5))
+    assert cm.predict([("k", 3)]) == pytest.approx(cm.predict_forward("k", 3))
+    assert cm.predict([("k", 64)]) == pytest.approx(2 * cm.predict_forward("k", 32))
+
+
 def test_idle_probes_correct_a_rung_calibrated_too_slow_for_good() -> None:
     """Ratios are forgotten over an idle spell, so a start-up outlier (rung b timed 3x too
     slow) is corrected by the idle probes in its calibrated line, which survives the idle
