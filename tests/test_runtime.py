@@ -116,7 +116,8 @@ def test_fractional_work_units_are_predicted_not_truncated() -> None:
     cm = CostModel(max_batch=32)
     cm.rungs = {"k": LinearCost(0.002, 0.001)}
     cm.rung_ratio = {"k": 1.0}
-    assert cm.predict([("k", 0.27)]) == pytest.approx(cm.predict_forward("k", 0.27)) and cm.predict([("k", 0.27)]) > 0.002
+    assert cm.predict([("k", 0.27)]) == pytest.approx(cm.predict_forward("k", 0.27))
+    assert cm.predict([("k", 0.27)]) > 0.002
     assert cm.predict([("k", 33.5)]) == pytest.approx(cm.predict_forward("k", 32) + cm.predict_forward("k", 1.5))
     assert cm.predict([("k", 3)]) == pytest.approx(cm.predict_forward("k", 3))
     assert cm.predict([("k", 64)]) == pytest.approx(2 * cm.predict_forward("k", 32))

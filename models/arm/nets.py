@@ -343,7 +343,8 @@ def sub_pixel_shuffle(y: torch.Tensor, s: int, c: int, clamp: tuple[float, float
     return out.to(dtype).view(n, s * h, s * w, c).permute(0, 3, 1, 2)
 
 
-def _dequantized_within(y: torch.Tensor, clamp: tuple[float, float] | None) -> tuple[torch.Tensor, tuple[float, float] | None]:
+def _dequantized_within(y: torch.Tensor,
+                        clamp: tuple[float, float] | None) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """int8 phases (a quint8 tensor) as float32, and the clip still needed: none when the
     tensor's grid lies inside ``clamp`` (the image grid, scale 1/255 and zero point 0, that
     ``models.arm.quantize.output_on_image_grid`` gives the int8 widths' last layer), since

@@ -88,13 +88,14 @@ class CfVitFamily(ImageClassifier):
     def __init__(self, model) -> None:
         super().__init__(model)
         self.flops_coarse, self.flops_full = 2.0 * model.flops_coarse, 2.0 * model.flops_full
-        self.curves = {"fp32": model._budget_curve}
-        meta = getattr(model, "int8_meta", None)
-        if getattr(model, "int8_net", None) is not None and meta is not None:
-            self.curves["int8"] = sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
-        if getattr(model, "bf16_meta", None) is not None:
-            meta = model.bf16_meta
-            self.curves["bf16"] = sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
+        # each reduced precision the model serves: its manifest (int8.json, bf16.json or an estimate)
+        self.manifests = {precision: meta for precision, net, meta in (
+            ("int8", getattr(model, "int8_net", None), getattr(model, "int8_meta", None)),
+            ("bf16", getattr(model, "bf16_net", None), getattr(model, "bf16_meta", None)))
+            if net is not None and meta is not None}
+        self.curves = {"fp32": model._budget_curve, **{
+            precision: sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
+            for precision, meta in self.manifests.items()}}
         self.seconds_per_item = None
         self.by_time: list[ExitPlan] = []
 
@@ -189,7 +190,7 @@ class CfVitFamily(ImageClassifier):
         out = []
         for precision in self.curves:
             suffix = SUFFIX[precision]
-            manifest = {"int8": self.model.int8_meta, "bf16": getattr(self.model, "bf16_meta", None)}.get(precision)
+            manifest = self.manifests.get(precision)
             for stage, eta in (("coarse", 0.0), ("fine", ALL_FINE)):
                 plan = self.at_eta(eta, precision)
                 detail = {"eta": eta, "precision": precision, "key": plan.key}
