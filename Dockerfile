@@ -41,8 +41,8 @@ RUN set -eu; \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 # A CUDA image adds the gpu extra (NVML: GPU utilisation in /v1/policy and the metrics); a CPU image
-# the openvino extra (ONNX Runtime and OpenVINO, which the default ANYTIME_PSSNET_ENGINE=auto uses where
-# they are faster).
+# the openvino extra (ONNX Runtime and OpenVINO, which the default ANYTIME_PSSNET_ENGINE=auto and
+# ANYTIME_CFVIT_ENGINE=auto use where they are faster).
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extra = p['optional-dependencies']['gpu' if '${TORCH_VARIANT}' != 'cpu' else 'openvino']; print('\n'.join(p['dependencies'] + extra))" \
         > /tmp/requirements.txt \

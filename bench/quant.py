@@ -154,11 +154,13 @@ def pssnet_rows(rounds: int, calibration_n: int, progress: Callable[[str], None]
     return rows
 
 
-def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] = ()) -> list[dict]:
-    """The bundled CF-ViT in fp32, int8 and, where this CPU multiplies bf16 natively (as the
-    server serves it), bf16; each ``sparse`` bundle (``models.cfvit.sparse``,
-    not served) adds its network on dense kernels and with its sparse Linear layers on CSR
-    kernels, timed in the same interleaved rounds."""
+def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] = (),
+               engine: str = "auto") -> list[dict]:
+    """The bundled CF-ViT in fp32, int8 and, where this CPU multiplies bf16 natively, bf16, as
+    the server serves them (each stage on the engine ``engine`` chooses here); the same stages
+    on torch alone (fp32, and torch.ao's int8) as "(torch)" rows; each ``sparse`` bundle
+    (``models.cfvit.sparse``, not served) adds its network on dense kernels and with its
+    sparse Linear layers on CSR kernels, timed in the same interleaved rounds."""
     import contextlib
     import copy
 
@@ -175,12 +177,18 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] 
     int8 = model.int8_net
     if int8 is None:
         raise SystemExit("the bundled CF-ViT has no int8 version: python -m models.cfvit.quantize BUNDLE")
+    progress(f"choosing engines as the server does (engine={engine})")
+    model.choose_engines(engine)
     rows, variants = [], {}
 
-    def add(net: torch.nn.Module, stage: str, eta: float, rung: str, precision: str, name: str) -> None:
+    def add(net: torch.nn.Module | None, stage: str, eta: float, rung: str, precision: str, name: str) -> None:
         """One row: ``net`` exiting at ``eta`` (0: coarse only, 1.01: all fine), measured here;
-        precision bf16: ``model.bf16_net`` under its autocast, as ``CfVitModel.forward`` runs it."""
+        precision bf16: ``model.bf16_net`` under its autocast, as ``CfVitModel.forward`` runs it;
+        ``net`` None: the model as served (``CfVitModel.forward``, its engines)."""
         def run(b: torch.Tensor) -> torch.Tensor:
+            if net is None:
+                return model.forward(b, torch.full((len(b),), eta), int8=precision == "int8",
+                                     bf16=precision == "bf16")[0]
             with run_bf16() if precision == "bf16" else contextlib.nullcontext():
                 return net.forward_exit(b, torch.full((len(b),), eta)).logits.float()
 
@@ -194,7 +202,10 @@ def cfvit_rows(rounds: int, progress: Callable[[str], None], sparse: list[Path] 
     for stage, eta in stages:
         for precision, net in (("fp32", model.net), ("int8", int8), ("bf16", model.bf16_net)):
             if net is not None:
-                add(net, stage, eta, stage, precision, f"{stage}/{precision}")
+                add(None, stage, eta, stage, precision, f"{stage}/{precision}")
+        if model.runners:  # some stage runs on another engine: torch alone, for reference
+            for precision, net in (("fp32", model.net), ("int8", int8)):
+                add(net, stage, eta, f"{stage} (torch)", precision, f"{stage}/{precision}/torch")
     for folder in sparse:
         net = load_ours(folder).model.eval()
         for kernel, k_net in (("dense", net), ("csr", with_csr_kernels(copy.deepcopy(net)))):
@@ -272,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-n", type=int, default=512, help="noise inputs of the noise-calibrated baseline")
     ap.add_argument("--pssnet-engine", default="auto", help="PSS-Net's engines, as the server's ANYTIME_PSSNET_ENGINE "
                     "(auto: each rung on the engine the server would choose here)")
+    ap.add_argument("--cfvit-engine", default="auto", help="CF-ViT's engines, as the server's ANYTIME_CFVIT_ENGINE")
     ap.add_argument("--png", type=Path, default=None, help="write the accuracy-vs-time front here")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cfvit-sparse", type=Path, nargs="*", default=[],
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family in ("pssnet", "all"):
         rows += pssnet_rows(args.rounds, args.calibration_n, progress, args.pssnet_engine)
     if args.family in ("cfvit", "all"):
-        rows += cfvit_rows(args.rounds, progress, args.cfvit_sparse)
+        rows += cfvit_rows(args.rounds, progress, args.cfvit_sparse, args.cfvit_engine)
     mark_front(rows)
     print(f"torch {torch.__version__}, {args.threads} thread(s), quantized engine "
           f"{torch.backends.quantized.engine}; quality: RGB PSNR on the 8 ARM test photos, top-1 on 5,000 held-out "

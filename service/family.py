@@ -308,6 +308,16 @@ class ServedFamily(ABC, Generic[Work, Plan]):
 
 
 
+# What a family's ``engine`` setting accepts (``models.common.engines.ENGINES``): auto times torch
+# and every installed engine at start-up and serves each batch on the faster at its size.
+EngineSetting = Literal["torch", "auto", "onnxruntime", "openvino"]
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes an engine choice is measured at: powers of two up to ``max_batch``, and it."""
+    return sorted({n for n in (1, 2, 4, 8, 16, 32, max_batch) if n <= max_batch})
+
+
 class FamilySettings(BaseSettings):
     """A family's own settings.  They nest in ``Settings`` under the family's name (TOML:
     a ``[pssnet]`` table, or flat ``pssnet_checkpoint`` keys) and are read from the

@@ -93,7 +93,7 @@ def wait_ready(client, timeout: float = 60.0) -> None:
 FAST_START = {"calibration_repeats": 3, "batch_max_items": 64, "torch_threads": 2, "log_format": "text",
               "pssnet_checkpoint": None, "cfvit_checkpoint": None, "seqtr_checkpoints": [],
               "arm_int8": False,  # ARM's int8 rungs: tests/test_arm_int8.py
-              "pssnet_engine": "torch",  # ONNX Runtime's start-up timing (2-3 s): tests/test_engines.py
+              "pssnet_engine": "torch", "cfvit_engine": "torch",  # engines timed at start-up (2-3 s): test_engines.py
               "idle_probe_s": 0.0}  # cost models move only with the tests' own requests (probes: test_runtime.py)
 
 

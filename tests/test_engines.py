@@ -245,3 +245,60 @@ def test_an_int8_graph_that_disagrees_with_float_is_refused(pss_with_int8, monke
     runner, choice = engines.serve_int8_faster(net, module, inputs, x[:8], sizes=(1, 8), engine="onnxruntime",
                                                rounds=1)
     assert runner is module and choice is None  # onnxruntime names the fp32 engine; int8 stays on torch.ao
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    """A graph of two inputs (one of them integer indices) and two outputs, with an attention
+    product of two activations: the shape of CF-ViT's fine stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        attention = (self.q(picked) @ self.k(picked).transpose(1, 2)).softmax(-1)
+        return attention.sum(1), picked.mean(1)
+
+
+@pytest.mark.parametrize("engine", ONNX_ENGINES)
+def test_a_graph_of_several_inputs_and_outputs_runs_as_torch_does(engine) -> None:
+    net = _TwoInTwoOut().eval()
+    tokens = torch.randn(8, 6, 8)
+    keep = torch.stack([torch.randperm(6)[:4] for _ in range(8)])
+    runner, choice = serve_faster(net, net, (tokens, keep), sizes=(1, 8), engine=engine, rounds=1,
+                                  inputs=("tokens", "keep"), outputs=("attention", "mean"))
+    assert choice is not None and set(choice.engines) == {engine}
+    with torch.inference_mode():
+        got, want = runner(tokens, keep), net(tokens, keep)
+        assert isinstance(got, tuple) and len(got) == 2
+        assert engines.gap_to(got, want) <= engines.AGREEMENT_TOLERANCE
+        # another selection gives other outputs: the indices really are an input of the graph
+        assert engines.gap_to(runner(tokens, (keep + 1) % 6), want) > 1e-3
+
+
+@needs_ort
+def test_weight_layers_only_leaves_products_of_activations_in_float() -> None:
+    """int8_qdq(weight_layers_only=True) quantizes the linears and not attention's product of
+    two activations (which made OpenVINO's CF-ViT graph slower than its float one)."""
+    import onnx
+
+    net = _TwoInTwoOut().eval()
+    tokens = torch.randn(16, 6, 8)
+    keep = torch.stack([torch.randperm(6)[:4] for _ in range(16)])
+    graph = engines.export_onnx(net, (tokens[:1], keep[:1]), ("tokens", "keep"), ("attention", "mean"))
+    products = engines.activation_products(onnx.load_from_string(graph))
+    assert len(products) == 1
+
+    def quantized_inputs(qdq: bytes) -> dict[str, int]:
+        """Per MatMul / Gemm, how many of its inputs come from a DequantizeLinear."""
+        g = onnx.load_from_string(qdq).graph
+        dequantized = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.name: sum(i in dequantized for i in n.input) for n in g.node if n.op_type in ("MatMul", "Gemm")}
+
+    everything = quantized_inputs(engines.int8_qdq(graph, (tokens, keep), stem_in_float=False))
+    weights_only = quantized_inputs(engines.int8_qdq(graph, (tokens, keep), stem_in_float=False,
+                                                     weight_layers_only=True))
+    assert everything[products[0]] == 2 and weights_only[products[0]] == 0
+    assert all(v == 2 for k, v in weights_only.items() if k != products[0])  # the linears: input and weight

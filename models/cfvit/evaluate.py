@@ -108,7 +108,7 @@ def evaluate_versions(dataset: str, versions: dict[str, tuple[CfVisionTransforme
 
 def write_version(path: Path, evaluation: dict[str, dict[str, dict]], version: str, *, method: str, bits: dict,
                   backend: str, calibration: dict, command: str, model_name: str | None, note: str, tag: str,
-                  dry_run: bool = False) -> list[RungArtifact]:
+                  dry_run: bool = False, extra: dict | None = None) -> list[RungArtifact]:
     """A reduced-precision version's manifest (``int8.json``, ``bf16.json``): per stage its
     and float32's top-1 on val and test, and its val eta curves, which the planner uses."""
     test, val = evaluation["test"], evaluation["val"]
@@ -122,7 +122,7 @@ def write_version(path: Path, evaluation: dict[str, dict[str, dict]], version: s
               file=sys.stderr)
     if not dry_run:
         write(path, artifacts, model=model_name, eta_curve=val[version]["eta_curve"],
-              eta_curve_dense=val[version]["eta_curve_dense"], note=note)
+              eta_curve_dense=val[version]["eta_curve_dense"], note=note, **(extra or {}))
         print(f"[{tag}] wrote {path}", file=sys.stderr)
     return artifacts
 

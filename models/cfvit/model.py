@@ -33,6 +33,7 @@ evaluation), :func:`count_macs` (multiply-accumulates of each stage) and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
@@ -300,6 +301,10 @@ class CoarseResult(NamedTuple):
     score: torch.Tensor  # [B, Nc], global class attention on the coarse patches
 
 
+CoarseRunner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # x -> (logits, features, embeddings, score)
+FineRunner = Callable[..., torch.Tensor]  # (x, features, embeddings, kids, rest) -> logits
+
+
 class ExitOutput(NamedTuple):
     logits: torch.Tensor  # [B, C]: coarse logits for exited rows, fine logits for the others
     exited: torch.Tensor  # [B] bool: True where the coarse confidence reached eta
@@ -407,26 +412,51 @@ class CfVisionTransformer(nn.Module):
         r = F.interpolate(r, size=(cfg.fine_grid, cfg.fine_grid), mode="nearest")
         return r.flatten(2).transpose(1, 2)
 
+    def selection(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The informative selection from the global class attention ``score`` [B, Nc]: the
+        fine-grid indices of the top-k coarse patches' children [B, 4k] and the indices of the
+        other coarse patches [B, Nc-k].  Ties keep grid order (a stable sort)."""
+        order = score.argsort(dim=1, descending=True, stable=True)
+        k = self.cfg.num_selected
+        return children_indices(order[:, :k], self.cfg.coarse_grid), order[:, k:].contiguous()
+
     def fine_sequence(self, x: torch.Tensor, coarse: CoarseResult, informative_selection: bool = True) -> torch.Tensor:
         """The token sequence of the fine stage: [cls] + the 2x2 children of the top-k coarse
         patches (fine embeddings + reuse) + the other coarse input embeddings.  Without
         informative selection (the first part of training): all Gf^2 fine tokens."""
-        cfg = self.cfg
         ef = self._embed(x, self.pos_embed_list[1], self.reuse_features(coarse.features))
         if not informative_selection:
             return ef
-        order = coarse.score.argsort(dim=1, descending=True, stable=True)
-        k = cfg.num_selected
-        sel, rest = order[:, :k], order[:, k:]
-        kids = children_indices(sel, cfg.coarse_grid)
-        return torch.cat([ef[:, :1], _gather_tokens(ef[:, 1:], kids), _gather_tokens(coarse.embeddings[:, 1:], rest)],
+        kids, rest = self.selection(coarse.score)
+        return self._select(ef, coarse.embeddings, kids, rest)
+
+    @staticmethod
+    def _select(ef: torch.Tensor, coarse_embeddings: torch.Tensor, kids: torch.Tensor,
+                rest: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ef[:, :1], _gather_tokens(ef[:, 1:], kids), _gather_tokens(coarse_embeddings[:, 1:], rest)],
                          dim=1)
 
-    def fine_stage(self, x: torch.Tensor, coarse: CoarseResult, informative_selection: bool = True) -> torch.Tensor:
-        h = self.fine_sequence(x, coarse, informative_selection)
+    def _fine_blocks(self, h: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             h, _ = blk(h)
         return self._logits(self.norm(h), coarse=False)
+
+    def fine_stage(self, x: torch.Tensor, coarse: CoarseResult, informative_selection: bool = True) -> torch.Tensor:
+        return self._fine_blocks(self.fine_sequence(x, coarse, informative_selection))
+
+    # ---- the two stages as graphs: tensors in, tensors out (what another engine runs) -----
+
+    def coarse_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``coarse_stage`` as a tuple: (logits, features, embeddings, score)."""
+        return tuple(self.coarse_stage(x))  # type: ignore[return-value]
+
+    def fine_logits(self, x: torch.Tensor, features: torch.Tensor, embeddings: torch.Tensor, kids: torch.Tensor,
+                    rest: torch.Tensor) -> torch.Tensor:
+        """The fine stage's logits given the coarse stage's features and input embeddings and
+        the selection (``selection``): ``fine_stage`` without the sort, which stays outside an
+        exported graph (ONNX has no stable sort)."""
+        ef = self._embed(x, self.pos_embed_list[1], self.reuse_features(features))
+        return self._fine_blocks(self._select(ef, embeddings, kids, rest))
 
     # ---- entry points ---------------------------------------------------------------------
 
@@ -439,21 +469,23 @@ class CfVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, informative_selection: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_all(x, informative_selection)
 
-    def forward_exit(self, x: torch.Tensor, eta: torch.Tensor | float) -> ExitOutput:
+    def forward_exit(self, x: torch.Tensor, eta: torch.Tensor | float, coarse: CoarseRunner | None = None,
+                     fine: FineRunner | None = None) -> ExitOutput:
         """Early-exit inference.  ``eta``: a scalar or a per-row tensor [B].  A row exits at the
         coarse stage when its coarse confidence >= its eta (eta 0: every row exits; eta > 1:
-        none does).  The fine stage runs only on the rows that did not exit."""
-        c = self.coarse_stage(x)
-        conf = c.logits.float().softmax(dim=-1).max(dim=-1).values
+        none does).  The fine stage runs only on the rows that did not exit.  ``coarse``,
+        ``fine``: what runs each stage, with the signatures of ``coarse_outputs`` and
+        ``fine_logits`` (another engine's graphs of them); this network's own by default."""
+        logits, features, embeddings, score = (coarse or self.coarse_outputs)(x)
+        conf = logits.float().softmax(dim=-1).max(dim=-1).values
         eta_t = torch.as_tensor(eta, dtype=torch.float32, device=x.device).expand(x.shape[0])
         exited = conf >= eta_t
-        logits = c.logits
         go = (~exited).nonzero(as_tuple=True)[0]
         if go.numel():
-            sub = CoarseResult(None, c.features[go], c.embeddings[go], c.score[go])  # type: ignore[arg-type]
-            fine = self.fine_stage(x[go], sub)
+            kids, rest = self.selection(score[go])
+            out = (fine or self.fine_logits)(x[go], features[go], embeddings[go], kids, rest)
             logits = logits.clone()
-            logits[go] = fine.to(logits.dtype)
+            logits[go] = out.to(logits.dtype)
         return ExitOutput(logits, exited, conf)
 
 

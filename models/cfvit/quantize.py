@@ -19,6 +19,12 @@ Two int8 forms, one per kind of layer:
 Measures the coarse-only and all-fine top-1 and the eta curve on the held-out val and test
 splits, next to the fp32 network's, and writes them into the bundle as ``int8.json`` (a
 ``compress.artifact.RungArtifact`` per stage, plus the int8 val curve the planner uses).
+
+Where OpenVINO is installed, also the same measurements of the int8 graphs the server makes
+for OpenVINO's int8 kernels (``models.cfvit.engines``; faster than torch.ao's int8 on a CPU),
+as ``engine_quality.openvino`` (per stage, and its own val curves), and the calibration
+images those graphs are quantized from (``int8_calibration.safetensors``: 128 training
+images, float16, 0.8 MB), so the server rebuilds exactly what was measured.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from compress.artifact import RungArtifact, bundle_dir, command_line
 from models.cfvit.model import CfVisionTransformer, ConvStem
 
 INT8_MANIFEST, STEM_RANGES = "int8.json", "int8_stem.safetensors"
+ENGINE_CALIBRATION = "int8_calibration.safetensors"  # {"images": float16}: what OpenVINO's int8 graphs come from
 CALIBRATION_IMAGES = 512
 
 
@@ -91,6 +98,12 @@ def load_stem_ranges(path: str | Path) -> dict[str, torch.Tensor] | None:
     """The bundle's stored stem ranges (None without them: the stem stays in float)."""
     file = bundle_dir(path) / STEM_RANGES
     return load_file(file) if file.exists() else None
+
+
+def load_engine_calibration(path: str | Path) -> torch.Tensor | None:
+    """The bundle's stored calibration images of OpenVINO's int8 graphs (None without them)."""
+    file = bundle_dir(path) / ENGINE_CALIBRATION
+    return load_file(file)["images"] if file.exists() else None
 
 
 def load_int8(path: str | Path) -> dict | None:
@@ -167,6 +180,18 @@ def main(argv: list[str] | None = None) -> None:
                                              "int8": (int8, contextlib.nullcontext)}, "int8")
     if not args.dry_run:
         save_file(stem_ranges, str(folder / STEM_RANGES))
+    engine_quality = None
+    from models.common.engines import OPENVINO, available
+
+    if available(OPENVINO):  # what engine=auto may serve the int8 version on, from images stored in the bundle
+        from models.cfvit.engines import OPENVINO_IMAGES, openvino_quality
+
+        images = calibration[:OPENVINO_IMAGES].half().contiguous()
+        engine_quality = openvino_quality(ck.model, "int8", images, dataset, command_line("models.cfvit.quantize", argv),
+                                          f"quantized from the first {OPENVINO_IMAGES} of those training images "
+                                          f"({ENGINE_CALIBRATION})")
+        if not args.dry_run:
+            save_file({"images": images}, str(folder / ENGINE_CALIBRATION))
     write_version(folder / INT8_MANIFEST, evaluation, "int8", method="ptq-dynamic-linear+static-stem",
                   bits={"weights": 8, "activations": 8},
                   backend="torch.ao onednn (linears: dynamic activations; stem: static)",
@@ -175,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                                        f"fine and coarse size ({STEM_RANGES})"},
                   command=command_line("models.cfvit.quantize", argv), model_name=ck.meta.get("name"),
                   note="real int8: dynamic linears, static conv stem; curves on the held-out val split, stage "
-                       "quality on val and test", tag="int8", dry_run=args.dry_run)
+                       "quality on val and test", tag="int8", dry_run=args.dry_run,
+                  extra={"engine_quality": engine_quality} if engine_quality else None)
+
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ a list of {eta, exit_rate, expected_flops, accuracy}; :meth:`eta_for_budget` pic
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from models.cfvit.bf16 import run_bf16
 from models.cfvit.checkpoint import load_checkpoint, official_curve
+from models.cfvit.engines import StageRunners
 from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
 from models.cfvit.preprocess import eval_transform, load_class_names, resize_pixels
 
@@ -56,18 +58,58 @@ class CfVitModel:
         # bf16 autocast, served where the device multiplies bf16 natively; its bf16.json
         self.bf16_net: CfVisionTransformer | None = None
         self.bf16_meta: dict | None = None
+        # the images OpenVINO's int8 graphs are quantized from (the bundle's
+        # int8_calibration.safetensors, where int8.json holds their quality); None: no such graphs
+        self.int8_calibration: torch.Tensor | None = None
+        # precision -> what runs its stages on the faster engine (``choose_engines``); none: torch
+        self.runners: dict[str, StageRunners] = {}
 
     def load_int8(self, path: str | Path) -> bool:
         """Build the int8 network a bundle's ``int8.json`` describes (dynamic int8 linears and,
         with the bundle's stored ranges, a static int8 stem: a fraction of a second, no data).
         CPU only; False without one."""
-        from models.cfvit.quantize import int8_network, load_int8, load_stem_ranges
+        from models.cfvit.quantize import int8_network, load_engine_calibration, load_int8, load_stem_ranges
 
         meta = load_int8(path)
         if meta is None or self.device.type != "cpu":
             return False
         self.int8_net, self.int8_meta = int8_network(self.net, load_stem_ranges(path)), meta
+        if "openvino" in meta.get("engine_quality", {}):
+            self.int8_calibration = load_engine_calibration(path)
         return True
+
+    def choose_engines(self, engine: str = "auto", sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                       rounds: int = 5) -> dict[str, StageRunners]:
+        """Run each stage of the fp32 network on the fastest of torch, ONNX Runtime and
+        OpenVINO (those installed) at each batch size, and each stage of the int8 and bf16
+        versions on the faster of torch's and OpenVINO's (where the bundle holds the quality of
+        OpenVINO's: ``python -m models.cfvit.quantize``, ``python -m models.cfvit.bf16``),
+        measured now on the calling thread with its thread count: call it on the thread that
+        will serve (``models.cfvit.engines``).  ``engine``: "auto", "torch", or one engine at
+        every size ("onnxruntime": fp32 only).  CPU only."""
+        from models.cfvit.engines import float_graphs, serve_reduced_stages, serve_stages
+        from models.cfvit.quantize import probe_images
+
+        self.runners = {}
+        if engine == "torch" or self.device.type != "cpu":
+            return self.runners
+        example = torch.randn(max(sizes), 3, self.input_size, self.input_size, generator=torch.Generator().manual_seed(0))
+        graphs = float_graphs(self.net, example)  # exported once for every precision
+        self.runners["fp32"] = serve_stages(self.net, example, sizes, engine, rounds, graphs)
+        if self.int8_net is not None and self.int8_calibration is not None:
+            self.runners["int8"] = serve_reduced_stages(self.net, self.int8_net, "int8", self.int8_calibration,
+                                                        example, sizes, engine, rounds, graphs)
+        if self.bf16_net is not None and "openvino" in (self.bf16_meta or {}).get("engine_quality", {}):
+            # any images to check the two bf16 versions' top-1 on: the int8 calibration, or synthetic photos
+            check = self.int8_calibration if self.int8_calibration is not None else probe_images(self.preprocess, 128)
+            self.runners["bf16"] = serve_reduced_stages(self.net, self.bf16_net, "bf16", check, example, sizes,
+                                                        engine, rounds, graphs)
+        return self.runners
+
+    def served_engines(self, precision: str) -> set[str]:
+        """The engines serving some stage of a version at some batch size."""
+        runners = self.runners.get(precision)
+        return runners.engines() if runners is not None else {"torch.ao" if precision == "int8" else "torch"}
 
     def load_bf16(self, path: str | Path) -> bool:
         """Serve the bf16 version a bundle's ``bf16.json`` measured, if this device multiplies
@@ -147,6 +189,7 @@ class CfVitModel:
         ``int8``: on the int8 network (``load_int8``; CPU).  ``bf16``: on the bf16 network under
         bf16 autocast (``load_bf16``)."""
         net = self.int8_net if int8 else self.bf16_net if bf16 else self.net
+        runners = self.runners.get("int8" if int8 else "bf16" if bf16 else "fp32")
         if net is None:
             raise RuntimeError(f"{self.name} has no {'int8' if int8 else 'bf16'} network "
                                f"(python -m models.cfvit.{'quantize' if int8 else 'bf16'})")
@@ -154,7 +197,8 @@ class CfVitModel:
         with torch.inference_mode(), run_bf16(device) if bf16 and not int8 else contextlib.nullcontext():
             x = batch.to(device, torch.float32)
             eta_t = torch.as_tensor(eta, dtype=torch.float32, device=device)
-            out = net.forward_exit(x, eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t)
+            eta_t = eta_t.expand(x.shape[0]) if eta_t.ndim == 0 else eta_t
+            out = runners.forward_exit(net, x, eta_t) if runners is not None else net.forward_exit(x, eta_t)
             return out.logits.float(), out.exited, out.confidence.float()
 
     __call__ = forward

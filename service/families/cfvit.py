@@ -22,7 +22,7 @@ from service.bundled import bundled
 from service.endpoints import ClassifyParams
 from service.errors import ApiError
 from service.executor import Items
-from service.family import TIME_BUDGET_TOLERANCE, FamilySettings, Pinned, Rung
+from service.family import TIME_BUDGET_TOLERANCE, EngineSetting, FamilySettings, Pinned, Rung
 from service.families.classifier import ImageClassifier
 from service.registry import register
 
@@ -47,6 +47,11 @@ class CfVitSettings(FamilySettings):
                        "CPU only)")
     bf16: bool = Field(True, description="serve the bundle's bf16 version (python -m models.cfvit.bf16) where the "
                        "device multiplies bf16 natively (AMX / AVX512-BF16, CUDA)")
+    engine: EngineSetting = Field(
+        "auto", description="what runs the two stages on a CPU: auto times torch and every installed engine (ONNX "
+        "Runtime, OpenVINO) on each fp32 stage, and torch.ao and OpenVINO on each int8 stage where the bundle holds "
+        "OpenVINO's int8 quality, at start-up, and runs every batch on the one that was faster at its size; torch; or "
+        "one engine at every size (onnxruntime: fp32 only). bf16 always runs on torch")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,20 @@ class ExitPlan:
         return f"eta={self.eta:g}" + SUFFIX[self.precision]
 
 
+def lower_curve(curves: list[list[dict]]) -> list[dict]:
+    """Eta curves of two versions of one network (engines that round differently), as the
+    curve of whichever serves a batch: at each eta the lower accuracy and the higher cost."""
+    out = []
+    for points in zip(*curves, strict=True):
+        if len({p["eta"] for p in points}) != 1:
+            raise ValueError("eta curves at different thresholds")
+        low = min(points, key=lambda p: p["accuracy"])
+        high = max(points, key=lambda p: p["expected_flops"])
+        out.append({**low, "expected_flops": high["expected_flops"], "exit_rate": high["exit_rate"],
+                    "flops_fraction": high.get("flops_fraction", low.get("flops_fraction"))})
+    return out
+
+
 def point_at(curve: list[dict], eta: float) -> dict:
     """The curve point at the largest eta not above ``eta`` ({} below the curve)."""
     points = [p for p in curve if p["eta"] <= eta + 1e-9]
@@ -85,8 +104,9 @@ class CfVitFamily(ImageClassifier):
     uses: ClassVar[frozenset[str]] = frozenset({"top_k", "rung", "eta"})
     budget_units = ("time", "flops")
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, engine: str = "torch") -> None:
         super().__init__(model)
+        self.engine = engine  # the engine setting (``before_timing`` acts on it)
         self.flops_coarse, self.flops_full = 2.0 * model.flops_coarse, 2.0 * model.flops_full
         # each reduced precision the model serves: its manifest (int8.json, bf16.json or an estimate)
         self.manifests = {precision: meta for precision, net, meta in (
@@ -96,8 +116,34 @@ class CfVitFamily(ImageClassifier):
         self.curves = {"fp32": model._budget_curve, **{
             precision: sorted(meta.get("eta_curve_dense") or meta["eta_curve"], key=lambda p: p["eta"])
             for precision, meta in self.manifests.items()}}
+        # precision -> stage -> its held-out quality as served (the int8 stages: that of the
+        # engines serving them, the lower where two share them; ``before_timing``)
+        self.stage_quality = {precision: {r["rung"]: dict(r["quality"]) for r in meta["rungs"]}
+                              for precision, meta in self.manifests.items()}
         self.seconds_per_item = None
         self.by_time: list[ExitPlan] = []
+
+    def before_timing(self, max_batch: int) -> None:
+        """Choose each stage's engine per batch size (``CfVitModel.choose_engines``), here on
+        the scheduler thread, so that the start-up timing measures what is served; where
+        OpenVINO serves a reduced precision, its curve and stage quality become OpenVINO's (or,
+        where torch's version shares the batch sizes, the lower of the two)."""
+        # fewer sizes and rounds than PSS-Net's: three precisions of two stages are measured, about
+        # 10 s of start-up on 2 cores (twice that at every power of two and three rounds)
+        self.model.choose_engines(self.engine, [n for n in (1, 8, 32, max_batch) if n <= max_batch], rounds=2)
+        for precision, meta in self.manifests.items():
+            measured = meta.get("engine_quality", {})
+            served = self.model.served_engines(precision)
+            others = served & set(measured)
+            if not others:
+                continue
+            own = served - others  # torch's version (torch.ao's int8, torch's bf16)
+            self.curves[precision] = lower_curve(
+                [sorted(measured[e]["eta_curve_dense"], key=lambda p: p["eta"]) for e in others] +
+                ([self.curves[precision]] if own else []))
+            for stage, quality in self.stage_quality[precision].items():
+                for key in ("test_accuracy", "val_accuracy"):
+                    quality[key] = min([measured[e][stage][key] for e in others] + ([quality[key]] if own else []))
 
     def at_eta(self, eta: float, precision: str = "fp32") -> ExitPlan:
         point = point_at(self.curves[precision], eta)
@@ -196,11 +242,18 @@ class CfVitFamily(ImageClassifier):
                 detail = {"eta": eta, "precision": precision, "key": plan.key}
                 if self.seconds_per_item is not None:
                     detail["ms_per_item_full_batch"] = round(1000 * self.expected_seconds(plan), 4)
+                runners = self.model.runners.get(precision) if hasattr(self.model, "runners") else None
+                detail["engine"] = runners.describe()[stage] if runners is not None else (
+                    "torch.ao" if precision == "int8" else "torch")
                 if manifest is not None:
                     entry = next(r for r in manifest["rungs"] if r["rung"] == stage)
+                    quality = self.stage_quality[precision][stage]
                     detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
-                                  command=entry["command"], **{k: v for k, v in entry["quality"].items() if k in (
+                                  command=entry["command"], **{k: v for k, v in quality.items() if k in (
                                       "test_accuracy", "accuracy_drop_estimate", "estimate")})
+                    if "engine_quality" in manifest:  # the same network on another engine's int8, and its quality there
+                        detail["engine_quality"] = {e: {**q[stage], "backend": q["backend"]}
+                                                    for e, q in manifest["engine_quality"].items()}
                 out.append(Rung(f"{stage}{suffix}", self.flops_coarse if stage == "coarse" else self.flops_full, None,
                                 {"accuracy": plan.expected_accuracy}, bool(self.by_time) and not any(
                                     p.precision == precision and abs(p.eta - eta) < 1e-9 for p in self.by_time),
@@ -223,4 +276,4 @@ def load(settings: Settings) -> list[CfVitFamily]:
     from models.cfvit.serving import CfVitModel
 
     return [CfVitFamily(CfVitModel.from_checkpoint(s.checkpoint, names_file=s.class_names, device=settings.device,
-                                                   int8=s.int8, bf16=s.bf16))]
+                                                   int8=s.int8, bf16=s.bf16), s.engine)]

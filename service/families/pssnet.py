@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import AliasChoices, Field
@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 from service.bundled import bundled
 from service.endpoints import ClassifyParams
 from service.errors import ApiError
-from service.family import TIME_BUDGET_TOLERANCE, FamilySettings, Pinned, Rung
+from service.family import TIME_BUDGET_TOLERANCE, EngineSetting, FamilySettings, Pinned, Rung, batch_sizes
 from service.families.classifier import ImageClassifier
 from service.registry import register
 
@@ -43,7 +43,7 @@ class PssNetSettings(FamilySettings):
                                      "per line) for an official checkpoint")
     int8: bool = Field(True, description="serve the bundle's int8 rungs (python -m models.pssnet.quantize), rebuilt "
                        "at start-up from their stored calibration and observers' state (CPU only)")
-    engine: Literal["torch", "auto", "onnxruntime", "openvino"] = Field(
+    engine: EngineSetting = Field(
         "auto", description="what runs the rungs on a CPU: auto times torch and every installed engine (ONNX "
         "Runtime: pip install 'anytime-serve[onnx]'; OpenVINO: 'anytime-serve[openvino]') on each fp32 ladder rung, "
         "and torch.ao and OpenVINO on each int8 rung whose OpenVINO quality the bundle holds, at start-up, and runs "
@@ -120,8 +120,7 @@ class PssNetFamily(ImageClassifier):
     def before_timing(self, max_batch: int) -> None:
         """Choose the fp32 ladder rungs' engine per batch size (``PssNetModel.choose_engines``),
         here on the scheduler thread, so that the start-up timing measures what is served."""
-        sizes = sorted({n for n in (1, 2, 4, 8, 16, 32, max_batch) if n <= max_batch})
-        self.model.choose_engines(self.engine, sizes, rounds=3)
+        self.model.choose_engines(self.engine, batch_sizes(max_batch), rounds=3)
         for key, plan in list(self.plans.items()):  # an int8 rung's quality is that of the engines serving it
             if plan.precision == "int8":
                 q = self.model.int8_quality(plan.index)
