@@ -133,3 +133,20 @@ def test_server_lists_each_stage_s_engine_and_the_quality_of_what_it_serves() ->
             r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
                        params={"rung": rung})
             assert r.status_code == 200 and r.json()["rung"]["name"] == rung, r.text
+
+
+@needs_bundle
+@pytest.mark.parametrize("engine", ONNX_ENGINES[:1])
+def test_engine_choice_skips_batches_too_slow_to_measure(engine, monkeypatch) -> None:
+    """A large network (an official DeiT-S: about 0.1 s an image here) is measured only at the
+    sizes whose pass stays under the limit; larger batches take the largest measured size's engine."""
+    from models.cfvit import serving
+    from models.cfvit.serving import CfVitModel
+
+    model = CfVitModel.from_checkpoint(CFVIT, int8=False, bf16=False)
+    monkeypatch.setattr(serving, "ENGINE_PASS_LIMIT_S", 0.0)
+    model.choose_engines(engine, sizes=(1, 8, 32), rounds=1)
+    choice = model.runners["fp32"].choices["fine"]
+    assert choice.sizes == (1,)
+    x = _glyphs(model, 12)
+    assert model.forward(x, torch.full((12,), 1.01))[0].shape == (12, model.config.num_classes)

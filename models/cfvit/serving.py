@@ -15,6 +15,7 @@ a list of {eta, exit_rate, expected_flops, accuracy}; :meth:`eta_for_budget` pic
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,10 @@ from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
 from models.cfvit.preprocess import eval_transform, load_class_names, resize_pixels
 
 FLOPS_CONVENTION = "MACs (CF-ViT/fvcore 'FLOPs')"
+ALL_FINE = 1.01  # an eta no confidence reaches
+# choose_engines measures no batch whose all-fine pass would take longer, by n x a one-image
+# pass (an overestimate: a batch costs less per image); the bundled model's 128 take about 0.3 s
+ENGINE_PASS_LIMIT_S = 2.0
 
 
 class CfVitModel:
@@ -86,7 +91,10 @@ class CfVitModel:
         OpenVINO's: ``python -m models.cfvit.quantize``, ``python -m models.cfvit.bf16``),
         measured now on the calling thread with its thread count: call it on the thread that
         will serve (``models.cfvit.engines``).  ``engine``: "auto", "torch", or one engine at
-        every size ("onnxruntime": fp32 only).  CPU only."""
+        every size ("onnxruntime": fp32 only).  CPU only.  Sizes whose all-fine pass on torch
+        would take over ``ENGINE_PASS_LIMIT_S`` are not measured (larger batches take the
+        choice of the largest size measured): an official DeiT-S takes about 0.1 s an image
+        here, and three engines at batch 128 would add minutes to its start-up."""
         from models.cfvit.engines import float_graphs, serve_reduced_stages, serve_stages
         from models.cfvit.quantize import probe_images
 
@@ -94,6 +102,13 @@ class CfVitModel:
         if engine == "torch" or self.device.type != "cpu":
             return self.runners
         example = torch.randn(max(sizes), 3, self.input_size, self.input_size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            for _ in range(2):  # the second pass, warm
+                t0 = time.perf_counter()
+                self.net.forward_exit(example[:1], ALL_FINE)
+                one = time.perf_counter() - t0
+        sizes = [n for n in sizes if n == 1 or n * one <= ENGINE_PASS_LIMIT_S]
+        example = example[:max(sizes)]
         graphs = float_graphs(self.net, example)  # exported once for every precision
         self.runners["fp32"] = serve_stages(self.net, example, sizes, engine, rounds, graphs)
         if self.int8_net is not None and self.int8_calibration is not None:
