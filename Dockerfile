@@ -80,6 +80,6 @@ WORKDIR /home/anytime
 USER 10001:10001
 EXPOSE 8000
 # Liveness only (/healthz answers while the process is up); readiness is /readyz (see deploy/k8s).
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ANYTIME_PORT', '8000'), timeout=2)"
 CMD ["python", "-m", "service"]
