@@ -8,7 +8,9 @@ rate, the MACs actually spent as a fraction of all-fine, top-1, and the wall-clo
 at batch 1 (one image per call, over the first ``--n1`` test images) and at batch 32 (over
 the first ``--n32``).  Timing is interleaved: ``--rounds`` passes over the etas in a shuffled
 order, the median per eta is reported, so load from other processes spreads over all rows.
-One torch thread by default (on a shared 2-core host two threads oversubscribe).
+One torch thread by default (on a shared 2-core host two threads oversubscribe).  fp32, on
+the engines ``--engine`` chooses here as the server does (``ANYTIME_CFVIT_ENGINE``; default
+torch, the network as written).
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--engine", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
+                    help="what runs the stages, chosen per batch size at the start as the server does")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = CfVitModel.from_checkpoint(args.checkpoint)
+    model = CfVitModel.from_checkpoint(args.checkpoint, int8=False, bf16=False)
+    model.choose_engines(args.engine, (1, 8, 32, 256))
     dataset = model.meta["data"]["dataset"]
     split = data.load(dataset, args.split)
     x = torch.stack([model.preprocess(img) for img in split.images])
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     src = split.source if isinstance(split.source, str) else \
         f"{split.source.get('dataset', '?')}, generator {split.source.get('generator_version', '?')}"
     print(f"{model.name} on {src} ({args.split}, {len(y)} images); MACs coarse {model.flops_coarse / 1e6:.2f}M, "
-          f"all-fine {model.flops_full / 1e6:.2f}M; {args.threads} thread(s)")
+          f"all-fine {model.flops_full / 1e6:.2f}M; {args.threads} thread(s); engines: "
+          f"{model.runners['fp32'].describe() if model.runners else 'torch'}")
     print("| eta | exit rate | MACs / all-fine | top-1 | ms/img b=1 | ms/img b=32 | time / all-fine b=1 | b=32 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['time_fraction_b32']:.2f} |")
     if args.json:
         meta = {"checkpoint": str(args.checkpoint), "split": args.split, "n": int(len(y)), "n1": len(x1),
-                "n32": len(x32), "rounds": args.rounds, "threads": args.threads,
+                "n32": len(x32), "rounds": args.rounds, "threads": args.threads, "engine": args.engine,
                 "machine": f"{platform.machine()}, torch {torch.__version__}, shared 2-core host",
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": "python -m bench.cfvit_tradeoff " + " ".join(argv or __import__("sys").argv[1:])}
