@@ -5,7 +5,11 @@ lists the choice."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +306,20 @@ def test_weight_layers_only_leaves_products_of_activations_in_float() -> None:
                                                      weight_layers_only=True))
     assert everything[products[0]] == 2 and weights_only[products[0]] == 0
     assert all(v == 2 for k, v in weights_only.items() if k != products[0])  # the linears: input and weight
+
+
+@needs_ov
+def test_openvino_is_imported_without_writing_telemetry_into_home(tmp_path) -> None:
+    """``import openvino`` alone writes a client ID and usage counts into ~/intel; the server's
+    import declines that telemetry and leaves the environment as it was."""
+    env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "HOME": str(tmp_path)}
+    code = ("import os; from models.common import engines; engines.import_openvino(); "
+            "import openvino; assert 'CI' not in os.environ; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-1000:]
+    assert list(tmp_path.iterdir()) == []
+    # what this guards against (if OpenVINO stops writing there, import_openvino's workaround can go)
+    plain = subprocess.run([sys.executable, "-c", "import openvino"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 0 and (tmp_path / "intel").exists()

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -54,6 +56,28 @@ AGREEMENT_ITEMS = 32  # items that check it (a batch of 128 more would cost CF-V
 log = logging.getLogger("anytime.engines")
 
 
+def import_openvino():
+    """``openvino``, imported with its usage telemetry declined.
+
+    Why: ``import openvino`` initialises the telemetry of its model converter (which nothing
+    here calls), and that writes a client ID and usage counts into ``~/intel`` of whoever runs
+    the server, or, in the image's read-only home, logs a warning.  The telemetry declines
+    where its CI variable is set, so the import runs with ``CI=true`` and the variable is put
+    back after it."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        import openvino
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+    return openvino
+
+
 def available(engine: str = ONNXRUNTIME) -> bool:
     """Whether ``engine`` and what it needs are installed: ONNX Runtime and the ``onnx``
     package torch's exporter needs; for OpenVINO, those too (its int8 graphs come from ONNX
@@ -63,7 +87,7 @@ def available(engine: str = ONNXRUNTIME) -> bool:
         import onnxruntime  # noqa: F401
 
         if engine == OPENVINO:
-            import openvino  # noqa: F401
+            import_openvino()
     except ImportError:
         return False
     return True
@@ -233,8 +257,7 @@ class OpenVinoNetwork:
     pinned to cores, since the server's event loop shares them."""
 
     def __init__(self, graph: bytes, threads: int, precision: str = "f32") -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         with tempfile.TemporaryDirectory() as tmp:  # read_model takes a path (or a model in memory with weights)
             path = Path(tmp) / "net.onnx"
