@@ -323,3 +323,29 @@ def test_openvino_is_imported_without_writing_telemetry_into_home(tmp_path) -> N
     plain = subprocess.run([sys.executable, "-c", "import openvino"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert plain.returncode == 0 and (tmp_path / "intel").exists()
+
+
+@needs_ort
+def test_symmetric_activations_are_int8_with_zero_point_zero() -> None:
+    """int8_qdq(symmetric_activations=True): every activation is quantized to int8 about 0
+    (what lets OpenVINO fold the dequantization into its int8 product); the default is uint8
+    with a zero point fitted to the observed range."""
+    import onnx
+    from onnx import numpy_helper
+
+    net = _TwoInTwoOut().eval()
+    tokens = torch.randn(16, 6, 8) + 0.5  # a range not centred on 0: the default needs a zero point
+    keep = torch.stack([torch.randperm(6)[:4] for _ in range(16)])
+    graph = engines.export_onnx(net, (tokens[:1], keep[:1]), ("tokens", "keep"), ("attention", "mean"))
+
+    def activation_zero_points(qdq: bytes) -> list[np.ndarray]:
+        g = onnx.load_from_string(qdq).graph
+        init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        return [init[n.input[2]] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in init]
+
+    symmetric = activation_zero_points(engines.int8_qdq(graph, (tokens, keep), stem_in_float=False,
+                                                        weight_layers_only=True, symmetric_activations=True))
+    default = activation_zero_points(engines.int8_qdq(graph, (tokens, keep), stem_in_float=False,
+                                                      weight_layers_only=True))
+    assert symmetric and all(z.dtype == np.int8 and not z.any() for z in symmetric)
+    assert default and all(z.dtype == np.uint8 for z in default) and any(z.any() for z in default)

@@ -171,7 +171,7 @@ WEIGHT_LAYERS = ("Conv", "Gemm", "MatMul")  # what ``weight_layers_only`` quanti
 
 
 def int8_qdq(graph: bytes, calibration: Inputs, batch: int = 32, stem_in_float: bool = True,
-             weight_layers_only: bool = False) -> bytes:
+             weight_layers_only: bool = False, symmetric_activations: bool = False) -> bytes:
     """The float ONNX ``graph`` statically quantized to int8 by ONNX Runtime's quantizer, in
     QDQ form: per-channel symmetric int8 weights, uint8 activations whose ranges are the
     extremes observed on ``calibration`` (the same MinMax rule as the torch.ao rungs; one
@@ -182,7 +182,11 @@ def int8_qdq(graph: bytes, calibration: Inputs, batch: int = 32, stem_in_float: 
     MatMul by a weight) in int8; the rest, attention's products of two activations included,
     stays float.  On CF-ViT that is what makes int8 faster: with every operator quantized,
     OpenVINO's graph was slower than its float one (the Q/DQ pairs around softmax, GELU and
-    the attention products break its fusions).  Deterministic for the same inputs.  About
+    the attention products break its fusions).  ``symmetric_activations``: activations in
+    int8 with zero point 0 (their range symmetric about 0) instead of uint8 with a zero point:
+    OpenVINO then folds each dequantization into its int8 matrix product, where a zero point
+    left a float subtraction and a slow conversion per layer (on CF-ViT's fine stage 6.5 of
+    26 ms at batch 32; 18.5 ms without them).  Deterministic for the same inputs.  About
     0.5-2 s for a PSS-Net rung and 512 inputs."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -210,9 +214,10 @@ def int8_qdq(graph: bytes, calibration: Inputs, batch: int = 32, stem_in_float: 
         root.addFilter(_no_preprocess_advice)
         try:
             quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=excluded,
-                            op_types_to_quantize=list(WEIGHT_LAYERS) if weight_layers_only else None)
+                            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                            op_types_to_quantize=list(WEIGHT_LAYERS) if weight_layers_only else None,
+                            extra_options={"ActivationSymmetric": symmetric_activations})
         finally:
             root.removeFilter(_no_preprocess_advice)
         return dst.read_bytes()
@@ -432,19 +437,22 @@ TORCH_AO = "torch.ao"  # torch's own int8 kernels (oneDNN), the engine every int
 def serve_int8_faster(fp32_module: torch.nn.Module, torch_int8: Callable[..., Inputs],
                       calibration: Inputs, example: Inputs, sizes: Sequence[int], engine: str = "auto",
                       rounds: int = 5, stem_in_float: bool = True, weight_layers_only: bool = False,
-                      inputs: Sequence[str] = ("x",), outputs: Sequence[str] = ("y",), graph: bytes | None = None,
+                      symmetric_activations: bool = False, inputs: Sequence[str] = ("x",),
+                      outputs: Sequence[str] = ("y",), graph: bytes | None = None,
                       ) -> tuple[Callable[..., Inputs], EngineChoice | None]:
     """An int8 rung's runner: torch.ao's int8 network (``torch_int8``) and, where ``engine``
     allows and OpenVINO is installed, ``fp32_module`` quantized from the same ``calibration``
     inputs by ONNX Runtime's quantizer and run on OpenVINO's int8 kernels, measured and chosen
     per size as ``serve_faster`` does (``serve_reduced_faster``, checked on ``calibration``).
-    ``stem_in_float``, ``weight_layers_only``: as ``int8_qdq`` (the choices the rung's quality
-    was measured with)."""
+    ``stem_in_float``, ``weight_layers_only``, ``symmetric_activations``: as ``int8_qdq`` (the
+    choices the rung's quality was measured with)."""
     calibration = tuple(t.float() if t.is_floating_point() else t for t in as_tuple(calibration))  # stored as fp16
     return serve_reduced_faster(
         fp32_module, torch_int8, calibration, example, sizes, engine, rounds, "int8",
         lambda float_graph: int8_qdq(float_graph, calibration, stem_in_float=stem_in_float,
-                                     weight_layers_only=weight_layers_only), inputs=inputs, outputs=outputs, graph=graph)
+                                     weight_layers_only=weight_layers_only,
+                                     symmetric_activations=symmetric_activations),
+        inputs=inputs, outputs=outputs, graph=graph)
 
 
 def serve_bf16_faster(fp32_module: torch.nn.Module, torch_bf16: Callable[..., Inputs], check: Inputs,
