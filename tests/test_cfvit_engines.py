@@ -122,6 +122,7 @@ def test_server_lists_each_stage_s_engine_and_the_quality_of_what_it_serves() ->
                     continue
                 assert set(engine["by_batch_size"].values()) == {"openvino"}
                 assert rungs[f"{stage}-{precision}"]["test_accuracy"] == measured[stage]["test_accuracy"]
+                assert rungs[f"{stage}-{precision}"]["backend"] == measured["backend"]
             if measured is not None:
                 dense = {p["eta"]: p["accuracy"] for p in measured["eta_curve_dense"]}
                 assert all(p["accuracy"] == dense[p["eta"]] for p in m["eta_curves"][precision])

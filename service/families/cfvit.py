@@ -248,12 +248,17 @@ class CfVitFamily(ImageClassifier):
                 if manifest is not None:
                     entry = next(r for r in manifest["rungs"] if r["rung"] == stage)
                     quality = self.stage_quality[precision][stage]
-                    detail.update(method=entry["method"], backend=entry["backend"], real_speed=entry["real_speed"],
+                    measured = manifest.get("engine_quality", {})
+                    served = self.model.served_engines(precision) if hasattr(self.model, "served_engines") else set()
+                    # the backend of what serves the stage: another engine's where it serves some sizes
+                    backends = [measured[e]["backend"] for e in sorted(served & set(measured))] + (
+                        [entry["backend"]] if served - set(measured) or not served & set(measured) else [])
+                    detail.update(method=entry["method"], backend="; ".join(backends), real_speed=entry["real_speed"],
                                   command=entry["command"], **{k: v for k, v in quality.items() if k in (
                                       "test_accuracy", "accuracy_drop_estimate", "estimate")})
-                    if "engine_quality" in manifest:  # the same network on another engine's int8, and its quality there
+                    if measured:  # the same network on another engine, and its quality there
                         detail["engine_quality"] = {e: {**q[stage], "backend": q["backend"]}
-                                                    for e, q in manifest["engine_quality"].items()}
+                                                    for e, q in measured.items()}
                 out.append(Rung(f"{stage}{suffix}", self.flops_coarse if stage == "coarse" else self.flops_full, None,
                                 {"accuracy": plan.expected_accuracy}, bool(self.by_time) and not any(
                                     p.precision == precision and abs(p.eta - eta) < 1e-9 for p in self.by_time),
