@@ -107,7 +107,9 @@ def server():
         proc, url = bench_server.start_server(ANYTIME_TORCH_THREADS="1", ANYTIME_DRAIN_WINDOW_S="0",
                                               ANYTIME_PSSNET_INT8="false",  # int8 rungs: test_int8_rungs.py,
                                               ANYTIME_ARM_INT8="false",  # test_arm_int8.py
-                                              ANYTIME_PSSNET_ENGINE="torch")  # the default auto: test_engines.py
+                                              # the default auto (10-15 s of start-up with CF-ViT's):
+                                              # tests/test_engines.py, tests/test_cfvit_engines.py
+                                              ANYTIME_PSSNET_ENGINE="torch", ANYTIME_CFVIT_ENGINE="torch")
     except RuntimeError as exc:
         pytest.fail(str(exc))
     try:

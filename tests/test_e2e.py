@@ -22,9 +22,11 @@ def start_server(**env_extra: str):
     """``python -m service`` on a free loopback port, once it is ready (one torch thread)."""
     try:
         # PSS-Net's int8 rungs take 1.5 s each to build (tests/test_int8_rungs.py serves them), the
-        # default engine=auto's timing 2-3 s (tests/test_engines.py)
+        # default engine=auto's timing 2-3 s for PSS-Net and 10 s for CF-ViT (tests/test_engines.py,
+        # tests/test_cfvit_engines.py)
         return bench_server.start_server(**{"ANYTIME_TORCH_THREADS": "1", "ANYTIME_PSSNET_INT8": "false",
-                                            "ANYTIME_PSSNET_ENGINE": "torch", **env_extra})
+                                            "ANYTIME_PSSNET_ENGINE": "torch", "ANYTIME_CFVIT_ENGINE": "torch",
+                                            **env_extra})
     except RuntimeError as exc:
         pytest.fail(str(exc))
 
