@@ -151,3 +151,28 @@ def test_engine_choice_skips_batches_too_slow_to_measure(engine, monkeypatch) ->
     assert choice.sizes == (1,)
     x = _glyphs(model, 12)
     assert model.forward(x, torch.full((12,), 1.01))[0].shape == (12, model.config.num_classes)
+
+
+@needs_ov
+@_needs("int8.json")
+def test_int8_graphs_are_made_as_the_manifest_says_they_were_measured(monkeypatch) -> None:
+    """The options the int8 graphs were quantized with come from the bundle's int8.json, not
+    from today's defaults: a bundle measured otherwise is rebuilt as it was measured."""
+    import copy
+
+    from models.cfvit.serving import CfVitModel
+
+    model = CfVitModel.from_checkpoint(CFVIT, bf16=False)
+    recorded = model.int8_meta["engine_quality"]["openvino"]["graph"]
+    seen: list[dict] = []
+    real = engines.int8_qdq
+    monkeypatch.setattr(engines, "int8_qdq", lambda graph, calibration, **kw: seen.append(kw) or real(
+        graph, calibration, **kw))
+    model.choose_engines("openvino", sizes=(1, 8), rounds=1)
+    assert seen and all(kw == recorded for kw in seen)
+    older = {**recorded, "symmetric_activations": False}
+    model.int8_meta = copy.deepcopy(model.int8_meta)
+    model.int8_meta["engine_quality"]["openvino"]["graph"] = older
+    seen.clear()
+    model.choose_engines("openvino", sizes=(1, 8), rounds=1)
+    assert seen and all(kw == older for kw in seen)

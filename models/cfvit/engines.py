@@ -118,12 +118,16 @@ def serve_stages(net: CfVisionTransformer, example: torch.Tensor, sizes: Sequenc
 
 def serve_reduced_stages(net: CfVisionTransformer, reduced: CfVisionTransformer, precision: str,
                          images: torch.Tensor, example: torch.Tensor, sizes: Sequence[int], engine: str = "auto",
-                         rounds: int = 5, graphs: dict[str, bytes] | None = None) -> StageRunners:
+                         rounds: int = 5, graphs: dict[str, bytes] | None = None,
+                         int8_graph: dict | None = None) -> StageRunners:
     """A reduced precision's stages on the faster of torch's version (``reduced``: torch.ao's
     int8 network, or the bf16 network, run under its autocast) and OpenVINO's graphs of
     ``net`` (``openvino_stages``), per stage and batch size (``serve_int8_faster`` /
     ``serve_bf16_faster``).  ``images`` (normalised): int8's calibration images (the
-    bundle's), or for bf16 any images to check top-1 agreement on.  ``graphs``: ``float_graphs``."""
+    bundle's), or for bf16 any images to check top-1 agreement on.  ``graphs``: ``float_graphs``.
+    ``int8_graph``: how the measured int8 graphs were made (``int8_qdq``'s options, as the
+    bundle's ``int8.json`` records them; default ``INT8_GRAPH``), so that a bundle measured
+    with other options is rebuilt as it was measured."""
     from models.cfvit.bf16 import run_bf16
 
     checked, inputs = stage_inputs(net, images.float()), stage_inputs(net, example)
@@ -133,7 +137,7 @@ def serve_reduced_stages(net: CfVisionTransformer, reduced: CfVisionTransformer,
         if precision == "int8":
             runners[stage], choices[stage] = engines.serve_int8_faster(
                 module, ours, checked[stage], inputs[stage], sizes, engine, rounds, inputs=names, outputs=outputs,
-                graph=graph, **INT8_GRAPH)
+                graph=graph, **(int8_graph or INT8_GRAPH))
         else:
             def under_autocast(*xs: torch.Tensor, ours=ours):
                 with run_bf16():

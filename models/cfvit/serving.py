@@ -112,8 +112,9 @@ class CfVitModel:
         graphs = float_graphs(self.net, example)  # exported once for every precision
         self.runners["fp32"] = serve_stages(self.net, example, sizes, engine, rounds, graphs)
         if self.int8_net is not None and self.int8_calibration is not None:
+            measured = self.int8_meta["engine_quality"]["openvino"]
             self.runners["int8"] = serve_reduced_stages(self.net, self.int8_net, "int8", self.int8_calibration,
-                                                        example, sizes, engine, rounds, graphs)
+                                                        example, sizes, engine, rounds, graphs, measured.get("graph"))
         if self.bf16_net is not None and "openvino" in (self.bf16_meta or {}).get("engine_quality", {}):
             # any images to check the two bf16 versions' top-1 on: the int8 calibration, or synthetic photos
             check = self.int8_calibration if self.int8_calibration is not None else probe_images(self.preprocess, 128)
