@@ -163,16 +163,18 @@ def test_int8_graphs_are_made_as_the_manifest_says_they_were_measured(monkeypatc
     from models.cfvit.serving import CfVitModel
 
     model = CfVitModel.from_checkpoint(CFVIT, bf16=False)
-    recorded = model.int8_meta["engine_quality"]["openvino"]["graph"]
     seen: list[dict] = []
-    real = engines.int8_qdq
-    monkeypatch.setattr(engines, "int8_qdq", lambda graph, calibration, **kw: seen.append(kw) or real(
-        graph, calibration, **kw))
-    model.choose_engines("openvino", sizes=(1, 8), rounds=1)
-    assert seen and all(kw == recorded for kw in seen)
-    older = {**recorded, "symmetric_activations": False}
-    model.int8_meta = copy.deepcopy(model.int8_meta)
-    model.int8_meta["engine_quality"]["openvino"]["graph"] = older
-    seen.clear()
-    model.choose_engines("openvino", sizes=(1, 8), rounds=1)
-    assert seen and all(kw == older for kw in seen)
+
+    def record(graph, calibration, **kw):  # and stop there: engine=auto then keeps torch.ao
+        seen.append(kw)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(engines, "int8_qdq", record)
+    for graph in (model.int8_meta["engine_quality"]["openvino"]["graph"],
+                  {"stem_in_float": True, "weight_layers_only": True, "symmetric_activations": False}):
+        model.int8_meta = copy.deepcopy(model.int8_meta)
+        model.int8_meta["engine_quality"]["openvino"]["graph"] = graph
+        seen.clear()
+        model.choose_engines("auto", sizes=(1,), rounds=1)
+        assert len(seen) == 2 and all(kw == graph for kw in seen)  # one per stage
+        assert model.served_engines("int8") == {"torch.ao"}
