@@ -190,8 +190,8 @@ def openvino_quality(net: CfVisionTransformer, precision: str, images: torch.Ten
 
 
 class OnEngine(nn.Module):
-    """``net`` with its stages run by ``runners``: ``forward_all`` and ``forward_exit`` as the
-    network's own, so that ``models.cfvit.evaluate`` measures what an engine serves."""
+    """``net`` with its stages run by ``runners``: ``forward_all`` as the network's own, so that
+    ``models.cfvit.evaluate`` measures what an engine serves."""
 
     def __init__(self, net: CfVisionTransformer, runners: StageRunners) -> None:
         super().__init__()
@@ -201,6 +201,3 @@ class OnEngine(nn.Module):
         logits, features, embeddings, score = self.runners.coarse(x)
         kids, rest = self.net.selection(score)
         return logits, self.runners.fine(x, features, embeddings, kids, rest)
-
-    def forward_exit(self, x: torch.Tensor, eta: torch.Tensor | float) -> ExitOutput:
-        return self.net.forward_exit(x, eta, coarse=self.runners.coarse, fine=self.runners.fine)

@@ -301,6 +301,7 @@ class CoarseResult(NamedTuple):
     score: torch.Tensor  # [B, Nc], global class attention on the coarse patches
 
 
+ALL_FINE = 1.01  # an eta no confidence reaches (a softmax can saturate to exactly 1.0): every row runs the fine stage
 CoarseRunner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # x -> (logits, features, embeddings, score)
 FineRunner = Callable[..., torch.Tensor]  # (x, features, embeddings, kids, rest) -> logits
 

@@ -25,11 +25,11 @@ import torch
 from models.cfvit.bf16 import run_bf16
 from models.cfvit.checkpoint import load_checkpoint, official_curve
 from models.cfvit.engines import StageRunners
-from models.cfvit.model import CfVisionTransformer, CfVitConfig, count_macs
+from models.cfvit.model import ALL_FINE, CfVisionTransformer, CfVitConfig, count_macs
 from models.cfvit.preprocess import eval_transform, load_class_names, resize_pixels
+from models.common.engines import TORCH, TORCH_NAMES
 
 FLOPS_CONVENTION = "MACs (CF-ViT/fvcore 'FLOPs')"
-ALL_FINE = 1.01  # an eta no confidence reaches
 # choose_engines measures no batch whose all-fine pass would take longer, by n x a one-image
 # pass (an overestimate: a batch costs less per image); the bundled model's 128 take about 0.3 s
 ENGINE_PASS_LIMIT_S = 2.0
@@ -125,7 +125,7 @@ class CfVitModel:
     def served_engines(self, precision: str) -> set[str]:
         """The engines serving some stage of a version at some batch size."""
         runners = self.runners.get(precision)
-        return runners.engines() if runners is not None else {"torch.ao" if precision == "int8" else "torch"}
+        return runners.engines() if runners is not None else {TORCH_NAMES.get(precision, TORCH)}
 
     def load_bf16(self, path: str | Path) -> bool:
         """Serve the bf16 version a bundle's ``bf16.json`` measured, if this device multiplies

@@ -116,10 +116,6 @@ def first(inputs: Inputs, n: int) -> tuple[torch.Tensor, ...]:
     return tuple(t[:n] for t in as_tuple(inputs))
 
 
-def batch_size(inputs: Inputs) -> int:
-    return int(as_tuple(inputs)[0].shape[0])
-
-
 def logits_of(output: Inputs) -> torch.Tensor:
     """A classifier's logits among its outputs: the first."""
     return as_tuple(output)[0]

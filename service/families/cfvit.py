@@ -18,6 +18,7 @@ import torch
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from models.cfvit.model import ALL_FINE
 from service.bundled import bundled
 from service.endpoints import ClassifyParams
 from service.errors import ApiError
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 KEYS = {"fp32": "cfvit", "int8": "cfvit-int8", "bf16": "cfvit-bf16"}  # one batch key per precision
 SUFFIX = {"fp32": "", "int8": "-int8", "bf16": "-bf16"}  # of a precision's stage names: fine-int8
-ALL_FINE = 1.01  # a softmax can saturate to exactly 1.0: eta > 1 forces the fine stage
 
 
 class CfVitSettings(FamilySettings):
@@ -51,7 +51,8 @@ class CfVitSettings(FamilySettings):
         "auto", description="what runs the two stages on a CPU: auto times torch and every installed engine (ONNX "
         "Runtime, OpenVINO) on each fp32 stage, and torch.ao and OpenVINO on each int8 stage where the bundle holds "
         "OpenVINO's int8 quality, at start-up, and runs every batch on the one that was faster at its size; torch; or "
-        "one engine at every size (onnxruntime: fp32 only). bf16 always runs on torch")
+        "one engine at every size (onnxruntime: fp32 only); bf16 likewise on torch's autocast or OpenVINO's bf16 "
+        "kernels where the bundle holds OpenVINO's bf16 quality")
 
 
 @dataclass(frozen=True)
@@ -133,17 +134,22 @@ class CfVitFamily(ImageClassifier):
         self.model.choose_engines(self.engine, [n for n in (1, 8, 32, max_batch) if n <= max_batch], rounds=2)
         for precision, meta in self.manifests.items():
             measured = meta.get("engine_quality", {})
-            served = self.model.served_engines(precision)
-            others = served & set(measured)
+            others, own = self.served_by(precision)
             if not others:
                 continue
-            own = served - others  # torch's version (torch.ao's int8, torch's bf16)
             self.curves[precision] = lower_curve(
                 [sorted(measured[e]["eta_curve_dense"], key=lambda p: p["eta"]) for e in others] +
                 ([self.curves[precision]] if own else []))
             for stage, quality in self.stage_quality[precision].items():
                 for key in ("test_accuracy", "val_accuracy"):
                     quality[key] = min([measured[e][stage][key] for e in others] + ([quality[key]] if own else []))
+
+    def served_by(self, precision: str) -> tuple[set[str], set[str]]:
+        """The engines serving some batch size of a reduced precision: (those whose version's
+        quality its manifest measured separately, OpenVINO's; the rest: torch's own version)."""
+        measured = set(self.manifests[precision].get("engine_quality", {}))
+        served = self.model.served_engines(precision)
+        return served & measured, served - measured
 
     def at_eta(self, eta: float, precision: str = "fp32") -> ExitPlan:
         point = point_at(self.curves[precision], eta)
@@ -242,17 +248,16 @@ class CfVitFamily(ImageClassifier):
                 detail = {"eta": eta, "precision": precision, "key": plan.key}
                 if self.seconds_per_item is not None:
                     detail["ms_per_item_full_batch"] = round(1000 * self.expected_seconds(plan), 4)
-                runners = self.model.runners.get(precision) if hasattr(self.model, "runners") else None
-                detail["engine"] = runners.describe()[stage] if runners is not None else (
-                    "torch.ao" if precision == "int8" else "torch")
+                runners = self.model.runners.get(precision)
+                detail["engine"] = runners.describe()[stage] if runners is not None else \
+                    next(iter(self.model.served_engines(precision)))
                 if manifest is not None:
                     entry = next(r for r in manifest["rungs"] if r["rung"] == stage)
                     quality = self.stage_quality[precision][stage]
                     measured = manifest.get("engine_quality", {})
-                    served = self.model.served_engines(precision) if hasattr(self.model, "served_engines") else set()
+                    others, own = self.served_by(precision)
                     # the backend of what serves the stage: another engine's where it serves some sizes
-                    backends = [measured[e]["backend"] for e in sorted(served & set(measured))] + (
-                        [entry["backend"]] if served - set(measured) or not served & set(measured) else [])
+                    backends = [measured[e]["backend"] for e in sorted(others)] + ([entry["backend"]] if own else [])
                     detail.update(method=entry["method"], backend="; ".join(backends), real_speed=entry["real_speed"],
                                   command=entry["command"], **{k: v for k, v in quality.items() if k in (
                                       "test_accuracy", "accuracy_drop_estimate", "estimate")})
