@@ -68,6 +68,15 @@ def nonzero_mflops(net: torch.nn.Module, dense_mflops: float, size: int) -> floa
     return dense_mflops - skipped / 1e6
 
 
+def as_served(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` run as the server runs a dense rung on torch (``PssNetModel._torch_forward``):
+    channels-last weights and input.  Why: the served rows are timed that way, and an unserved
+    variant timed in NCHW beside them was 1.7-1.9x slower at batch 32 than the same network
+    served (CLR's networks, 24 against 13-14 ms), which made the comparison about layouts."""
+    net = net.to(memory_format=torch.channels_last)
+    return lambda batch: net(batch.contiguous(memory_format=torch.channels_last))
+
+
 def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) -> tuple[list[dict], dict, torch.Tensor]:
     from models.glyphs.data import load_split
     from models.pssnet.dense_train import load_variant
@@ -98,7 +107,7 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
         net = fold_bn(net)
         tag = folder.name
         sparse = "sparsity" in m
-        kernels = [("dense", net)]
+        kernels = [("dense", as_served(net))]
         if sparse:
             from compress.sparsity import with_csr_kernels
 

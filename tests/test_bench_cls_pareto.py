@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.cls_pareto import mark_front, nonzero_mflops
+from bench.cls_pareto import as_served, mark_front, nonzero_mflops
 
 
 def _row(name, ms, top1, val, served=True):
@@ -32,3 +32,15 @@ def test_nonzero_flops_drop_each_zero_weight_once_per_output_position():
         net[2].weight[1, :10] = 0  # 10 weights, used once
     dense = (4 * 27 * 64 + 2 * 256) / 1e6
     assert abs(nonzero_mflops(net, dense, 8) - (dense - (27 * 64 + 10) / 1e6)) < 1e-12
+
+
+def test_an_unserved_variant_is_timed_in_the_served_layout():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(5, 7, 1)).eval()
+    x = torch.rand(4, 3, 9, 9)
+    with torch.inference_mode():
+        want = net(x)
+        run = as_served(net)
+        got = run(x)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want)
