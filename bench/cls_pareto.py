@@ -107,11 +107,12 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
         net = fold_bn(net)
         tag = folder.name
         sparse = "sparsity" in m
-        kernels = [("dense", as_served(net))]
-        if sparse:
+        kernels = []
+        if sparse:  # the CSR copy from the NCHW network, before as_served converts it in place
             from compress.sparsity import with_csr_kernels
 
             kernels.append(("csr", with_csr_kernels(copy.deepcopy(net))))
+        kernels.insert(0, ("dense", as_served(net)))
         for kernel, run in kernels:
             key = f"{tag}/{kernel}" if sparse else tag
             rows.append({"name": key, "method": m["method"], "precision": "fp32", "seed": m.get("seed"),
