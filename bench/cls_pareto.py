@@ -4,6 +4,7 @@ networks (OptG, magnitude pruning) on dense and on CSR kernels.
 
     python -m bench.cls_pareto --png docs/img/cls_pareto.png
     python -m bench.cls_pareto --runs runs/compact runs/sparse runs/prune --rounds 7
+    python -m bench.cls_pareto --engine auto --runs runs/clr8 --rounds 7
 
 Rows: every rung of the bundled PSS-Net model as served (fp32 subnets and variants, and
 the int8 rungs it builds at start-up), plus every variant folder found under ``--runs``
@@ -17,6 +18,15 @@ planner does with these times: fastest first, a rung is kept only if its *valida
 accuracy beats every faster one (the rest are ``dominated``, as /v1/models lists them from
 the times it measures at start-up); an fp32 subnet that a cheaper one matches on validation
 accuracy is off the ladder altogether.
+
+``--engine torch`` (the default) times every row on torch. ``--engine auto`` first does what
+the server does at start-up with its default ``ANYTIME_PSSNET_ENGINE=auto``: each dense fp32
+row (every subnet and variant, served or not) is measured on torch, ONNX Runtime and OpenVINO
+(those installed) and then timed on the fastest at each batch size, and each int8 rung of the
+ladder on the faster of torch.ao and OpenVINO's int8 kernels; the table names the engine
+chosen at batch 32. Why: the same network can be 2.5x apart on two engines (ONNX Runtime's
+blocked kernels and channel counts that are not multiples of 8), and a user's question is how
+fast a rung is where it is served.
 """
 
 from __future__ import annotations
@@ -77,7 +87,26 @@ def as_served(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda batch: net(batch.contiguous(memory_format=torch.channels_last))
 
 
-def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) -> tuple[list[dict], dict, torch.Tensor]:
+def served_runner(net: torch.nn.Module, engine: str, example: torch.Tensor) -> tuple[Callable, str]:
+    """An unserved variant's runner as the server would serve it, and the engine it runs a
+    batch of 32 on: channels-last torch (``as_served``) for ``engine="torch"``, else the
+    fastest of torch and the installed engines measured at ``CHOICE_SIZES`` on ``example``
+    (``serve_faster``, the server's own choice; an engine whose output strays from torch's is
+    left out). Converts ``net`` to channels-last in place."""
+    if engine == "torch":
+        return as_served(net), "torch"
+    from models.common.engines import serve_faster
+
+    contiguous = copy.deepcopy(net).eval()  # exporters take the contiguous layout
+    run, choice = serve_faster(contiguous, as_served(net), example, CHOICE_SIZES, engine)
+    return run, choice.engine(32) if choice else "torch"
+
+
+CHOICE_SIZES = (1, 8, 32)  # where --engine auto measures each engine (the timed batch sizes)
+
+
+def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None],
+             engine: str = "torch") -> tuple[list[dict], dict, torch.Tensor]:
     from models.glyphs.data import load_split
     from models.pssnet.dense_train import load_variant
     from models.pssnet.nets import fold_bn
@@ -89,18 +118,25 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
     x = torch.stack([model.preprocess(img) for img in test.images])
     y = torch.from_numpy(test.labels)
     rows, runs_of = [], {}
+    if engine != "torch":
+        progress(f"engine={engine}: measuring every rung on each engine, as the server's start-up does")
+        model.choose_engines(engine, sizes=CHOICE_SIZES, rungs=[r.index for r in model.rungs])
     ladder = {r.name for r in model.ladder}  # fp32 rungs the planner considers (with every int8 rung)
     for r in model.rungs:
         fp32 = (lambda i: lambda b: model.forward(i, b))(r.index)
-        variants = [("fp32", fp32, r.val_accuracy)]
+        choice = model.engine_choices.get(r.index)
+        variants = [("fp32", fp32, r.val_accuracy, choice.engine(32) if choice else "torch")]
         if r.index in model.int8_rungs:
-            q, entry = model.int8_rungs[r.index]
-            variants.append(("int8", q, entry["quality"].get("val_accuracy")))
-        for precision, run, val in variants:
+            _, entry = model.int8_rungs[r.index]
+            q = (lambda i: lambda b: model.int8_forward(i, b))(r.index)
+            choice = model.int8_engine_choices.get(r.index)
+            variants.append(("int8", q, entry["quality"].get("val_accuracy"),
+                             choice.engine(32) if choice else "torch.ao"))
+        for precision, run, val, engine_b32 in variants:
             key = f"{r.name}/{precision}"
             rows.append({"name": key, "method": r.method, "precision": precision, "seed": (r.variant or {}).get("seed"),
                          "mflops": r.flops, "served": precision == "int8" or r.name in ladder, "listed": True,
-                         "val": val, "kernel": "dense"})
+                         "val": val, "kernel": "dense", "engine": engine_b32})
             runs_of[key] = run
     for folder in variant_folders(runs):
         net, m = load_variant(folder, model.spec)
@@ -112,13 +148,14 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None]) ->
             from compress.sparsity import with_csr_kernels
 
             kernels.append(("csr", with_csr_kernels(copy.deepcopy(net))))
-        kernels.insert(0, ("dense", as_served(net)))
+        run, engine_b32 = served_runner(net, engine, x[:max(CHOICE_SIZES)])
+        kernels.insert(0, ("dense", run))
         for kernel, run in kernels:
             key = f"{tag}/{kernel}" if sparse else tag
             rows.append({"name": key, "method": m["method"], "precision": "fp32", "seed": m.get("seed"),
                          "mflops": nonzero_mflops(net, m["mflops"], model.input_size) if sparse else m["mflops"],
                          "served": False, "listed": False, "val": m["accuracy"].get("val"), "kernel": kernel,
-                         "sparsity": m.get("sparsity")})
+                         "sparsity": m.get("sparsity"), "engine": engine_b32 if kernel == "dense" else "torch"})
             runs_of[key] = run
     for row in rows:
         progress(f"{row['name']}: test top-1")
@@ -177,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=Path, nargs="*", default=[], help="folders searched for unserved variants")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--engine", choices=("torch", "auto"), default="torch",
+                    help="auto: every dense row on its fastest installed engine, as the server serves it")
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -186,21 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     def progress(msg: str) -> None:
         print(f"[cls_pareto] {msg}", file=sys.stderr, flush=True)
 
-    rows, runs_of, x = rows_for(args.bundle or bundled("pssnet"), args.runs, progress)
+    rows, runs_of, x = rows_for(args.bundle or bundled("pssnet"), args.runs, progress, args.engine)
     progress(f"timing {len(runs_of)} rows at batch 1, 8 and 32, {args.rounds} rounds, interleaved")
     ms = timings(runs_of, x, args.rounds)
     for row in rows:
         row.update(ms_b1=ms[row["name"]][1], ms_b32=ms[row["name"]][32])
     mark_front(rows)
     rows.sort(key=lambda r: r["ms_b32"])
-    print(f"torch {torch.__version__}, {args.threads} thread(s); top-1 on the 5,000 held-out test glyphs; "
-          f"ms: median per forward, all rows interleaved\n")
-    print("| rung | method | precision / kernel | seed | MFLOPs | top-1 % | ms b1 | ms b32 | served: planner | front |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), engine={args.engine}; top-1 on the 5,000 held-out "
+          f"test glyphs; ms: median per forward, all rows interleaved\n")
+    print("| rung | method | precision / kernel | engine b32 | seed | MFLOPs | top-1 % | ms b1 | ms b32 | "
+          "served: planner | front |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         served = r.get("planner", "") if r["served"] else ("off the FLOPs ladder" if r["listed"] else "")
         kind = r["precision"] + ("" if r["kernel"] == "dense" else f" / {r['kernel']}")
-        print(f"| {r['name']} | {r['method']} | {kind} | {'-' if r['seed'] is None else r['seed']} | "
+        print(f"| {r['name']} | {r['method']} | {kind} | {r['engine']} | {'-' if r['seed'] is None else r['seed']} | "
               f"{r['mflops']:.2f} | {r['top1']:.2f} | {r['ms_b1']:.3f} | {r['ms_b32']:.2f} | {served} | "
               f"{'yes' if r['front'] else ''} |")
     plots.write_outputs(rows, args.png, args.json, plot)

@@ -5,7 +5,8 @@
   how much cost counts); one threshold over all scores keeps the top ``1 - P`` of them, and
   layer ``l`` keeps ``floor(n_l * (1 - p_l))`` of its ``n_l`` filters, ``p_l`` being the share
   of its own weights under the threshold. Costly layers lose more. ``clr_for_flops`` searches
-  ``P`` for a FLOPs target instead of a weight share.
+  ``P`` for a FLOPs target instead of a weight share; its ``align`` option rounds every width
+  to a multiple of 8 (say) for the kernels that run the result, a departure from the method.
 * **RNF (k-reciprocal nearest filters)** picks which ``m`` filters stay in a layer. Each filter
   names its ``k`` nearest filters (itself first); the kept set is what *every* filter names,
   with ``k`` grown from ``m`` until that intersection holds ``m`` (when a step of ``k`` adds
@@ -51,21 +52,44 @@ def clr_keep_counts(weights: Sequence[torch.Tensor], coefficients: Sequence[floa
     return counts
 
 
+def aligned(counts: Sequence[int], full: Sequence[int], align: int) -> list[int]:
+    """``counts`` rounded to the nearest multiple of ``align``, at least ``align`` and at most
+    the layer's full width rounded down to one (or the full width, where that is below
+    ``align``). Why: blocked convolution kernels (ONNX Runtime's, oneDNN's) run channel counts
+    that are multiples of 8 at full speed and odd ones up to 2.5x slower on the same FLOPs, so
+    the method's exact counts are rounded for the kernels that will run them. Rounding to the
+    nearest never decreases as a count grows, so FLOPs still fall as pruning grows."""
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    out = []
+    for c, n in zip(counts, full):
+        top = n if n < align else n // align * align
+        out.append(min(top, max(align, int(math.floor(c / align + 0.5)) * align)))
+    return out
+
+
 def clr_for_flops(weights: Sequence[torch.Tensor], coefficients: Sequence[float], lam: float,
                   flops_of: Callable[[list[int]], float], target_flops: float,
-                  steps: int = 40) -> tuple[list[int], float]:
+                  steps: int = 40, align: int = 1) -> tuple[list[int], float]:
     """The widest CLR widths whose ``flops_of(widths)`` is at most ``target_flops``, and the
-    prune ratio that gives them (bisection: more pruning never adds FLOPs)."""
+    prune ratio that gives them (bisection: more pruning never adds FLOPs). With ``align`` > 1
+    every width is rounded by ``aligned`` before it is costed, so the target holds for the
+    rounded network."""
     full = [w.shape[0] for w in weights]
     if flops_of(full) <= target_flops:
         return full, 0.0
+
+    def counts_at(ratio: float) -> list[int]:
+        counts = clr_keep_counts(weights, coefficients, lam, ratio)
+        return counts if align == 1 else aligned(counts, full, align)
+
     lo, hi = 0.0, 1.0 - 1e-9  # lo: over the target, hi: within it (or as small as CLR goes)
-    best = clr_keep_counts(weights, coefficients, lam, hi)
+    best = counts_at(hi)
     if flops_of(best) > target_flops:
         raise ValueError(f"even the narrowest CLR network has {flops_of(best):.4g} FLOPs > {target_flops:.4g}")
     for _ in range(steps):
         mid = (lo + hi) / 2
-        counts = clr_keep_counts(weights, coefficients, lam, mid)
+        counts = counts_at(mid)
         if flops_of(counts) <= target_flops:
             hi, best = mid, counts
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.cls_pareto import as_served, mark_front, nonzero_mflops
+from bench.cls_pareto import CHOICE_SIZES, as_served, mark_front, nonzero_mflops, served_runner
 
 
 def _row(name, ms, top1, val, served=True):
@@ -44,3 +44,22 @@ def test_an_unserved_variant_is_timed_in_the_served_layout():
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want)
+
+
+def test_an_unserved_variant_runs_on_the_engine_the_server_would_choose():
+    """--engine auto: the variant is measured on torch and every installed engine and served by
+    the fastest at batch 32; whichever it is, it computes the same logits."""
+    from models.common import engines
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 13, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(13, 7, 1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x = torch.rand(max(CHOICE_SIZES), 3, 12, 12)
+    with torch.inference_mode():
+        want = net(x)
+    run, engine = served_runner(net, "auto", x)
+    assert engine in {"torch", *engines.installed()}
+    with torch.inference_mode():
+        torch.testing.assert_close(run(x), want, atol=1e-4, rtol=1e-4)
+    run, engine = served_runner(net, "torch", x)
+    assert engine == "torch"

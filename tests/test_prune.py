@@ -82,6 +82,27 @@ def test_clr_for_flops_is_the_widest_network_within_the_target():
     assert prune.clr_for_flops(weights, costs, 1.0, flops, 1e9) == ([16, 32, 64], 0.0)
 
 
+def test_aligned_widths_are_multiples_within_the_layer_and_still_fit_the_target():
+    assert prune.aligned([3, 12, 13, 60, 64, 5], [16, 32, 64, 62, 64, 6], 8) == [8, 16, 16, 56, 64, 6]
+    assert prune.aligned([5, 7], [10, 10], 1) == [5, 7]
+    with pytest.raises(ValueError):
+        prune.aligned([5], [10], 0)
+    torch.manual_seed(2)
+    weights = [torch.randn(c, 8, 3, 3) for c in (16, 40, 96)]
+    costs = [1.0, 2.0, 4.0]
+
+    def flops(widths: list[int]) -> float:
+        return float(sum(c * w for c, w in zip(costs, widths)))
+
+    for share in (0.3, 0.5, 0.8):
+        target = share * flops([16, 40, 96])
+        widths, ratio = prune.clr_for_flops(weights, costs, 1.0, flops, target, align=8)
+        assert flops(widths) <= target and all(w % 8 == 0 for w in widths)
+        # a little less pruning and the rounded network no longer fits: the widest that does
+        wider = prune.aligned(prune.clr_keep_counts(weights, costs, 1.0, max(0.0, ratio - 0.01)), [16, 40, 96], 8)
+        assert wider == widths or flops(wider) > target
+
+
 def test_every_selector_returns_sorted_distinct_indices_and_refuses_bad_counts():
     w = torch.randn(10, 4, 3, 3)
     for name, select in prune.SELECTORS.items():
@@ -132,6 +153,10 @@ def test_pruning_to_a_flops_target_fits_it_and_runs():
         assert all(1 <= w <= c.out_channels for w, c in zip(widths, prunable_convs(net)))
         with torch.inference_mode():
             assert small(x).shape == (4, 7)
+        eights, _ = prune_to_flops(net, 0.7 * full, prune.SELECTORS[name], torch.Generator().manual_seed(0), align=8)
+        assert widths_flops(eights.spec, eights.widths, eights.resolution) <= 0.7 * full
+        assert all(c.out_channels % 8 == 0 or c.out_channels == full_c.out_channels
+                   for c, full_c in zip(prunable_convs(eights), prunable_convs(net)))
 
 
 def test_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -20,6 +20,10 @@ state every ``--save-every`` steps (rerun the same command to continue), and wri
 ``model.safetensors`` (the dense network with its BN layers) and ``manifest.json`` (the
 command, widths, FLOPs, and held-out top-1 before and after fine-tuning).
 
+``--align 8`` rounds every width to a multiple of 8 (the target still holds for the rounded
+network): ONNX Runtime's blocked kernels run such widths up to 2.5x faster than the method's
+exact counts at the same FLOPs.
+
 Prunable layers: the stem and every point-wise convolution (a depth-wise convolution has one
 filter per input channel and follows its input). Cost coefficient of a layer, CLR's ``c_l``:
 the multiply-accumulates one of its filters costs, its own and those of the depth-wise and
@@ -114,15 +118,16 @@ def cut(net: DenseSubnet, kept: list[torch.Tensor]) -> DenseSubnet:
 
 
 def prune_to_flops(net: DenseSubnet, target_mflops: float, select: prune.Selector,
-                   generator: torch.Generator | None = None) -> tuple[DenseSubnet, float]:
-    """``net`` cut to at most ``target_mflops`` (PSS-Net's MFLOPs count) by CLR widths and the
-    filters ``select`` picks; also returns CLR's prune ratio."""
+                   generator: torch.Generator | None = None, align: int = 1) -> tuple[DenseSubnet, float]:
+    """``net`` cut to at most ``target_mflops`` (PSS-Net's MFLOPs count) by CLR widths (each a
+    multiple of ``align``, see ``compress.prune.aligned``) and the filters ``select`` picks;
+    also returns CLR's prune ratio."""
     spec, res = net.spec, net.resolution
     convs = prunable_convs(net)
     coefficients = cost_coefficients(spec, net.widths, res)
     keep, ratio = prune.clr_for_flops(
         [c.weight for c in convs], coefficients, LAMBDA,
-        lambda k: widths_flops(spec, mobilenet_widths(net.widths, k), res), target_mflops)
+        lambda k: widths_flops(spec, mobilenet_widths(net.widths, k), res), target_mflops, align=align)
     kept = [select(c.weight, k, generator) for c, k in zip(convs, keep)]
     return cut(net, kept), ratio
 
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=None,
                     help="fine-tune the one cut network (one selector, one seed) and write it here")
+    ap.add_argument("--align", type=int, default=1,
+                    help="round every CLR width to a multiple of this (8: the widths ONNX Runtime's and oneDNN's "
+                         "blocked kernels run at full speed; 1: the method's exact widths)")
     ap.add_argument("--steps", type=int, default=3000, help="fine-tuning steps (with --out)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.01, help="CLR-RNF's CIFAR fine-tuning rate")
@@ -178,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * reference['test']:.2f} % |")
     for name in args.selectors:
         for seed in args.seeds:
-            net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name], torch.Generator().manual_seed(seed))
+            net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name],
+                                        torch.Generator().manual_seed(seed), args.align)
             acc = accuracy(net)
             flops = widths_flops(net.spec, net.widths, net.resolution)
             say(f"{name} seed {seed}: CLR prune ratio {ratio:.3f}, widths {[net.widths.stem] + [b.cout for b in net.widths.blocks]}")
@@ -191,7 +200,8 @@ def write_finetuned(args, argv, model, dense: DenseSubnet, like, reference: dict
     from compress.artifact import command_line
 
     [name], [seed] = args.selectors, args.seeds
-    net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name], torch.Generator().manual_seed(seed))
+    net, ratio = prune_to_flops(dense, like.flops, prune.SELECTORS[name], torch.Generator().manual_seed(seed),
+                                args.align)
     before = accuracy(net)
     say(f"{name} seed {seed}: before fine-tuning val {100 * before['val']:.2f} %, test {100 * before['test']:.2f} %")
     cfg = dense_train.TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
@@ -207,7 +217,7 @@ def write_finetuned(args, argv, model, dense: DenseSubnet, like, reference: dict
         "method": f"clr-{name}", "source": {"bundle": model.name, "cut_from": model.ladder[-1].name},
         "like": {"rung": like.name, "mflops": like.flops, "val_accuracy": reference["val"],
                  "test_accuracy": reference["test"]},
-        "clr_prune_ratio": round(ratio, 5), "clr_lambda": LAMBDA, "seed": seed,
+        "clr_prune_ratio": round(ratio, 5), "clr_lambda": LAMBDA, "clr_align": args.align, "seed": seed,
         "accuracy_before_finetune": before, "accuracy": after,
         "training": {**cfg.to_dict(), "schedule": "cosine", "loss": "cross-entropy",
                      "seconds": round(time.time() - t0, 1), "data": "glyph train split, demo augmentation"},
