@@ -127,10 +127,9 @@ def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None],
         choice = model.engine_choices.get(r.index)
         variants = [("fp32", fp32, r.val_accuracy, choice.engine(32) if choice else "torch")]
         if r.index in model.int8_rungs:
-            _, entry = model.int8_rungs[r.index]
             q = (lambda i: lambda b: model.int8_forward(i, b))(r.index)
-            choice = model.int8_engine_choices.get(r.index)
-            variants.append(("int8", q, entry["quality"].get("val_accuracy"),
+            choice = model.int8_engine_choices.get(r.index)  # its quality is the serving engine's
+            variants.append(("int8", q, model.int8_quality(r.index).get("val_accuracy"),
                              choice.engine(32) if choice else "torch.ao"))
         for precision, run, val, engine_b32 in variants:
             key = f"{r.name}/{precision}"
@@ -192,7 +191,7 @@ def plot(rows: list[dict], path: Path) -> bool:
             label = f"{method} {precision}" + (" CSR" if kernel == "csr" else "")
             ax.scatter([r["ms_b32"] for r in pts], [r["top1"] for r in pts], marker=marker,
                        c=COLOURS.get(method, "black"), label=label, alpha=0.85,
-                       edgecolors=["black" if r["served"] else "none" for r in pts])
+                       edgecolors="black", linewidths=[1.2 if r["served"] else 0.0 for r in pts])
             for r in pts:
                 if r["served"] or r["front"]:
                     ax.annotate(r["name"], (r["ms_b32"], r["top1"]), fontsize=6, xytext=(3, 2),
