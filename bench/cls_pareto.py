@@ -87,6 +87,9 @@ def as_served(net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda batch: net(batch.contiguous(memory_format=torch.channels_last))
 
 
+CHOICE_SIZES = (1, 8, 32)  # where --engine auto measures each engine (the timed batch sizes)
+
+
 def served_runner(net: torch.nn.Module, engine: str, example: torch.Tensor) -> tuple[Callable, str]:
     """An unserved variant's runner as the server would serve it, and the engine it runs a
     batch of 32 on: channels-last torch (``as_served``) for ``engine="torch"``, else the
@@ -100,9 +103,6 @@ def served_runner(net: torch.nn.Module, engine: str, example: torch.Tensor) -> t
     contiguous = copy.deepcopy(net).eval()  # exporters take the contiguous layout
     run, choice = serve_faster(contiguous, as_served(net), example, CHOICE_SIZES, engine)
     return run, choice.engine(32) if choice else "torch"
-
-
-CHOICE_SIZES = (1, 8, 32)  # where --engine auto measures each engine (the timed batch sizes)
 
 
 def rows_for(bundle: Path, runs: list[Path], progress: Callable[[str], None],

@@ -80,8 +80,7 @@ def clr_for_flops(weights: Sequence[torch.Tensor], coefficients: Sequence[float]
         return full, 0.0
 
     def counts_at(ratio: float) -> list[int]:
-        counts = clr_keep_counts(weights, coefficients, lam, ratio)
-        return counts if align == 1 else aligned(counts, full, align)
+        return aligned(clr_keep_counts(weights, coefficients, lam, ratio), full, align)  # align 1: unchanged
 
     lo, hi = 0.0, 1.0 - 1e-9  # lo: over the target, hi: within it (or as small as CLR goes)
     best = counts_at(hi)
