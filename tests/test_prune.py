@@ -153,10 +153,13 @@ def test_pruning_to_a_flops_target_fits_it_and_runs():
         assert all(1 <= w <= c.out_channels for w, c in zip(widths, prunable_convs(net)))
         with torch.inference_mode():
             assert small(x).shape == (4, 7)
-        eights, _ = prune_to_flops(net, 0.7 * full, prune.SELECTORS[name], torch.Generator().manual_seed(0), align=8)
-        assert widths_flops(eights.spec, eights.widths, eights.resolution) <= 0.7 * full
-        assert all(c.out_channels % 8 == 0 or c.out_channels == full_c.out_channels
-                   for c, full_c in zip(prunable_convs(eights), prunable_convs(net)))
+    # widths rounded to multiples of 8 (whichever filters are chosen): the target still holds
+    eights, _ = prune_to_flops(net, 0.7 * full, prune.SELECTORS["l1"], align=8)
+    assert widths_flops(eights.spec, eights.widths, eights.resolution) <= 0.7 * full
+    assert all(c.out_channels % 8 == 0 or c.out_channels == full_c.out_channels
+               for c, full_c in zip(prunable_convs(eights), prunable_convs(net)))
+    with torch.inference_mode():
+        assert eights(x).shape == (4, 7)
 
 
 def test_fine_tuning_resumes_to_the_same_weights(tmp_path, monkeypatch):
