@@ -72,6 +72,12 @@ def _args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+def test_the_idle_check_leaves_the_servers_deadline_margin() -> None:
+    assert load.idle_deadline_ms(14.0, 5.0) == pytest.approx(42.0)  # 3x the service time
+    assert load.idle_deadline_ms(1.9, 5.0) == pytest.approx(8.8)  # 2x, and the 5 ms margin for the third
+    assert load.idle_deadline_ms(2.0, 0.0) == pytest.approx(6.0)
+
+
 def test_bodies() -> None:
     sr = load.build_workload("superresolve", _args())
     assert Image.open(io.BytesIO(sr.body)).size == (64, 64) and sr.headers["accept"] == "image/png"
